@@ -1,0 +1,138 @@
+"""`soup ...`: a thin command line over the library. Every command accepts `argv` for tests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Sequence
+
+import yaml
+
+from .config import ConfigError, FinetuneConfig, load_yaml, with_overrides
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _finetune_config(path: str | None, sets: Sequence[str] | None) -> FinetuneConfig:
+    cfg = load_yaml(FinetuneConfig, path) if path else FinetuneConfig()
+    return with_overrides(cfg, _overrides(sets), "--set") if sets else cfg
+
+
+def _fmt_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    cells = [[f"{r[c]:.1%}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
+                                  for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def cmd_zeroshot(args) -> int:
+    from .quickstart import zeroshot_report
+
+    cfg = _finetune_config(args.config, args.set)
+    print(_fmt_table([zeroshot_report(cfg)]))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+    from .soups import save_weights
+
+    cfg = _finetune_config(args.config, args.set)
+    t0 = time.perf_counter()
+    res = finetune(cfg, on_epoch=lambda r: print(
+        f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.3f}  "
+        f"held-out {r['heldout_acc']:.1%}", flush=True))
+    wall = time.perf_counter() - t0
+    print(_fmt_table([{"run": "finetune", **res.metrics()}]))
+    print(f"test accuracy {res.test_acc:.1%}  wall time {wall:.1f}s "
+          f"(training {res.train_seconds:.1f}s)")
+    if args.out:
+        print(f"weights written to {save_weights(res.state_dict, args.out)}")
+    return 0
+
+
+def cmd_pair(args) -> int:
+    from .quickstart import pair_soup
+
+    base = _finetune_config(args.config, None)
+    cfg_a = with_overrides(base, _overrides(args.a), "--a")
+    cfg_b = with_overrides(base, _overrides(args.b), "--b")
+    print(_fmt_table(pair_soup(cfg_a, cfg_b, log=print)))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
+    print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
+          f"parent run {out.parent_run_id} in {out.tracking_uri}")
+    print(f"cook it with: soup cook --sweep {out.sweep_id}")
+    return 0 if out.finished else 1
+
+
+def cmd_pretrain_base(args) -> int:
+    from .pretrain import pretrain
+
+    path = pretrain(args.out, steps=args.steps, seed=args.seed)
+    print(f"base checkpoint written to {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soup", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    for name, fn, help_ in [
+        ("zeroshot", cmd_zeroshot, "Zero-shot accuracy of the base checkpoint on every split."),
+        ("finetune", cmd_finetune, "Run one fine-tune and print its accuracies and wall time."),
+    ]:
+        sp = add(name, fn, help_)
+        sp.add_argument("--config", help="fine-tuning YAML (model, data, train); defaults if omitted")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=1e-4")
+        if name == "finetune":
+            sp.add_argument("--out", help="write the fine-tuned weights here (safetensors)")
+    sp = add("pair", cmd_pair, "Fine-tune twice and average the two 50/50: the first soup.")
+    sp.add_argument("--config", help="shared fine-tuning YAML")
+    sp.add_argument("--a", action="append", metavar="KEY=VALUE", help="overrides for parent A")
+    sp.add_argument("--b", action="append", metavar="KEY=VALUE", help="overrides for parent B")
+    sp = add("sweep", cmd_sweep, "Run a Ray Tune sweep from a search-space YAML, tracked in MLflow.")
+    sp.add_argument("space", help="search-space YAML, e.g. search_spaces/tiny_digits.yaml")
+    sp.add_argument("--name", help="sweep id (default: <space>-<timestamp>); needed with --resume")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sp.add_argument("--storage-path", help="where Tune keeps its state (overrides the YAML)")
+    sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
+    sp.add_argument("--out", default="orchestrator/assets", help="output folder")
+    sp.add_argument("--steps", type=int, default=3000)
+    sp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `soup` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"soup {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

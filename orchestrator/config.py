@@ -1,0 +1,251 @@
+"""Pydantic schemas for the model, the data and the fine-tuning hyperparameters, loaded from YAML.
+
+Every schema is frozen and forbids unknown keys, so a typo in a YAML file is an error rather than
+a silently ignored setting. `load_yaml` turns pydantic's errors into a `ConfigError` whose message
+names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_ARCH = "tiny-clip-glyphs"
+TINY_PRETRAINED = "tiny-glyphs"  # a tag resolved by `models` to the committed base checkpoint
+DEFAULT_TEMPLATES = (  # prompts in the style of the tiny world's pretraining captions
+    "a photo of the digit {}.",
+    "the number {}.",
+    "a low resolution photo of the digit {}.",
+    "a blurry digit {}.",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the key."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(Frozen):
+    """Which CLIP to start from and how to build the classification head."""
+
+    arch: str = TINY_ARCH
+    pretrained: str | None = TINY_PRETRAINED
+    head_init: Literal["zeroshot", "linear_probe"] = "zeroshot"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    @model_validator(mode="after")
+    def _templates_have_slot(self) -> "ModelConfig":
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return self
+
+
+class DataConfig(Frozen):
+    """The data set and its fixed splits. `heldout` selects soups; `test` and shifts report."""
+
+    dataset: Literal["tiny_digits", "imagenet"] = "tiny_digits"
+    root: str | None = None  # data root for folder-based data sets (ImageNet and its shifts)
+    split_seed: int = 0
+    heldout_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.8)
+    selection_split: Literal["heldout", "test", "train"] = "heldout"
+    reporting_splits: tuple[str, ...] = ("test",)
+    shifts: tuple[Literal["rotate", "noise", "blur", "invert", "rendered", "imagenetv2", "imagenet_r",
+                          "imagenet_sketch", "objectnet", "imagenet_a"], ...] = (
+        "rotate", "noise", "blur", "invert", "rendered")
+
+    @model_validator(mode="after")
+    def _selection_not_reporting(self) -> "DataConfig":
+        if self.selection_split in self.reporting_splits:
+            raise ValueError(
+                f"selection split {self.selection_split!r} is also a reporting split; "
+                "soups must be selected on data they are not reported on")
+        if self.heldout_fraction + self.test_fraction >= 0.9:
+            raise ValueError("heldout_fraction + test_fraction leaves under 10% to train on")
+        return self
+
+
+class TrainConfig(Frozen):
+    """Fine-tuning hyperparameters: the things a sweep varies."""
+
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    warmup_steps: int = Field(20, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup_alpha: float = Field(0.0, ge=0.0, le=10.0)
+    augment: Literal["none", "randaugment", "light"] = "light"
+    randaug_num_ops: int = Field(2, ge=0, le=10)
+    randaug_magnitude: int = Field(9, ge=0, le=30)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class FinetuneConfig(Frozen):
+    """One fine-tuning run: model, data and hyperparameters."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{source}: key '{key}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate(schema: type[S], data: Any, source: str = "<config>") -> S:
+    """Validate `data` against `schema`, raising `ConfigError` that names `source` and each key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file, turning a missing file or a syntax error into a `ConfigError`."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_yaml(schema: type[S], path: str | Path) -> S:
+    """Load and validate a YAML file; errors name the file and the key."""
+    return validate(schema, read_yaml(path), str(path))
+
+
+def with_overrides(cfg: S, overrides: dict[str, Any], source: str = "<overrides>") -> S:
+    """Return a copy of `cfg` with dotted-key overrides (``train.lr``) applied and re-validated."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{source}: key '{key}': no such section '{p}'")
+            node = node[p]
+        node[parts[-1]] = value
+    return validate(type(cfg), data, source)
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+class Distribution(Frozen):
+    """One searched hyperparameter: exactly one of the sampling forms, optionally switched off.
+
+    ``randint`` bounds are inclusive. ``p_off`` is the probability that the value is ``off_value``
+    instead (the paper's "mixup in about half the runs, else off").
+    """
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: tuple[Any, ...] | None = None
+    weights: tuple[float, ...] | None = None
+    grid: tuple[Any, ...] | None = None
+    p_off: float = Field(0.0, ge=0.0, le=1.0)
+    off_value: Any = None
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid")
+                    if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _exactly_one_valid_form(self) -> "Distribution":
+        forms = [k for k in ("loguniform", "uniform", "randint", "choice", "grid")
+                 if getattr(self, k) is not None]
+        if len(forms) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice, grid (got {forms or 'none'})")
+        kind = forms[0]
+        if kind in ("loguniform", "uniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if (lo > hi) if kind == "randint" else (lo >= hi):
+                raise ValueError(f"{kind} range [{lo}, {hi}] is empty")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs a positive lower bound, got {lo}")
+        elif not getattr(self, kind):
+            raise ValueError(f"{kind} needs at least one value")
+        if self.weights is not None and (kind != "choice" or len(self.weights) != len(self.choice)):
+            raise ValueError("weights need a choice of the same length")
+        if self.p_off and kind == "grid":
+            raise ValueError("p_off cannot switch off a grid axis")
+        return self
+
+
+class Resources(Frozen):
+    """Resources of one trial; fractional GPUs pack several trials on one device."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SweepSettings(Frozen):
+    """How Ray Tune runs the search."""
+
+    num_samples: int = Field(8, ge=1, le=100000)
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["none", "asha"] = "none"
+    max_concurrent_trials: int = Field(2, ge=1)
+    resources: Resources = Resources()
+    storage_path: str | None = None
+    max_failures: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class TrackingSettings(Frozen):
+    """Where MLflow records the sweep."""
+
+    experiment_name: str = Field("tiny-digits", min_length=1)
+    registered_model: str | None = None
+
+
+class SearchSpace(Frozen):
+    """A declarative sweep: a fixed fine-tuning config, searched keys, and how to run it."""
+
+    base: FinetuneConfig = FinetuneConfig()
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    sweep: SweepSettings = SweepSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> "SearchSpace":
+        known = _dotted_keys(self.base.model_dump())
+        for key in self.search:
+            if key not in known:
+                raise ValueError(f"searched key {key!r} is not a fine-tuning setting "
+                                 f"(e.g. {', '.join(sorted(k for k in known if k.startswith('train.'))[:4])})")
+        if self.sweep.search_alg == "grid" and any(d.kind != "grid" for d in self.search.values()):
+            raise ValueError("search_alg 'grid' needs every searched key to be a grid")
+        return self
+
+
+def _dotted_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _dotted_keys(v, key + ".") if isinstance(v, dict) else {key}
+    return out

@@ -1,0 +1,141 @@
+"""open_clip construction, the tiny architecture, and the image classifier with a zero-shot head.
+
+The classifier is CLIP's image tower plus a linear head over L2-normalised features. Its state
+dict holds only ``visual.*`` and ``head.*`` tensors: that is what gets fine-tuned and mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ASSETS, TINY_ARCH, TINY_PRETRAINED, ModelConfig
+
+TINY_ARCH_JSON = ASSETS / f"{TINY_ARCH}.json"
+TINY_CHECKPOINT = ASSETS / f"{TINY_ARCH}.safetensors"
+# The tiny CLIP is pretrained on raw [0, 1] pixels: its normalisation is the identity.
+TINY_PREPROCESS = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+def register_tiny_arch() -> None:
+    """Make the tiny architecture known to open_clip under its file stem (idempotent)."""
+    if TINY_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(TINY_ARCH_JSON)
+
+
+def arch_config(arch: str) -> dict:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of a named architecture."""
+    register_tiny_arch()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
+    return cfg
+
+
+def resolve_pretrained(pretrained: str | None) -> str | None:
+    """Map our tag for the committed base checkpoint to its file; pass other tags and paths on."""
+    if pretrained == TINY_PRETRAINED:
+        return str(TINY_CHECKPOINT)
+    if pretrained and pretrained.endswith((".pt", ".pth", ".bin")):
+        raise ValueError(f"pretrained {pretrained!r}: only safetensors files are accepted (no pickles)")
+    return pretrained
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pretrained_ref(cfg: ModelConfig) -> tuple[str, str]:
+    """A (reference, hash) pair identifying the base weights: a file's sha256, or the tag itself."""
+    path = resolve_pretrained(cfg.pretrained)
+    if path and Path(path).is_file():
+        return cfg.pretrained or "", file_sha256(path)
+    ref = f"{cfg.arch}:{cfg.pretrained}"
+    return cfg.pretrained or "", hashlib.sha256(ref.encode()).hexdigest()
+
+
+def build_clip(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, object]:
+    """Build the open_clip CLIP model and its tokenizer from a model config."""
+    register_tiny_arch()
+    pretrained = resolve_pretrained(cfg.pretrained) if load_weights else None
+    force_pp = TINY_PREPROCESS if cfg.arch == TINY_ARCH else None
+    model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=load_weights,
+                                   force_preprocess_cfg=force_pp)
+    model.eval()
+    return model, open_clip.get_tokenizer(cfg.arch)
+
+
+@torch.no_grad()
+def zeroshot_head(clip: nn.Module, tokenizer, classnames, templates) -> torch.Tensor:
+    """Class embeddings from prompts through the text tower: mean of normalised templates."""
+    rows = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates])
+        emb = F.normalize(clip.encode_text(tokens), dim=-1).mean(0)
+        rows.append(F.normalize(emb, dim=-1))
+    return torch.stack(rows) * clip.logit_scale.exp()
+
+
+class ImageClassifier(nn.Module):
+    """CLIP image tower + linear head on normalised features; takes [0, 1] pixels."""
+
+    def __init__(self, visual: nn.Module, head: nn.Linear, mean, std):
+        super().__init__()
+        self.visual = visual
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of [0, 1] pixels."""
+        return F.normalize(self.visual((x - self.mean) / self.std), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(cfg: ModelConfig, classnames, load_weights: bool = True) -> ImageClassifier:
+    """The classifier for `classnames`, with its head initialised zero-shot from the text tower."""
+    clip, tokenizer = build_clip(cfg, load_weights)
+    return classifier_from_clip(clip, tokenizer, classnames, cfg.templates)
+
+
+def classifier_from_clip(clip: nn.Module, tokenizer, classnames, templates) -> ImageClassifier:
+    """Wrap a CLIP's image tower with a zero-shot head (the classifier shares the tower)."""
+    weights = zeroshot_head(clip, tokenizer, classnames, templates)
+    head = nn.Linear(weights.shape[1], weights.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weights)
+        head.bias.zero_()
+    pp = clip.visual.preprocess_cfg
+    return ImageClassifier(clip.visual, head, pp["mean"], pp["std"])
+
+
+@torch.no_grad()
+def set_linear_probe_head(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
+                          batch_size: int = 256) -> None:
+    """Replace the head by a logistic-regression probe fitted on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+
+    model.eval()
+    feats = torch.cat([model.features(images[i:i + batch_size])
+                       for i in range(0, len(images), batch_size)]).numpy()
+    probe = LogisticRegression(max_iter=2000, C=10.0).fit(feats, labels.numpy())
+    model.head.weight.copy_(torch.tensor(probe.coef_, dtype=torch.float32))
+    model.head.bias.copy_(torch.tensor(probe.intercept_, dtype=torch.float32))
+
+
+def describe_arch(arch: str) -> str:
+    """A compact, stable JSON string of an architecture, for tags and compatibility checks."""
+    return json.dumps(arch_config(arch), sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,131 @@
+"""Contrastive pretraining of the tiny CLIP on rendered glyph image-caption pairs.
+
+This produces the committed base checkpoint of the tiny world. Captions that name the same glyph
+are all positives for an image (several templates describe one glyph), so the loss is CLIP's
+symmetric cross-entropy with multi-positive targets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from . import data, models
+from .config import DataConfig, ModelConfig
+
+CAPTION_TEMPLATES = {
+    "digit": ("a photo of the digit {}.", "the number {}.", "a picture of a {}.",
+              "a low resolution photo of the digit {}.", "a blurry digit {}.", "the digit {}"),
+    "letter": ("a photo of the letter {}.", "the letter {}.", "a picture of a {}.",
+               "a low resolution photo of the letter {}.", "a blurry letter {}.", "the character {}"),
+}
+
+
+def glyph_vocabulary() -> list[tuple[str, str]]:
+    """Every (glyph, kind) pair the base model is pretrained on."""
+    return [(d, "digit") for d in data.DIGITS] + [(c, "letter") for c in data.LETTERS]
+
+
+def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render `n` glyph images, 70% digits and 30% letters, with their glyph indices."""
+    rng = np.random.default_rng(seed)
+    vocab = glyph_vocabulary()
+    n_digits = int(n * 0.7)  # the target is digits; letters keep the text tower honest
+    digits = rng.integers(0, 10, n_digits)
+    letters = rng.integers(10, len(vocab), n - n_digits)
+    idx = rng.permutation(np.concatenate([digits, letters]))
+    chunks = []
+    for start in range(0, n, 2000):
+        chunks.append(data.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
+        log(f"rendered {min(start + 2000, n)}/{n} glyphs")
+    return torch.cat(chunks), torch.from_numpy(idx)
+
+
+def _caption_tokens(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    caps, owner = [], []
+    for g, (ch, kind) in enumerate(glyph_vocabulary()):
+        for t in CAPTION_TEMPLATES[kind]:
+            caps.append(t.format(ch))
+            owner.append(g)
+    return tokenizer(caps), torch.tensor(owner)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, img_glyph: torch.Tensor,
+                     txt_glyph: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss where every caption naming an image's glyph is a positive."""
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    pos = (img_glyph[:, None] == txt_glyph[None, :]).float()
+    i2t = -(pos / pos.sum(1, keepdim=True).clamp(min=1) * logits.log_softmax(1)).sum(1)
+    t2i = -(pos.T / pos.T.sum(1, keepdim=True).clamp(min=1) * logits.T.log_softmax(1)).sum(1)
+    has_pos = pos.sum(0) > 0
+    return i2t.mean() / 2 + t2i[has_pos].mean() / 2
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool: int = 40000,
+             lr: float = 1e-3, seed: int = 0, log=print) -> Path:
+    """Pretrain the tiny CLIP from scratch and write ``<arch>.safetensors`` + ``<arch>.json``."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(pretrained=None)
+    clip, tokenizer = models.build_clip(cfg, load_weights=False)
+    images, glyphs = render_pool(pool, seed, log)
+    pp = clip.visual.preprocess_cfg  # normalise exactly as the classifier will
+    images = (images - torch.tensor(pp["mean"]).view(1, -1, 1, 1)) / torch.tensor(pp["std"]).view(1, -1, 1, 1)
+    tokens, owner = _caption_tokens(tokenizer)
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    clip.train()
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=200)
+        bi = torch.randint(0, len(images), (batch_size,), generator=g)
+        loss = contrastive_loss(clip.encode_image(images[bi]), clip.encode_text(tokens),
+                                glyphs[bi], owner, clip.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % 500 == 0 or step == steps - 1:
+            held, rendered = _zeroshot_monitor(clip, tokenizer)
+            log(f"  zero-shot digits: held-out {held:.1%}, rendered {rendered:.1%}")
+            clip.train()
+    return save_base(clip, out_dir)
+
+
+def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
+    """Monitor only: the held-out digits and rendered digits, never the test split."""
+    from .evaluate import accuracy
+
+    clip.eval()
+    model = models.classifier_from_clip(clip, tokenizer, data.DIGITS, ModelConfig().templates)
+    task = data.load_task(DataConfig())
+    return accuracy(model, task.heldout), accuracy(model, task.shifts["rendered"])
+
+
+def save_base(clip: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write the checkpoint as safetensors beside its architecture JSON."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{models.TINY_ARCH_JSON.stem}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(path), metadata={"arch": models.TINY_ARCH_JSON.stem})
+    arch_out = out_dir / models.TINY_ARCH_JSON.name
+    if arch_out.resolve() != models.TINY_ARCH_JSON.resolve():
+        arch_out.write_text(json.dumps(models.arch_config(models.TINY_ARCH_JSON.stem), indent=4))
+    return path

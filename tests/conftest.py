@@ -1,0 +1,70 @@
+import atexit
+import os
+import tempfile
+import shutil
+import socket
+import subprocess
+import uuid
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Hermetic session: a private HOME and Ray token, set before anything imports ray (Ray's auth
+# mode and token are read once per process).
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="soup-test-home-"))
+atexit.register(shutil.rmtree, _SESSION_HOME, True)
+(_SESSION_HOME / ".ray").mkdir()
+(_SESSION_HOME / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+os.environ.update({
+    "HOME": str(_SESSION_HOME),
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN_PATH": str(_SESSION_HOME / ".ray" / "auth_token"),
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "MLFLOW_TRACKING_URI": "sqlite:///" + str(_SESSION_HOME / "unused-mlflow.db"),
+})
+os.environ.pop("RAY_ADDRESS", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = Path(__file__).resolve().parent / "spaces"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_finetune_config():
+    """A one-epoch fine-tune config: enough to exercise every code path quickly."""
+    from orchestrator.config import FinetuneConfig, validate
+
+    return validate(FinetuneConfig, {"train": {"epochs": 1, "batch_size": 128, "warmup_steps": 2}})
+
+
+@pytest.fixture
+def hermetic(tmp_path, monkeypatch):
+    """A private MLflow store and Tune storage per test (HOME and the Ray token are per session)."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield {"tmp": tmp_path, "storage": str(tmp_path / "ray_results"), "uri": env["MLFLOW_TRACKING_URI"],
+           "env": {**os.environ, **env}}
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the interpreter running the tests (the project's venv)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+def run(cmd, env, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, text=True, capture_output=True, **kw)

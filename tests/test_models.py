@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from orchestrator import data, models
+from orchestrator.config import DataConfig, ModelConfig
+from orchestrator.evaluate import accuracy
+
+
+def test_tiny_arch_is_registered_with_open_clip():
+    import open_clip
+
+    models.register_tiny_arch()
+    assert "tiny-clip-glyphs" in open_clip.list_models()
+    assert models.arch_config("tiny-clip-glyphs")["vision_cfg"]["image_size"] == 32
+
+
+def test_named_open_clip_arch_builds_without_weights():
+    cfg = models.arch_config("ViT-B-32")
+    assert cfg["vision_cfg"]["width"] == 768
+    with pytest.raises(ValueError, match="unknown architecture"):
+        models.arch_config("no-such-arch")
+
+
+def test_classifier_holds_only_tower_and_head():
+    clf = models.build_classifier(ModelConfig(), data.DIGITS)
+    keys = list(clf.state_dict())
+    assert all(k.startswith(("visual.", "head.")) for k in keys)
+    assert clf.head.weight.shape == (10, 64)
+    assert clf(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_zero_shot_head_comes_from_the_text_tower():
+    clip, tok = models.build_clip(ModelConfig())
+    w1 = models.zeroshot_head(clip, tok, ["1", "7"], ["a photo of the digit {}."])
+    w2 = models.zeroshot_head(clip, tok, ["7", "1"], ["a photo of the digit {}."])
+    assert torch.allclose(w1, w2.flip(0))
+    w3 = models.zeroshot_head(clip, tok, ["1", "7"], ["the letter {}."])
+    assert not torch.allclose(w1, w3)
+
+
+def test_base_checkpoint_beats_chance_zero_shot():
+    task = data.load_task(DataConfig())
+    clf = models.build_classifier(ModelConfig(), task.classnames)
+    assert accuracy(clf, task.test) >= 0.30
+
+
+def test_base_checkpoint_is_small_safetensors():
+    assert models.TINY_CHECKPOINT.suffix == ".safetensors"
+    assert models.TINY_CHECKPOINT.stat().st_size <= 20 * 2**20
+
+
+def test_pickle_checkpoints_are_refused():
+    with pytest.raises(ValueError, match="safetensors"):
+        models.resolve_pretrained("weights.pt")
+
+
+def test_linear_probe_head_fits_training_features():
+    task = data.load_task(DataConfig())
+    clf = models.build_classifier(ModelConfig(), task.classnames)
+    zs = accuracy(clf, task.train)
+    models.set_linear_probe_head(clf, task.train.images, task.train.labels)
+    assert accuracy(clf, task.train) > max(zs, 0.5)
+
+
+def test_pretrained_ref_hashes_the_file():
+    ref, digest = models.pretrained_ref(ModelConfig())
+    assert ref == "tiny-glyphs" and digest == models.file_sha256(models.TINY_CHECKPOINT)
