@@ -22,7 +22,6 @@ os.environ.update({
     "RAY_AUTH_MODE": "token",
     "RAY_AUTH_TOKEN_PATH": str(_SESSION_HOME / ".ray" / "auth_token"),
     "RAY_USAGE_STATS_ENABLED": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "MLFLOW_TRACKING_URI": "sqlite:///" + str(_SESSION_HOME / "unused-mlflow.db"),
 })
 os.environ.pop("RAY_ADDRESS", None)

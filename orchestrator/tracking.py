@@ -1,0 +1,259 @@
+"""MLflow: the only module that imports it. Run hierarchy, artifacts, search.
+
+A sweep is one parent run; each trial is a nested run (``mlflow.parentRunId``) found again by its
+``sweep_id`` and ``trial_id`` tags, which is what makes retries and resumes idempotent. Everything
+goes through an explicit `MlflowClient` and explicit run ids: trials log from Ray workers, where
+no fluent "active run" can be relied on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
+CHECKPOINT_PATH = "checkpoint/model.safetensors"
+LOGITS_PATH = "logits/logits.parquet"
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI from the argument or `MLFLOW_TRACKING_URI`, with sqlite paths made
+    absolute so that Ray workers, which run in other directories, reach the same store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Local artifacts live beside a sqlite store (absolute, for the same reason as above)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def retry(fn: Callable[[], Any], attempts: int = 5, delay: float = 1.0) -> Any:
+    """Call `fn`, retrying with backoff on errors from the tracking server (it may restart)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - MLflow raises several unrelated types for outages
+            if i == attempts - 1:
+                raise
+            time.sleep(delay * 2 ** i)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (``train.lr``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+class Tracker:
+    """A thin, explicit-id facade over `MlflowClient` for the orchestrator's run hierarchy."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # -- experiments and runs -------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """Id of experiment `name`, created (with local artifacts beside a sqlite store) if new."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=_artifact_root(self.uri))
+
+    def search(self, experiment_id: str, filter_string: str, order_by: list[str] | None = None):
+        """All runs of an experiment matching an MLflow filter, paging through results."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string, order_by=order_by,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, str],
+                   parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = retry(lambda: self.client.create_run(experiment_id, tags=tags, run_name=name))
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = FINISHED) -> None:
+        retry(lambda: self.client.set_terminated(run_id, status))
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            retry(lambda: self.client.log_batch(run_id, params=items[i:i + 100]))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        retry(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        retry(lambda: self.client.log_artifact(run_id, str(local_path), artifact_dir))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        retry(lambda: self.client.log_text(run_id, text, artifact_file))
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return Path(retry(lambda: self.client.download_artifacts(run_id, path, str(dst))))
+
+    # -- sweeps and trials ----------------------------------------------------------------------
+    def find_sweep(self, experiment_id: str, sweep_id: str):
+        """The parent run of sweep `sweep_id`, or None."""
+        runs = self.search(experiment_id, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = '{sweep_id}'")
+        return runs[0] if runs else None
+
+    def trial_runs(self, experiment_id: str, sweep_id: str, status: str | None = None):
+        """The sweep's trial runs, best held-out accuracy first."""
+        f = f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = '{sweep_id}'"
+        if status:
+            f += f" and attributes.status = '{status}'"
+        return self.search(experiment_id, f, order_by=["metrics.heldout_acc DESC"])
+
+    def find_trial(self, experiment_id: str, sweep_id: str, trial_key: str):
+        """Runs of one trial, matched by its key (see `sweep.trial_key`)."""
+        f = (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = '{sweep_id}' "
+             f"and tags.trial_key = '{trial_key}'")
+        return self.search(experiment_id, f)
+
+    def discard_stale(self, runs: Iterable) -> None:
+        """A trial restarted from scratch replaces its unfinished run: end it KILLED, delete it."""
+        for run in runs:
+            if run.info.status != FINISHED:
+                if run.info.status == RUNNING:
+                    self.end_run(run.info.run_id, KILLED)
+                retry(lambda: self.client.delete_run(run.info.run_id))
+
+    def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
+        """Write columns as a Parquet file (pyarrow) and log it at `artifact_file`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(artifact_file).name
+            pq.write_table(pa.table(columns), local)
+            self.log_artifact(run_id, local, str(Path(artifact_file).parent))
+
+
+def log_trial_result(tracker: Tracker, run_id: str, result) -> None:
+    """Log a fine-tuning result: final metrics, the checkpoint with its sha256, and all logits."""
+    from safetensors.torch import save_file
+
+    from .models import file_sha256
+
+    tracker.log_metrics(run_id, result.metrics(), step=result.config.train.epochs)
+    tracker.log_metrics(run_id, {"train_seconds": result.train_seconds})
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / Path(CHECKPOINT_PATH).name
+        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(ckpt),
+                  metadata={"arch": result.config.model.arch})
+        tracker.log_artifact(run_id, ckpt, str(Path(CHECKPOINT_PATH).parent))
+        tracker.set_tags(run_id, {"checkpoint_sha256": file_sha256(ckpt)})
+    cols: dict[str, list] = {"split": [], "index": [], "label": [], "logits": []}
+    for split, (labels, logits) in result.labeled_logits().items():
+        cols["split"] += [split] * len(labels)
+        cols["index"] += list(range(len(labels)))
+        cols["label"] += labels.tolist()
+        cols["logits"] += logits.float().tolist()
+    tracker.log_table(run_id, cols, LOGITS_PATH)
+
+
+def read_parquet(path: str | Path) -> dict[str, list]:
+    """Read a Parquet artifact back as columns."""
+    return pq.read_table(path).to_pydict()
+
+
+__all__ = ["Tracker", "resolve_uri", "flatten", "read_parquet", "mlflow"]
+
+
+# --- sweeps located, soups logged and registered ----------------------------------------------
+
+def locate_sweep(tracker: Tracker, sweep_id: str):
+    """(experiment id, parent run) of sweep `sweep_id`, searched across all experiments."""
+    exps = [e.experiment_id for e in tracker.client.search_experiments()]
+    runs = tracker.client.search_runs(exps, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = '{sweep_id}'")
+    if not runs:
+        return None, None
+    return runs[0].info.experiment_id, runs[0]
+
+
+def find_soup(tracker: Tracker, experiment_id: str, soup_key: str):
+    """A FINISHED soup run with this key (recipe + ingredients), or None."""
+    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = '{soup_key}' "
+                                         f"and attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
+
+
+def read_artifact_text(tracker: Tracker, run_id: str, path: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        return tracker.download(run_id, path, tmp).read_text()
+
+
+def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, example_png: bytes):
+    """Log the soup as a pyfunc built from code (`orchestrator/serving.py`) with its weights."""
+    import json
+
+    import pandas as pd
+
+    pkg = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "soup_config.json"
+        cfg_path.write_text(json.dumps(config, indent=2))
+        example = pd.DataFrame({"image": [example_png]})
+        mlflow.set_tracking_uri(tracker.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(pkg / "serving.py"), code_paths=[str(pkg)],
+                artifacts={"weights": str(weights), "config": str(cfg_path)},
+                input_example=example, pip_requirements=_requirements(),
+                signature=mlflow.models.infer_signature(
+                    example, pd.DataFrame({"label": ["0"], "label_index": [0],
+                                           "probabilities": [[0.1] * len(config["classnames"])]})))
+    return info
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "open_clip_torch", "safetensors",
+                                           "pydantic", "pyyaml", "pillow", "pandas", "mlflow")]
+
+
+def register_soup(tracker: Tracker, model_uri: str, model_name: str, tags: dict[str, Any]):
+    """Register a logged soup as a new version of `model_name`, with its tags."""
+    mlflow.set_registry_uri(tracker.uri)
+    mlflow.set_tracking_uri(tracker.uri)
+    mv = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    return mv
+
+
+def find_version(tracker: Tracker, model_name: str, soup_key: str):
+    """The registered version of `model_name` carrying this soup key, or None."""
+    try:
+        versions = tracker.client.search_model_versions(f"name = '{model_name}'")
+    except Exception:  # noqa: BLE001 - no such registered model yet
+        return None
+    return next((v for v in versions if v.tags.get("soup_key") == soup_key), None)

@@ -1,0 +1,64 @@
+"""Every shipped search space loads and validates; the paper's space samples inside its ranges."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, SearchSpace, load_yaml
+from orchestrator.sweep import param_space, sample_configs
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml")) + sorted((REPO / "tests" / "spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_space_validates_and_opens_with_its_command(path):
+    space = load_yaml(SearchSpace, path)
+    assert param_space(space)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "soup sweep " + str(path.relative_to(REPO)) in first
+
+
+def test_paper_space_samples_stay_in_the_papers_ranges():
+    space = load_yaml(SearchSpace, REPO / "search_spaces" / "clip_vit_b32_imagenet.yaml")
+    assert space.sweep.num_samples == 72 and space.base.model.arch == "ViT-B-32"
+    assert space.base.data.heldout_fraction == 0.02 and space.base.train.batch_size == 512
+    cfgs = sample_configs(space, 400, seed=1)
+    t = [c.train for c in cfgs]
+    assert all(1e-6 <= x.lr <= 1e-4 for x in t)
+    assert all(8e-5 <= x.weight_decay <= 0.53 for x in t)
+    assert all(4 <= x.epochs <= 16 for x in t) and {x.epochs for x in t} == set(range(4, 17))
+    assert all(0 <= x.randaug_magnitude <= 20 and 0 <= x.randaug_num_ops <= 2 for x in t)
+    assert all(x.mixup_alpha == 0.0 or 0.0 < x.mixup_alpha < 0.9 for x in t)
+    assert all(x.label_smoothing == 0.0 or 0.0 < x.label_smoothing < 0.23 for x in t)
+    frac = lambda pred: sum(map(pred, t)) / len(t)  # noqa: E731
+    assert 0.3 < frac(lambda x: x.augment == "none") < 0.5
+    assert 0.4 < frac(lambda x: x.mixup_alpha == 0.0) < 0.6
+    assert 0.4 < frac(lambda x: x.label_smoothing == 0.0) < 0.6
+    assert len({x.lr for x in t}) == len(t)
+
+
+def test_sampling_is_reproducible():
+    space = load_yaml(SearchSpace, REPO / "search_spaces" / "tiny_digits.yaml")
+    assert sample_configs(space, 8, seed=3) == sample_configs(space, 8, seed=3)
+    assert sample_configs(space, 8, seed=3) != sample_configs(space, 8, seed=4)
+
+
+@pytest.mark.parametrize("snippet, key", [
+    ("sweep:\n  num_sample: 3\n", "sweep.num_sample"),
+    ("sweep:\n  max_concurrent_trials: two\n", "sweep.max_concurrent_trials"),
+    ("search:\n  train.lr: {loguniform: [1.0e-3, 1.0e-4]}\n", "search.train.lr"),
+    ("search:\n  train.epochs: {randint: [5, 2]}\n", "search.train.epochs"),
+    ("search:\n  train.augment: {choice: []}\n", "search.train.augment"),
+    ("search:\n  train.lr: {loguniform: [0, 1]}\n", "search.train.lr"),
+    ("search:\n  train.lr: {uniform: [0, 1], loguniform: [1, 2]}\n", "search.train.lr"),
+    ("search:\n  train.learning_rate: {uniform: [0, 1]}\n", "train.learning_rate"),
+    ("sweep:\n  search_alg: bayes\n", "sweep.search_alg"),
+    ("sweep:\n  resources: {gpu: -1}\n", "sweep.resources.gpu"),
+])
+def test_bad_space_fails_naming_file_and_key(tmp_path, snippet, key):
+    p = tmp_path / "space.yaml"
+    p.write_text(snippet)
+    with pytest.raises(ConfigError) as e:
+        load_yaml(SearchSpace, p)
+    assert str(p) in str(e.value) and key in str(e.value)

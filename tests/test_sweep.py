@@ -1,0 +1,144 @@
+"""Integration: real local Ray runs a tiny sweep into a real (temporary) MLflow store."""
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SPACES, run, venv_bin
+from orchestrator.sweep import run_sweep
+from orchestrator.tracking import read_parquet
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
+
+
+def sweep_runs(uri, experiment="tiny4"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("soup.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("soup.role") == "trial"]
+    return client, parents, trials
+
+
+def check_trial(client, trial, parent_id, tmp_path):
+    tags, params, metrics = trial.data.tags, trial.data.params, trial.data.metrics
+    assert tags["mlflow.parentRunId"] == parent_id
+    for tag in ("sweep_id", "trial_id", "base_arch", "pretrained", "pretrained_sha256", "checkpoint_sha256"):
+        assert tags.get(tag), tag
+    assert tags["base_arch"] == "tiny-clip-glyphs"
+    for p in ("train.lr", "train.mixup_alpha", "train.augment", "train.epochs", "model.arch", "data.split_seed"):
+        assert p in params, p
+    for m in ("heldout_acc", "test_acc", "shift_mean_acc", *[f"shift_{s}_acc" for s in SHIFTS]):
+        assert 0.0 <= metrics[m] <= 1.0, m
+    assert math.isclose(metrics["shift_mean_acc"], sum(metrics[f"shift_{s}_acc"] for s in SHIFTS) / 5,
+                        rel_tol=1e-6)
+    history = client.get_metric_history(trial.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, int(params["train.epochs"]) + 1))
+    assert client.get_metric_history(trial.info.run_id, "heldout_acc")
+    ckpt = client.download_artifacts(trial.info.run_id, "checkpoint/model.safetensors", str(tmp_path))
+    with open(ckpt, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == tags["checkpoint_sha256"]
+    logits = read_parquet(client.download_artifacts(trial.info.run_id, "logits/logits.parquet", str(tmp_path)))
+    assert set(logits["split"]) == {"heldout", "test", *SHIFTS}
+    assert len(logits["logits"][0]) == 10
+
+
+def test_tiny_sweep_logs_every_trial_to_mlflow(hermetic):
+    out = run_sweep(SPACES / "tiny4.yaml", name="t4", storage_path=hermetic["storage"])
+    assert (out.finished, out.failed) == (4, 0)
+    client, parents, trials = sweep_runs(hermetic["uri"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["sweep_id"] == "t4"
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "space")}
+    assert arts == {"space/tiny4.yaml", "space/resolved_config.yaml"}
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert len({t.data.tags["trial_id"] for t in trials}) == 4
+    for trial in trials:
+        check_trial(client, trial, parent.info.run_id, hermetic["tmp"])
+
+
+def test_a_trial_that_errors_ends_failed(hermetic, tmp_path):
+    space = tmp_path / "broken.yaml"
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace(
+        "search:\n", "search:\n  model.pretrained: {grid: [tiny-glyphs, /nonexistent/base.safetensors]}\n"
+    ).replace("num_samples: 4", "num_samples: 1").replace("max_failures: 1", "max_failures: 0"))
+    out = run_sweep(space, name="broken", storage_path=hermetic["storage"])
+    assert (out.finished, out.failed) == (1, 1)
+    _, parents, trials = sweep_runs(hermetic["uri"])
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert len(failed) == 1 and "nonexistent" in failed[0].data.params["model.pretrained"]
+    assert "error" in failed[0].data.tags
+
+
+def test_existing_sweep_name_needs_resume(hermetic):
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume needs --name"):
+        run_sweep(SPACES / "tiny4.yaml", resume=True, storage_path=hermetic["storage"])
+    with pytest.raises(ConfigError, match="no sweep 'nope'"):
+        run_sweep(SPACES / "tiny4.yaml", name="nope", resume=True, storage_path=hermetic["storage"])
+
+
+def _finished_trials(uri):
+    try:
+        _, _, trials = sweep_runs(uri)
+    except Exception:  # the store may not exist yet
+        return 0
+    return sum(t.info.status == "FINISHED" for t in trials)
+
+
+def test_sigkilled_driver_resumes_without_duplicates(hermetic):
+    soup = venv_bin("soup")
+    cmd = [soup, "sweep", str(SPACES / "tiny4.yaml"), "--name", "killed", "--storage-path", hermetic["storage"]]
+    proc = subprocess.Popen(cmd, env=hermetic["env"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _finished_trials(hermetic["uri"]) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    done_before = _finished_trials(hermetic["uri"])
+    assert 1 <= done_before < 4
+    res = run(cmd + ["--resume"], hermetic["env"], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _, parents, trials = sweep_runs(hermetic["uri"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert len(finished) == 4, [(t.data.tags["trial_key"], t.info.status) for t in trials]
+    assert len({t.data.tags["trial_key"] for t in finished}) == 4
+    assert len(trials) == 4, "an unfinished run of a restarted trial was left behind"
+
+
+def test_ray_job_submit_runs_the_sweep(hermetic):
+    from conftest import REPO, free_port
+
+    env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    port, dash = free_port(), free_port()
+    ray_bin = venv_bin("ray")
+    start = run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                 "--include-dashboard=true", "--disable-usage-stats"], env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        submit = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                      "--working-dir", str(REPO),
+                      "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{hermetic["uri"]}"}}}}',
+                      "--", "soup", "sweep", "tests/spaces/tiny4.yaml", "--name", "job",
+                      "--storage-path", hermetic["storage"]], env, timeout=900)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        assert "succeeded" in submit.stdout.lower()  # "Job 'raysubmit_...' succeeded"
+    finally:
+        run([ray_bin, "stop", "--force"], env, timeout=120)
+    client, parents, trials = sweep_runs(hermetic["uri"])
+    assert len(parents) == 1 and parents[0].data.tags["sweep_id"] == "job"
+    assert sum(t.info.status == "FINISHED" for t in trials) == 4
