@@ -82,6 +82,36 @@ def cmd_sweep(args) -> int:
     return 0 if out.finished else 1
 
 
+def cmd_cook(args) -> int:
+    from .cook import CookError, cook
+
+    try:
+        out = cook(args.sweep, recipes=tuple(args.recipes.split(",")), model_name=args.model_name,
+                   strict=args.strict, use_ray=not args.no_ray)
+    except CookError as err:
+        print(f"soup cook: error: {err}", file=sys.stderr)
+        return 2
+    print(_fmt_table(_table_rows(out.rows)))
+    return 0
+
+
+def _table_rows(rows: list[dict]) -> list[dict]:
+    return [{"model": r["name"], "held-out": r["heldout"], "test": r["test"],
+             "mean shift": r["shift_mean"]} for r in rows]
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    res = run_demo(args.workdir)
+    print("\n" + _fmt_table(_table_rows(res["rows"])))
+    print(f"\ndemo finished in {res['seconds']:.0f}s; registered versions: {res['versions']}")
+    print(f"plot:         {res['plot']}")
+    print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
+    print(f"open the UI:  mlflow ui --backend-store-uri {res['uri']} --host 127.0.0.1 --port 5000")
+    return 0
+
+
 def cmd_pretrain_base(args) -> int:
     from .pretrain import pretrain
 
@@ -117,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="sweep id (default: <space>-<timestamp>); needed with --resume")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     sp.add_argument("--storage-path", help="where Tune keeps its state (overrides the YAML)")
+    sp = add("cook", cmd_cook, "Build, evaluate, log and register the soups of a finished sweep.")
+    sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
+    sp.add_argument("--recipes", default="uniform,greedy,learned", help="comma-separated recipes")
+    sp.add_argument("--model-name", help="registered model (default <experiment>-soup)")
+    sp.add_argument("--strict", action="store_true", help="greedy keeps a candidate only if accuracy rises")
+    sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
+    sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
+    sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
     sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
     sp.add_argument("--out", default="orchestrator/assets", help="output folder")
     sp.add_argument("--steps", type=int, default=3000)

@@ -1,0 +1,127 @@
+"""Integration: sweep on real local Ray into a temporary MLflow store, then cook, then check MLflow."""
+
+import json
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import SPACES
+from orchestrator.cook import CookError, cook
+from orchestrator.soups.weights import load_weights, save_weights, weighted_average
+from orchestrator.models import file_sha256
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+RECIPES = ("uniform", "greedy", "learned")
+
+
+@pytest.fixture(scope="module")
+def cooked(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cook")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    sweep = run_sweep(SPACES / "tiny4.yaml", name="c4", storage_path=str(tmp / "ray_results"))
+    first = cook("c4")
+    second = cook("c4", use_ray=False)
+    ray.shutdown()
+    yield {"tmp": tmp, "uri": os.environ["MLFLOW_TRACKING_URI"], "sweep": sweep, "first": first,
+           "second": second, "client": MlflowClient(os.environ["MLFLOW_TRACKING_URI"])}
+
+
+def soup_runs(client, exp_id):
+    runs = client.search_runs([exp_id], "tags.`soup.role` = 'soup'")
+    return {r.data.tags["recipe"]: r for r in runs}
+
+
+def test_every_recipe_and_baseline_is_reported(cooked):
+    rows = {r["name"]: r for r in cooked["first"].rows}
+    for name in ["zero-shot", "best individual", "ensemble", "greedy ensemble"] + [f"{r} soup" for r in RECIPES]:
+        for col in ("heldout", "test", "rotate", "noise", "blur", "invert", "rendered", "shift_mean"):
+            assert 0.0 <= rows[name][col] <= 1.0, (name, col)
+
+
+def test_greedy_soup_is_at_least_the_best_individual_on_heldout(cooked):
+    rows = {r["name"]: r for r in cooked["first"].rows}
+    assert rows["greedy soup"]["heldout"] >= rows["best individual"]["heldout"]
+
+
+def test_soup_runs_lineage_and_registered_versions(cooked):
+    client, sweep = cooked["client"], cooked["sweep"]
+    soups = soup_runs(client, sweep.experiment_id)
+    assert set(soups) == set(RECIPES)
+    trials = client.search_runs([sweep.experiment_id], "tags.`soup.role` = 'trial'")
+    trial_ids = {t.info.run_id for t in trials}
+    for recipe, run in soups.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == sweep.parent_run_id
+        assert set(run.data.tags["ingredients"].split(",")) == trial_ids
+        assert {"heldout_acc", "test_acc", "shift_mean_acc"} <= set(run.data.metrics)
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "soup")}
+        assert {"soup/coefficients.json", f"soup/{recipe}.safetensors"} <= arts
+        assert client.list_artifacts(run.info.run_id, "plots")[0].path.endswith(".png")
+    versions = client.search_model_versions("name = 'tiny4-soup'")
+    assert sorted(v.tags["recipe"] for v in versions) == sorted(RECIPES)
+    for v in versions:
+        for tag in ("recipe", "sweep_id", "ingredients", "heldout_acc", "test_acc", "shift_mean_acc"):
+            assert v.tags.get(tag), tag
+    assert cooked["second"].versions == cooked["first"].versions
+    assert sorted(cooked["second"].reused) == sorted(RECIPES)
+    assert len(soup_runs(client, sweep.experiment_id)) == 3
+
+
+def _artifact(client, run_id, path, tmp):
+    return client.download_artifacts(run_id, path, str(tmp))
+
+
+def test_soups_equal_their_recorded_weighted_sums(cooked, tmp_path):
+    client, sweep = cooked["client"], cooked["sweep"]
+    for recipe, run in soup_runs(client, sweep.experiment_id).items():
+        rec = json.loads(open(_artifact(client, run.info.run_id, "soup/coefficients.json", tmp_path)).read())
+        soup = load_weights(_artifact(client, run.info.run_id, f"soup/{recipe}.safetensors", tmp_path))
+        states = [load_weights(_artifact(client, rid, "checkpoint/model.safetensors", tmp_path / rid))
+                  for rid in rec["ingredients"]]
+        coeffs = rec["coefficients"]
+        if recipe == "uniform":
+            expected = {k: torch.stack([s[k] for s in states]).mean(0) for k in soup}
+        elif isinstance(coeffs, dict):  # per-layer learned coefficients
+            expected = {k: sum(c * s[k] for c, s in zip(coeffs[k], states)) for k in soup}
+        else:
+            expected = weighted_average(states, coeffs)
+        for k in soup:
+            assert torch.allclose(soup[k], expected[k], atol=1e-5), (recipe, k)
+
+
+def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
+    from orchestrator.tracking import Tracker
+
+    tracker, sweep = Tracker(cooked["uri"]), cooked["sweep"]
+    real = tracker.trial_runs(sweep.experiment_id, sweep.sweep_id, "FINISHED")[0]
+    state = load_weights(_artifact(cooked["client"], real.info.run_id, "checkpoint/model.safetensors", tmp_path))
+    wide = dict(state, **{"head.weight": torch.zeros(11, state["head.weight"].shape[1])})
+    bad = {}
+    for name, sd, sha in (("other-arch", wide, None), ("bad-checksum", state, "0" * 64)):
+        tags = {k: v for k, v in real.data.tags.items() if not k.startswith("mlflow.")}
+        tags["trial_key"] = name
+        rid = tracker.create_run(sweep.experiment_id, name, tags, parent_run_id=sweep.parent_run_id)
+        path = save_weights(sd, tmp_path / name / "model.safetensors")
+        tracker.log_artifact(rid, path, "checkpoint")
+        tracker.set_tags(rid, {"checkpoint_sha256": sha or file_sha256(path)})
+        tracker.log_metrics(rid, {"heldout_acc": 0.999})  # ranked first: they must still be refused
+        tracker.end_run(rid)
+        bad[name] = rid
+    messages = []
+    out = cook(sweep.sweep_id, recipes=("uniform",), model_name="tiny4-bad", use_ray=False, log=messages.append)
+    assert set(out.excluded) == set(bad.values())
+    assert "head.weight" in out.excluded[bad["other-arch"]]
+    assert "sha256" in out.excluded[bad["bad-checksum"]]
+    assert any(bad["other-arch"] in m for m in messages) and any(bad["bad-checksum"] in m for m in messages)
+    assert out.versions["uniform"]
+
+
+def test_unknown_sweep_is_a_clear_error(cooked):
+    with pytest.raises(CookError, match="no sweep 'nope'"):
+        cook("nope", use_ray=False)
