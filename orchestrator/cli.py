@@ -112,6 +112,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from .tracking import PromotionError, Tracker, promote
+
+    try:
+        v = promote(Tracker(), args.model, args.version, args.alias, args.force, args.reason or "")
+    except PromotionError as err:
+        print(f"soup promote: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.model}@{args.alias} -> version {v}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .tracking import PromotionError, Tracker, list_versions
+
+    try:
+        print(_fmt_table(list_versions(Tracker(), args.model)))
+    except PromotionError as err:
+        print(f"soup models: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_pretrain_base(args) -> int:
     from .pretrain import pretrain
 
@@ -155,6 +178,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
     sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
+    sp = add("promote", cmd_promote, "Move a registry alias to a version, behind a held-out gate.")
+    sp.add_argument("model", help="registered model name, e.g. tiny-digits-soup")
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--alias", default="champion")
+    sp.add_argument("--force", action="store_true", help="promote even if held-out accuracy is lower")
+    sp.add_argument("--reason", help="why (recorded with --force)")
+    sp = add("models", cmd_models, "List a registered model's versions, metrics and aliases.")
+    sp.add_argument("model", help="registered model name")
     sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
     sp.add_argument("--out", default="orchestrator/assets", help="output folder")
     sp.add_argument("--steps", type=int, default=3000)

@@ -236,7 +236,8 @@ def _tune_config(space: SearchSpace):
     elif s.search_alg == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=s.seed)
+        # Tune ignores max_concurrent_trials for a SearchGenerator: the generator limits itself
+        search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials)
     scheduler = None
     if s.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -244,9 +245,9 @@ def _tune_config(space: SearchSpace):
         max_t = max([space.base.train.epochs] + [v for d in space.search.values()
                                                   for v in (d.randint or ())])
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=1)
+    limit = s.max_concurrent_trials if s.search_alg != "random" else None
     return tune.TuneConfig(metric=METRIC, mode="max", num_samples=s.num_samples,
-                           search_alg=search_alg, scheduler=scheduler,
-                           max_concurrent_trials=s.max_concurrent_trials)
+                           search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit)
 
 
 def init_ray(log: Callable[[str], None] = print) -> None:

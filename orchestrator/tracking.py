@@ -257,3 +257,61 @@ def find_version(tracker: Tracker, model_name: str, soup_key: str):
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
     return next((v for v in versions if v.tags.get("soup_key") == soup_key), None)
+
+
+# --- promotion ------------------------------------------------------------------------------
+
+class PromotionError(ValueError):
+    """A promotion was refused (gate, or no such version); the alias did not move."""
+
+
+def _version(tracker: Tracker, model_name: str, version: str | int):
+    try:
+        return tracker.client.get_model_version(model_name, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise PromotionError(f"model {model_name!r} has no version {version}") from None
+
+
+def _heldout(mv) -> float:
+    return float(mv.tags.get("heldout_acc", "nan"))
+
+
+def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = "champion",
+            force: bool = False, reason: str = "") -> str:
+    """Point `alias` at `version` if its held-out accuracy is at least the current holder's.
+
+    `force` overrides the gate; the reason and the time are recorded in the version's tags.
+    """
+    cand = _version(tracker, model_name, version)
+    try:
+        current = tracker.client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is not None and not force and not _heldout(cand) >= _heldout(current):
+        raise PromotionError(
+            f"refused: version {cand.version} has held-out accuracy {_heldout(cand):.2%}, below "
+            f"{alias!r} (version {current.version}, {_heldout(current):.2%}); pass --force to override")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tracker.client.set_registered_model_alias(model_name, alias, cand.version)
+    tracker.client.set_model_version_tag(model_name, cand.version, f"promoted_{alias}_at", now)
+    if force:
+        tracker.client.set_model_version_tag(model_name, cand.version, "forced_promotion",
+                                             f"{now}: {reason or 'no reason given'}")
+    return cand.version
+
+
+def list_versions(tracker: Tracker, model_name: str) -> list[dict]:
+    """Each version of `model_name` with its recipe, accuracies and aliases, newest first."""
+    versions = tracker.client.search_model_versions(f"name = '{model_name}'")
+    if not versions:
+        raise PromotionError(f"no registered model {model_name!r} (or it has no versions)")
+    aliases: dict[str, list[str]] = {}  # search results carry no aliases; the model does
+    for alias, ver in tracker.client.get_registered_model(model_name).aliases.items():
+        aliases.setdefault(str(ver), []).append(alias)
+    rows = []
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        rows.append({"version": v.version, "recipe": v.tags.get("recipe", ""),
+                     "held-out": _heldout(v), "test": float(v.tags.get("test_acc", "nan")),
+                     "mean shift": float(v.tags.get("shift_mean_acc", "nan")),
+                     "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-"})
+    return rows

@@ -67,3 +67,25 @@ def venv_bin(name: str) -> str:
 
 def run(cmd, env, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, text=True, capture_output=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def cooked(tmp_path_factory):
+    """One tiny sweep, cooked twice (Ray task, then in-process), shared by the cook and serving tests."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cook import cook
+    from orchestrator.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("cook")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    sweep = run_sweep(SPACES / "tiny4.yaml", name="c4", storage_path=str(tmp / "ray_results"),
+                      tracking_uri=uri)
+    first = cook("c4", tracking_uri=uri)
+    second = cook("c4", tracking_uri=uri, use_ray=False)
+    ray.shutdown()
+    yield {"tmp": tmp, "uri": uri, "sweep": sweep, "first": first, "second": second,
+           "client": MlflowClient(uri), "env": {**os.environ, "MLFLOW_TRACKING_URI": uri}}
+
+

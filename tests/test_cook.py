@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from conftest import SPACES
 from orchestrator.cook import CookError, cook
@@ -14,22 +13,6 @@ from orchestrator.models import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RECIPES = ("uniform", "greedy", "learned")
-
-
-@pytest.fixture(scope="module")
-def cooked(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cook")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    import ray
-
-    from orchestrator.sweep import run_sweep
-
-    sweep = run_sweep(SPACES / "tiny4.yaml", name="c4", storage_path=str(tmp / "ray_results"))
-    first = cook("c4")
-    second = cook("c4", use_ray=False)
-    ray.shutdown()
-    yield {"tmp": tmp, "uri": os.environ["MLFLOW_TRACKING_URI"], "sweep": sweep, "first": first,
-           "second": second, "client": MlflowClient(os.environ["MLFLOW_TRACKING_URI"])}
 
 
 def soup_runs(client, exp_id):
@@ -114,7 +97,8 @@ def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
         tracker.end_run(rid)
         bad[name] = rid
     messages = []
-    out = cook(sweep.sweep_id, recipes=("uniform",), model_name="tiny4-bad", use_ray=False, log=messages.append)
+    out = cook(sweep.sweep_id, recipes=("uniform",), model_name="tiny4-bad", tracking_uri=cooked["uri"],
+               use_ray=False, log=messages.append)
     assert set(out.excluded) == set(bad.values())
     assert "head.weight" in out.excluded[bad["other-arch"]]
     assert "sha256" in out.excluded[bad["bad-checksum"]]
@@ -124,4 +108,4 @@ def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
 
 def test_unknown_sweep_is_a_clear_error(cooked):
     with pytest.raises(CookError, match="no sweep 'nope'"):
-        cook("nope", use_ray=False)
+        cook("nope", tracking_uri=cooked["uri"], use_ray=False)

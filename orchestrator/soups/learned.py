@@ -96,7 +96,7 @@ def heldout_loss_and_acc(model: nn.Module, state: StateDict, images: torch.Tenso
 
 @register("learned")
 def learned_soup(states: Sequence[StateDict], model: nn.Module, heldout_images: torch.Tensor,
-                 heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = 100,
+                 heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = 50,
                  lr: float = 0.05, batch_size: int = 256, seed: int = 0,
                  names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> SoupResult:
     """Learn mixing coefficients on the held-out cross-entropy (Adam, seeded mini-batches).

@@ -1,0 +1,116 @@
+"""Pick, promote and serve: aliases behind a gate, the pyfunc in a fresh process, a real server."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port, run, venv_bin
+from orchestrator.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+MODEL = "tiny4-soup"
+
+
+@pytest.fixture
+def store(cooked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cooked["uri"])
+    return cooked
+
+
+def _by_heldout(store):
+    versions = store["client"].search_model_versions(f"name = '{MODEL}'")
+    return sorted(versions, key=lambda v: float(v.tags["heldout_acc"]))
+
+
+def _champion(store):
+    return store["client"].get_model_version_by_alias(MODEL, "champion").version
+
+
+def test_promotion_gate_force_and_listing(store, capsys):
+    worst, best = _by_heldout(store)[0], _by_heldout(store)[-1]
+    assert float(worst.tags["heldout_acc"]) < float(best.tags["heldout_acc"]), "need two accuracies"
+    assert main(["promote", MODEL, "--version", str(best.version), "--alias", "champion"]) == 0
+    assert _champion(store) == best.version
+    assert main(["promote", MODEL, "--version", str(worst.version), "--alias", "champion"]) == 2
+    err = capsys.readouterr().err
+    assert f"{float(worst.tags['heldout_acc']):.2%}" in err and f"{float(best.tags['heldout_acc']):.2%}" in err
+    assert _champion(store) == best.version, "a refused promotion moved the alias"
+    assert main(["promote", MODEL, "--version", "999"]) == 2
+    assert "no version 999" in capsys.readouterr().err
+    assert main(["promote", MODEL, "--version", str(worst.version), "--alias", "canary", "--force",
+                 "--reason", "shadow traffic"]) == 0
+    tags = store["client"].get_model_version(MODEL, worst.version).tags
+    assert "shadow traffic" in tags["forced_promotion"] and tags["promoted_canary_at"]
+    capsys.readouterr()
+    assert main(["models", MODEL]) == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "canary" in listing and "greedy" in listing
+
+
+def _examples(n=12):
+    from orchestrator import data
+    from orchestrator.config import DataConfig
+    from orchestrator.serving import encode_image
+
+    test = data.load_task(DataConfig()).test
+    return [encode_image(test.images[i]) for i in range(n)], test.labels[:n].tolist()
+
+
+def test_champion_loads_in_a_fresh_process(store):
+    images, labels = _examples()
+    store["client"].set_registered_model_alias(MODEL, "champion", _by_heldout(store)[-1].version)
+    code = (
+        "import sys, json, base64, mlflow, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
+        "imgs = [base64.b64decode(s) for s in json.load(sys.stdin)]\n"
+        "out = m.predict(pd.DataFrame({'image': imgs}))\n"
+        "info = mlflow.models.get_model_info('models:/" + MODEL + "@champion')\n"
+        "print(json.dumps({'labels': out['label'].tolist(), 'probs': out['probabilities'].tolist(),\n"
+        "  'signature': info.signature is not None, 'example': info.saved_input_example_info is not None}))\n")
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(
+        [base64.b64encode(b).decode() for b in images]), env=store["env"], text=True,
+        capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["signature"] and out["example"]
+    correct = sum(int(p) == y for p, y in zip(out["labels"], labels))
+    assert correct >= 9, (out["labels"], labels)
+    assert all(abs(sum(p) - 1) < 1e-4 and len(p) == 10 for p in out["probs"])
+
+
+def test_mlflow_models_serve_answers_invocations(store, tmp_path):
+    images, labels = _examples(6)
+    store["client"].set_registered_model_alias(MODEL, "champion", _by_heldout(store)[-1].version)
+    port = free_port()
+    server = subprocess.Popen([venv_bin("mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**store["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep
+                                   + os.environ["PATH"]},  # as with the venv activated: uvicorn
+                              stdout=open(tmp_path / "serve.log", "w"),
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(b).decode()] for b in images]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    preds = reply["predictions"]
+    print("served prediction:", json.dumps(preds[0]))
+    assert len(preds) == 6 and sum(int(p["label"]) == y for p, y in zip(preds, labels)) >= 4
