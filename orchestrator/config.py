@@ -48,11 +48,21 @@ class ModelConfig(Frozen):
         return self
 
 
+IMAGENET_SHIFTS = ("imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a")
+TINY_SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
+
+
+def _shifts_of(dataset: str) -> list[str]:
+    return list(IMAGENET_SHIFTS if dataset == "imagenet" else TINY_SHIFTS)
+
+
 class DataConfig(Frozen):
     """The data set and its fixed splits. `heldout` selects soups; `test` and shifts report."""
 
     dataset: Literal["tiny_digits", "imagenet"] = "tiny_digits"
     root: str | None = None  # data root for folder-based data sets (ImageNet and its shifts)
+    image_size: int = Field(224, ge=8, le=1024)  # folder data sets: resize + centre crop to this
+    workers: int = Field(0, ge=0, le=64)  # folder data sets: DataLoader worker processes
     split_seed: int = 0
     heldout_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0.0, lt=0.8)
@@ -68,6 +78,10 @@ class DataConfig(Frozen):
             raise ValueError(
                 f"selection split {self.selection_split!r} is also a reporting split; "
                 "soups must be selected on data they are not reported on")
+        wrong = [s for s in self.shifts if (s in IMAGENET_SHIFTS) != (self.dataset == "imagenet")]
+        if wrong:
+            raise ValueError(f"shifts {wrong} do not belong to data set {self.dataset!r}; "
+                             f"its shifts are {_shifts_of(self.dataset)}")
         if self.heldout_fraction + self.test_fraction >= 0.9:
             raise ValueError("heldout_fraction + test_fraction leaves under 10% to train on")
         return self
@@ -87,7 +101,9 @@ class TrainConfig(Frozen):
     randaug_num_ops: int = Field(2, ge=0, le=10)
     randaug_magnitude: int = Field(9, ge=0, le=30)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: cuda when present
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on cuda
+    channels_last: bool = True  # on cuda only: NHWC convolutions (the patch embedding, ResNets)
 
 
 class FinetuneConfig(Frozen):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,15 +26,85 @@ SHIFT_SEED_OFFSET = 1000  # shifts use their own random stream, independent of t
 
 
 @dataclass(frozen=True)
+class LoaderOptions:
+    """How batches reach the model: worker processes and pinned memory (the GPU path)."""
+
+    workers: int = 0
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
 class Split:
-    """A named set of images and integer labels."""
+    """A named set of images and integer labels, held in memory (the tiny world)."""
 
     name: str
     images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
     labels: torch.Tensor  # (N,) int64
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # model logits -> split's classes
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None,
+                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) batches in `order` (default: as stored), augmented image by image."""
+        order = torch.arange(len(self)) if order is None else order
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x = self.images[idx]
+            yield (x if augment is None else torch.stack([augment(img) for img in x])), self.labels[idx]
+
+    def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `limit` images and labels as tensors (all of them by default)."""
+        return self.images[:limit], self.labels[:limit]
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """A data set whose images pass through `augment` (in the loader's worker processes)."""
+
+    def __init__(self, dataset, augment: Callable | None):
+        self.dataset, self.augment = dataset, augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return (x if self.augment is None else self.augment(x)), y
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """A split read from image files on demand (ImageNet and its shifts).
+
+    `dataset[i]` is ``(float image in [0, 1] of shape (3, H, W), label)``; `labels` holds every
+    label up front (known from the folder listing) so accuracy needs no second pass.
+    """
+
+    name: str
+    dataset: torch.utils.data.Dataset
+    labels: torch.Tensor
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None,
+                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches through a DataLoader: `order` as its sampler, augmentation in the workers."""
+        ds = _Augmented(self.dataset, augment)
+        sampler = None if order is None else order.tolist()
+        yield from torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, sampler=sampler, num_workers=opts.workers,
+            pin_memory=opts.pin_memory, persistent_workers=False)
+
+    def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `limit` images and labels, read into memory."""
+        n = len(self) if limit is None else min(limit, len(self))
+        xs = [self.dataset[i][0] for i in range(n)]
+        return torch.stack(xs), self.labels[:n]
 
 
 @dataclass(frozen=True)
@@ -41,10 +112,10 @@ class TaskData:
     """Everything one fine-tuning run sees: training, selection, reporting and shift splits."""
 
     classnames: tuple[str, ...]
-    train: Split
-    heldout: Split
-    test: Split
-    shifts: dict[str, Split]
+    train: Split | FolderSplit
+    heldout: Split | FolderSplit
+    test: Split | FolderSplit
+    shifts: dict[str, Split | FolderSplit]
 
     def reporting(self) -> dict[str, Split]:
         """The splits results are reported on: test, then each shift."""
@@ -179,8 +250,10 @@ def make_shift(name: str, test: Split, seed: int) -> Split:
 @lru_cache(maxsize=4)
 def load_task(cfg: DataConfig) -> TaskData:
     """Build the digits task: fixed train / held-out / test splits and the configured shifts."""
-    if cfg.dataset != "tiny_digits":
-        raise NotImplementedError(f"data set {cfg.dataset!r}: only tiny_digits has an adapter so far")
+    if cfg.dataset == "imagenet":
+        from .realdata import load_imagenet_task
+
+        return load_imagenet_task(cfg)
     x, y = _digits()
     tr, he, te = _stratified_split(y, cfg)
     test = Split("test", x[te], y[te])

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from . import data, evaluate, models
+from .accel import Accel, accel_for
 from .config import FinetuneConfig, TrainConfig
+
+PROBE_LIMIT = 50_000  # images the linear-probe head is fitted on (all of the tiny world)
 
 
 @dataclass
@@ -61,11 +64,6 @@ def _augmenter(cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return lambda img: t((img * 255).round().to(torch.uint8)).float() / 255
 
 
-def _augment(x: torch.Tensor, aug) -> torch.Tensor:
-    # v2 transforms draw one set of parameters per call, so apply them image by image
-    return x if aug is None else torch.stack([aug(img) for img in x])
-
-
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay, as in the paper's fine-tuning recipe."""
     if step < warmup:
@@ -85,59 +83,71 @@ def build_model(cfg: FinetuneConfig, task: data.TaskData) -> models.ImageClassif
     """The starting classifier: pretrained image tower, zero-shot or linear-probe head."""
     model = models.build_classifier(cfg.model, task.classnames)
     if cfg.model.head_init == "linear_probe":
-        models.set_linear_probe_head(model, task.train.images, task.train.labels)
+        images, labels = task.train.tensors(limit=PROBE_LIMIT)
+        models.set_linear_probe_head(model, images, labels)
     return model
 
 
-def _train_epoch(model, opt, sched, task, cfg: TrainConfig, aug, g) -> float:
-    model.train()
-    perm = torch.randperm(len(task.train), generator=g)
-    total, n = 0.0, 0
-    for i in range(0, len(perm), cfg.batch_size):
-        idx = perm[i:i + cfg.batch_size]
-        x = _augment(task.train.images[idx], aug).to(cfg.device)
-        x, ya, yb, lam = _mixup(x, task.train.labels[idx].to(cfg.device), cfg.mixup_alpha, g)
-        out = model(x)
+def _step(model, opt, sched, scaler, x, y, cfg: TrainConfig, accel: Accel, g) -> float:
+    """One optimisation step (mixup, label smoothing, autocast); returns the batch loss."""
+    x, ya, yb, lam = _mixup(accel.to_device(x), y.to(accel.device), cfg.mixup_alpha, g)
+    with accel.autocast():
+        out = model(x).float()
         loss = lam * F.cross_entropy(out, ya, label_smoothing=cfg.label_smoothing)
         if lam < 1.0:
             loss = loss + (1 - lam) * F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total, n = total + loss.item() * len(idx), n + len(idx)
-    return total / n
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.item()
+
+
+def _train_epoch(model, opt, sched, scaler, task, cfg: TrainConfig, accel: Accel, aug, g,
+                 max_steps: int | None = None) -> float:
+    model.train()
+    perm = torch.randperm(len(task.train), generator=g)
+    total, n = 0.0, 0
+    for step, (x, y) in enumerate(task.train.batches(cfg.batch_size, perm, aug, accel.loader)):
+        if max_steps is not None and step >= max_steps:
+            break
+        total, n = total + _step(model, opt, sched, scaler, x, y, cfg, accel, g) * len(y), n + len(y)
+    return total / max(n, 1)
 
 
 def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None,
-             task: data.TaskData | None = None) -> FinetuneResult:
+             task: data.TaskData | None = None, max_steps: int | None = None) -> FinetuneResult:
     """Fine-tune the classifier end to end and evaluate it on held-out, test and every shift.
 
     `on_epoch` receives ``{"epoch", "train_loss", "heldout_acc", "lr"}`` after each epoch.
+    `max_steps` caps the optimisation steps per epoch (smoke tests of large models).
     """
     tc = cfg.train
     torch.manual_seed(tc.seed)
     g = torch.Generator().manual_seed(tc.seed)
     task = task or data.load_task(cfg.data)
-    model = build_model(cfg, task).to(tc.device)
+    accel = accel_for(tc, cfg.data.workers)
+    model = accel.prepare(build_model(cfg, task))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    total = tc.epochs * math.ceil(len(task.train) / tc.batch_size)
+    per_epoch = math.ceil(len(task.train) / tc.batch_size)
+    total = tc.epochs * (min(per_epoch, max_steps) if max_steps else per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tc.warmup_steps, total))
-    aug, curves, t0 = _augmenter(tc), [], time.perf_counter()
+    scaler, aug, curves, t0 = accel.scaler(), _augmenter(tc), [], time.perf_counter()
     for epoch in range(1, tc.epochs + 1):
-        loss = _train_epoch(model, opt, sched, task, tc, aug, g)
+        loss = _train_epoch(model, opt, sched, scaler, task, tc, accel, aug, g, max_steps)
         row = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"],
-               "heldout_acc": evaluate.accuracy(model, task.heldout)}
+               "heldout_acc": evaluate.accuracy(model, task.heldout, accel=accel)}
         curves.append(row)
         if on_epoch:
             on_epoch(row)
     seconds = time.perf_counter() - t0
-    model = model.cpu()
-    results = evaluate.evaluate_all(model, {"heldout": task.heldout, **task.reporting()})
+    results = evaluate.evaluate_all(model, {"heldout": task.heldout, **task.reporting()}, accel)
+    model = model.cpu().to(memory_format=torch.contiguous_format)
     return FinetuneResult(
         config=cfg, curves=curves, heldout_acc=results["heldout"][0], test_acc=results["test"][0],
         shift_acc={k: results[k][0] for k in task.shifts},
         logits={k: v[1] for k, v in results.items()},
-        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+        state_dict={k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
         train_seconds=seconds,
         labels={"heldout": task.heldout.labels, **{k: s.labels for k, s in task.reporting().items()}})
