@@ -22,9 +22,12 @@ from . import data, evaluate, models
 from .config import ConfigError, SearchSpace, validate
 from .soups.weights import check_compatible, load_weights, save_weights, weighted_average
 from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
-                       log_soup_model, read_artifact_text, register_soup)
+                       log_soup_model, read_artifact_text, register_soup, stale_soups)
 
 DEFAULT_RECIPES = ("uniform", "greedy", "learned")
+# Held-out images the learned soup fits its coefficients on, read into memory (ImageNet's 2%
+# slice is 25k images; the first 4096 of its seeded permutation are plenty for N coefficients).
+LEARNED_HELDOUT_LIMIT = 4096
 
 
 class CookError(ValueError):
@@ -159,7 +162,11 @@ def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, s
         rows.append(_summary(f"{recipe} soup", "soup", _accs(model, task), task.shifts))
         soups[recipe] = res
     return {"rows": rows, "singles": singles, "soups": soups, "classnames": list(task.classnames),
-            "example": task.test.images[0]}
+            "example": task.test.tensors(1)[0][0]}
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)  # long work shows progress (a Ray task's output reaches the driver)
 
 
 def _run_recipe(fn, recipe, states, names, scores, model, task, strict):
@@ -169,8 +176,9 @@ def _run_recipe(fn, recipe, states, names, scores, model, task, strict):
         def heldout_acc(state):
             model.load_state_dict(state)
             return evaluate.accuracy(model, task.heldout)
-        return fn(states, heldout_acc, scores, strict=strict, names=names, log=lambda s: None)
-    return fn(states, model, task.heldout.images, task.heldout.labels, log=lambda s: None)
+        return fn(states, heldout_acc, scores, strict=strict, names=names, log=_progress)
+    images, labels = task.heldout.tensors(limit=LEARNED_HELDOUT_LIMIT)
+    return fn(states, model, images, labels, log=lambda s: None)
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -240,6 +248,8 @@ def _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, bu
             out.reused.append(recipe)
             continue
         row = by_name[f"{recipe} soup"]
+        if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
+            tracker.discard_stale(stale_soups(tracker, exp_id, key))
         save_weights(res.state_dict, tmp / f"{recipe}.safetensors", {"recipe": recipe})
         rid = existing.info.run_id if existing else _log_soup_run(
             tracker, exp_id, parent.info.run_id, sweep_id, recipe, key, res, ids, row, plot, tmp)

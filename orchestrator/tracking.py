@@ -193,6 +193,8 @@ __all__ = ["Tracker", "resolve_uri", "flatten", "read_parquet", "mlflow"]
 
 def locate_sweep(tracker: Tracker, sweep_id: str):
     """(experiment id, parent run) of sweep `sweep_id`, searched across all experiments."""
+    if not sweep_id or any(c in sweep_id for c in "'\"\\`"):
+        return None, None  # `run_sweep` refuses such ids, and they would break the filter string
     exps = [e.experiment_id for e in tracker.client.search_experiments()]
     runs = tracker.client.search_runs(exps, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = '{sweep_id}'")
     if not runs:
@@ -205,6 +207,12 @@ def find_soup(tracker: Tracker, experiment_id: str, soup_key: str):
     runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = '{soup_key}' "
                                          f"and attributes.status = 'FINISHED'")
     return runs[0] if runs else None
+
+
+def stale_soups(tracker: Tracker, experiment_id: str, soup_key: str) -> list:
+    """Unfinished soup runs with this key: left by a cook that was killed while logging."""
+    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = '{soup_key}'")
+    return [r for r in runs if r.info.status != FINISHED]
 
 
 def read_artifact_text(tracker: Tracker, run_id: str, path: str) -> str:
@@ -267,9 +275,16 @@ class PromotionError(ValueError):
 
 def _version(tracker: Tracker, model_name: str, version: str | int):
     try:
+        tracker.client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        raise PromotionError(f"no registered model {model_name!r} in {tracker.uri}") from None
+    try:
         return tracker.client.get_model_version(model_name, str(version))
     except mlflow.exceptions.MlflowException:
-        raise PromotionError(f"model {model_name!r} has no version {version}") from None
+        known = sorted((v.version for v in tracker.client.search_model_versions(
+            f"name = '{model_name}'")), key=int)
+        raise PromotionError(f"model {model_name!r} has no version {version} "
+                             f"(its versions: {', '.join(known) or 'none'})") from None
 
 
 def _heldout(mv) -> float:
@@ -292,7 +307,10 @@ def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = 
             f"refused: version {cand.version} has held-out accuracy {_heldout(cand):.2%}, below "
             f"{alias!r} (version {current.version}, {_heldout(current):.2%}); pass --force to override")
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tracker.client.set_registered_model_alias(model_name, alias, cand.version)
+    try:
+        tracker.client.set_registered_model_alias(model_name, alias, cand.version)
+    except mlflow.exceptions.MlflowException as err:  # e.g. a reserved alias ('latest', 'v3')
+        raise PromotionError(f"alias {alias!r} refused by MLflow: {err.message}") from None
     tracker.client.set_model_version_tag(model_name, cand.version, f"promoted_{alias}_at", now)
     if force:
         tracker.client.set_model_version_tag(model_name, cand.version, "forced_promotion",
