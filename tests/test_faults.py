@@ -1,0 +1,112 @@
+"""Faults: a failing trial is retried then recorded FAILED, a cook SIGKILLed mid-greedy is run
+again without duplicates, and a tracking server restarted mid-sweep loses no run."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from conftest import SPACES, run, venv_bin
+from servers import MlflowServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _space(tmp, n: int, extra: str = "", failures: int = 1) -> str:
+    text = (SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", f"num_samples: {n}")
+    text = text.replace("search:\n", "search:\n" + extra)
+    if "max_failures" not in text:
+        text = text.replace("sweep:\n", f"sweep:\n  max_failures: {failures}\n")
+    path = tmp / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _runs(uri, role, view=ViewType.ACTIVE_ONLY):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny4")
+    return client.search_runs([exp.experiment_id], f"tags.`soup.role` = '{role}'", run_view_type=view)
+
+
+def test_failing_trial_is_retried_then_failed_and_never_an_ingredient(hermetic):
+    from orchestrator.cook import cook
+    from orchestrator.sweep import run_sweep
+
+    bad = "  model.pretrained: {grid: [tiny-glyphs, /nonexistent/base.safetensors]}\n"
+    out = run_sweep(_space(hermetic["tmp"], 1, bad, failures=1), name="retry", storage_path=hermetic["storage"])
+    assert (out.finished, out.failed) == (1, 1)
+    every = _runs(hermetic["uri"], "trial", ViewType.ALL)
+    bad_runs = [r for r in every if "nonexistent" in r.data.params["model.pretrained"]]
+    assert len(bad_runs) == 2, "max_failures: 1 means two attempts"  # the first is replaced
+    active = [r for r in _runs(hermetic["uri"], "trial") if "nonexistent" in r.data.params["model.pretrained"]]
+    assert [r.info.status for r in active] == ["FAILED"]
+    res = cook("retry", recipes=("uniform",), tracking_uri=hermetic["uri"], use_ray=False)
+    soup = _runs(hermetic["uri"], "soup")[0]
+    assert active[0].info.run_id not in soup.data.tags["ingredients"]
+    assert str(res.versions["uniform"]) == "1"
+
+
+def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic):
+    from orchestrator.sweep import run_sweep
+
+    run_sweep(_space(hermetic["tmp"], 3), name="k3", storage_path=hermetic["storage"])
+    cmd = [venv_bin("soup"), "cook", "--sweep", "k3", "--no-ray"]
+    env = {**hermetic["env"], "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("greedy soup:"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    res = run(cmd, env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = run(cmd, env, timeout=900)
+    assert again.returncode == 0 and "already cooked" in again.stdout
+    soups = _runs(hermetic["uri"], "soup")
+    assert sorted(r.data.tags["recipe"] for r in soups) == ["greedy", "learned", "uniform"]
+    assert all(r.info.status == "FINISHED" for r in soups)
+    versions = MlflowClient(hermetic["uri"]).search_model_versions("name = 'tiny4-soup'")
+    assert sorted(v.tags["recipe"] for v in versions) == ["greedy", "learned", "uniform"]
+
+
+def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
+    tmp = hermetic["tmp"]
+    server = MlflowServer(f"sqlite:///{tmp / 'server.db'}", tmp / "artifacts", tmp / "server.log").start()
+    env = {**hermetic["env"], "MLFLOW_TRACKING_URI": server.uri}
+    cmd = [venv_bin("soup"), "sweep", _space(tmp, 4), "--name", "restart", "--storage-path", hermetic["storage"]]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "sweep.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if _runs(server.uri, "trial"):
+                    break
+            except Exception:  # noqa: BLE001 - the experiment may not exist yet
+                pass
+            time.sleep(1)
+        server.stop()  # mid-sweep: trials are logging epochs and checkpoints
+        time.sleep(5)
+        server.start()
+        assert proc.wait(900) == 0, (tmp / "sweep.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
+        server.start()
+    try:
+        trials = _runs(server.uri, "trial")
+        assert sorted(r.info.status for r in trials) == ["FINISHED"] * 4
+        assert len({r.data.tags["trial_key"] for r in trials}) == 4
+        for r in trials:
+            assert "checkpoint_sha256" in r.data.tags and r.data.metrics["heldout_acc"] > 0
+    finally:
+        server.stop()
