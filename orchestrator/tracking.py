@@ -281,7 +281,7 @@ def _version(tracker: Tracker, model_name: str, version: str | int):
     try:
         return tracker.client.get_model_version(model_name, str(version))
     except mlflow.exceptions.MlflowException:
-        known = sorted((v.version for v in tracker.client.search_model_versions(
+        known = sorted((str(v.version) for v in tracker.client.search_model_versions(
             f"name = '{model_name}'")), key=int)
         raise PromotionError(f"model {model_name!r} has no version {version} "
                              f"(its versions: {', '.join(known) or 'none'})") from None
