@@ -8,6 +8,7 @@ no fluent "active run" can be relied on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -231,8 +232,7 @@ def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, e
         cfg_path = Path(tmp) / "soup_config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
         example = pd.DataFrame({"image": [example_png]})
-        mlflow.set_tracking_uri(tracker.uri)
-        with mlflow.start_run(run_id=run_id):
+        with _fluent_uris(tracker.uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(pkg / "serving.py"), code_paths=[str(pkg)],
                 artifacts={"weights": str(weights), "config": str(cfg_path)},
@@ -252,10 +252,35 @@ def _requirements() -> list[str]:
 
 def register_soup(tracker: Tracker, model_uri: str, model_name: str, tags: dict[str, Any]):
     """Register a logged soup as a new version of `model_name`, with its tags."""
-    mlflow.set_registry_uri(tracker.uri)
-    mlflow.set_tracking_uri(tracker.uri)
-    mv = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
-    return mv
+    with _fluent_uris(tracker.uri):
+        return mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+
+
+@contextlib.contextmanager
+def _fluent_uris(uri: str):
+    """Point MLflow's process-global tracking and registry URIs at `uri`, then put them back.
+
+    `log_model` and `register_model` only exist in the fluent API, which reads globals; left set,
+    they (and the environment variables they export) would send a later `MlflowClient(uri)` of the
+    same process, or a child process, to this store's registry.
+    """
+    from mlflow.tracking import _tracking_service
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    saved = (_tracking_service.utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)  # both setters also export their value to os.environ
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def find_version(tracker: Tracker, model_name: str, soup_key: str):

@@ -109,3 +109,24 @@ def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
 def test_unknown_sweep_is_a_clear_error(cooked):
     with pytest.raises(CookError, match="no sweep 'nope'"):
         cook("nope", tracking_uri=cooked["uri"], use_ray=False)
+
+
+def test_registering_leaves_mlflow_process_globals_as_they_were(tmp_path, monkeypatch):
+    """log_model/register_model go through MLflow's fluent globals; the cook must put them back.
+
+    Left pointed at one store, a later `MlflowClient(other_uri)` in the same process resolved its
+    registry to the first store (a stopped server, in CI), and children inherited it via the env.
+    """
+    import mlflow
+
+    from orchestrator.tracking import _fluent_uris
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with _fluent_uris(other):
+        assert mlflow.get_registry_uri() == other
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mine.db'}"
+    assert mlflow.get_registry_uri() == os.environ["MLFLOW_TRACKING_URI"]
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'third.db'}")._registry_uri.endswith("third.db")
