@@ -1,17 +1,54 @@
-"""The greedy soup (Wortsman et al. 2022, Algorithm 1).
+"""The greedy soup (Wortsman et al. 2022, Algorithm 1), streamed, with exact early rejection.
 
 Ingredients are tried best held-out accuracy first; one is kept only if the soup's held-out
 accuracy does not drop. The soup is never worse than the best single ingredient on held-out.
+
+Memory: a float32 running sum of the kept ingredients plus one candidate soup, whatever the
+number of ingredients; each ingredient is read from its file when it is tried (and once more
+if it is kept). Time: a candidate scored by a `HeldoutCounter` is evaluated chunk by chunk and
+rejected as soon as it can no longer reach the soup's correct count, which changes no decision.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .registry import SoupResult, register
-from .weights import StateDict, check_compatible
+from .stream import Ingredient, is_file, read_weights
+from .weights import StateDict, check_compatible, float_keys, stream_add, stream_mean_with
+
+
+@dataclass(frozen=True)
+class HeldoutCounter:
+    """Held-out scoring in chunks: ``correct(state)`` yields ``(right, seen)`` per chunk.
+
+    The chunks of one call must cover all `size` examples; accuracy is ``right / size``.
+    """
+
+    size: int
+    correct: Callable[[StateDict], Iterable[tuple[int, int]]]
+
+
+def model_counter(model: torch.nn.Module, split, chunk_size: int = 64) -> HeldoutCounter:
+    """A `HeldoutCounter` that loads each state into `model` and scores `split` (anything with
+    ``batches(n)`` yielding (images, labels), like `orchestrator.data.Split`) in chunks."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def correct(state: StateDict):
+        model.load_state_dict(state)
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y in split.batches(chunk_size):
+                yield int((model(x.to(device)).argmax(1).cpu() == y).sum()), len(y)
+        finally:
+            model.train(was_training)
+
+    return HeldoutCounter(len(split), correct)
 
 
 def rank_best_first(order_scores: Sequence[float], n: int) -> list[int]:
@@ -26,49 +63,106 @@ def improves(new: float, old: float, strict: bool) -> bool:
     return new > old if strict else new >= old
 
 
-def _soup(total: dict[str, torch.Tensor], k: int, ref: StateDict,
-          extra: StateDict | None = None) -> dict[str, torch.Tensor]:
-    """The mean of a float32 running sum of k ingredients (plus `extra`, if given) in the
-    ingredients' dtypes: one new model-sized tensor set, the running sum is left untouched."""
-    out = {}
-    for name, t in ref.items():
-        if not t.is_floating_point():
-            out[name] = t.clone()  # integer buffers (counters) are not averaged: the best's
-            continue
-        s = total[name] + extra[name].float() if extra is not None else total[name].clone()
-        out[name] = s.div_(k).to(t.dtype)
-    return out
+def hopeless(right: int, seen: int, size: int, best: int, strict: bool) -> bool:
+    """True when a candidate with `right` of `seen` examples correct cannot pass any more: even
+    all the ``size - seen`` remaining right would leave it below (at or below, if strict) `best`."""
+    reachable = right + (size - seen)
+    return reachable <= best if strict else reachable < best
+
+
+def _score(scorer, state: StateDict, best: int | None, strict: bool, early: bool):
+    """(correct count or accuracy, examples evaluated, rejected early) of one candidate."""
+    if not isinstance(scorer, HeldoutCounter):
+        return float(scorer(state)), None, False
+    right = seen = 0
+    for r, s in scorer.correct(state):
+        right, seen = right + r, seen + s
+        if early and best is not None and seen < scorer.size and hopeless(right, seen, scorer.size, best, strict):
+            return right, seen, True
+    if seen != scorer.size:
+        raise ValueError(f"held-out chunks covered {seen} examples, the counter says {scorer.size}")
+    return right, seen, False
+
+
+def _acc(score, scorer) -> float:
+    return score / scorer.size if isinstance(scorer, HeldoutCounter) else score
 
 
 @register("greedy")
-def greedy_soup(states: Sequence[StateDict], heldout_acc_fn: Callable[[dict], float],
+def greedy_soup(ingredients: Sequence[Ingredient], heldout: HeldoutCounter | Callable[[dict], float],
                 order_scores: Sequence[float], strict: bool = False,
-                names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> SoupResult:
-    """Greedy soup of `states`, ranked by `order_scores` (their individual held-out accuracies).
+                names: Sequence[str] | None = None, log: Callable[[str], None] = print,
+                early_reject: bool = True) -> SoupResult:
+    """Greedy soup of `ingredients` (safetensors paths or state dicts), ranked by `order_scores`
+    (their individual held-out accuracies).
 
-    `heldout_acc_fn(state_dict)` scores a candidate soup. Only a float32 running sum of the kept
-    ingredients is held, so each candidate costs one model's size. `steps` holds one entry per
-    ingredient considered: ``{"considered", "accepted", "kept", "heldout_acc"}``.
+    `heldout` scores a candidate soup: a `HeldoutCounter` (integer correct counts, chunk by
+    chunk, so that a candidate is rejected as soon as it cannot reach the soup; exact, the
+    result is bit-identical to ``early_reject=False``) or a plain ``state -> accuracy``
+    function. `steps` holds one entry per ingredient considered: ``{"considered", "accepted",
+    "kept", "heldout_acc" (the soup's), "candidate_acc" (None if rejected early), "evaluated"
+    (held-out examples; None for a plain function), "rejected_early"}``; ``stats`` the totals.
+    Progress lines, prefixed ``greedy soup:``, go to `log`.
     """
-    if not states:
-        raise ValueError("no ingredients for a greedy soup")
-    check_compatible(states, names)
-    order = rank_best_first(order_scores, len(states))
-    ref = states[order[0]]
-    total = {k: v.float().clone() for k, v in ref.items() if v.is_floating_point()}
-    kept, best = [order[0]], float(heldout_acc_fn(_soup(total, 1, ref)))
-    steps = [{"considered": order[0], "accepted": True, "kept": list(kept), "heldout_acc": best}]
+    infos = check_compatible(ingredients, names)
+    label = (lambda i: names[i]) if names else (lambda i: f"ingredient {i}")
+    order = rank_best_first(order_scores, len(ingredients))
+    fixed, total = _start(ingredients[order[0]], infos)
+    best, seen, _ = _score(heldout, stream_mean_with(total, None, 1, infos, fixed), None, strict, False)
+    kept = [order[0]]
+    steps = [_step(order[0], True, kept, _acc(best, heldout), _acc(best, heldout), seen, False)]
+    log(f"greedy soup: start from {label(order[0])} (held-out {_acc(best, heldout):.2%})")
     for i in order[1:]:
-        acc = float(heldout_acc_fn(_soup(total, len(kept) + 1, ref, states[i])))
-        accepted = improves(acc, best, strict)
+        candidate = stream_mean_with(total, ingredients[i], len(kept) + 1, infos, fixed)
+        score, seen, early = _score(heldout, candidate, best, strict, early_reject)
+        del candidate  # before reading the ingredient again: one candidate at a time
+        accepted = not early and improves(score, best, strict)
         if accepted:
             # Same float ops as the scored candidate, so the final soup is bit-identical to it.
-            for k, v in total.items():
-                v.add_(states[i][k].float())
+            stream_add(total, ingredients[i])
             kept.append(i)
-            best = acc
-        steps.append({"considered": i, "accepted": accepted, "kept": list(kept), "heldout_acc": best})
-        log(f"greedy soup: ingredient {i} {'kept' if accepted else 'skipped'} "
-            f"(candidate {acc:.2%}, soup {best:.2%}, {len(kept)} kept)")
-    coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(len(states))]
-    return SoupResult("greedy", _soup(total, len(kept), ref), coefficients, kept, steps, best)
+            best = score
+        steps.append(_step(i, accepted, kept, _acc(best, heldout),
+                           None if early else _acc(score, heldout), seen, early))
+        log(_line(label(i), steps[-1], heldout, len(kept)))
+    return _result(ingredients, total, kept, infos, fixed, steps, _acc(best, heldout), heldout)
+
+
+def _start(ingredient: Ingredient, infos) -> tuple[dict, dict]:
+    """The best ingredient's non-float tensors (kept as they are) and its float ones in float32
+    (the running sum of one; no copy for a float32 file)."""
+    keys = set(float_keys(infos))
+    if is_file(ingredient):
+        state = read_weights(ingredient)
+    else:
+        state = {k: torch.clone(v, memory_format=torch.contiguous_format) for k, v in ingredient.items()}
+    fixed = {k: v for k, v in state.items() if k not in keys}
+    return fixed, {k: state.pop(k).float() for k in list(state) if k in keys}
+
+
+def _step(i, accepted, kept, soup_acc, cand_acc, seen, early) -> dict:
+    return {"considered": i, "accepted": accepted, "kept": list(kept), "heldout_acc": soup_acc,
+            "candidate_acc": cand_acc, "evaluated": seen, "rejected_early": early}
+
+
+def _line(name: str, step: dict, heldout, n_kept: int) -> str:
+    what = "kept" if step["accepted"] else "skipped"
+    size = f"/{heldout.size}" if isinstance(heldout, HeldoutCounter) else ""
+    if step["rejected_early"]:
+        detail = f"rejected after {step['evaluated']}{size} held-out examples"
+    else:
+        detail = f"candidate {step['candidate_acc']:.2%}"
+        detail += f" on {step['evaluated']}{size} examples" if step["evaluated"] is not None else ""
+    return f"greedy soup: {name} {what} ({detail}; soup {step['heldout_acc']:.2%}, {n_kept} kept)"
+
+
+def _result(ingredients, total, kept, infos, fixed, steps, best, heldout) -> SoupResult:
+    n = len(ingredients)
+    coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n)]
+    evaluated = [s["evaluated"] for s in steps]
+    stats = {}
+    if isinstance(heldout, HeldoutCounter):
+        stats = {"heldout_evaluated": sum(evaluated), "heldout_evaluated_plain": heldout.size * len(steps),
+                 "rejected_early": sum(s["rejected_early"] for s in steps)}
+    state = stream_mean_with(total, None, len(kept), infos, fixed)
+    return SoupResult("greedy", state, coefficients, kept, steps, best, stats)

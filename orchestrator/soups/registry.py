@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,6 +28,8 @@ class SoupResult:
     kept: list[int]  # indices of the ingredients used, in the order they were added
     steps: list[dict] = field(default_factory=list)  # history, for logging and plots
     heldout_acc: float | None = None
+    stats: dict = field(default_factory=dict)  # recipe-specific totals (e.g. examples evaluated)
+    path: Path | None = None  # set when the soup was written to a file instead (state_dict empty)
 
 
 def register(name: str) -> Callable[[Callable], Callable]:

@@ -1,17 +1,28 @@
-"""The uniform soup: the plain mean of every ingredient's weights."""
+"""The uniform soup: the plain mean of every ingredient's weights, streamed from files."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from .registry import SoupResult, register
-from .weights import StateDict, weighted_average
+from .stream import Ingredient
+from .weights import stream_weighted_sum
 
 
 @register("uniform")
-def uniform_soup(states: Sequence[StateDict], names: Sequence[str] | None = None) -> SoupResult:
-    """Average all ingredients with coefficients 1/N (refuses incompatible ingredients)."""
-    n = len(states)
+def uniform_soup(ingredients: Sequence[Ingredient], names: Sequence[str] | None = None,
+                 out: str | Path | None = None, metadata: dict[str, str] | None = None) -> SoupResult:
+    """Average all ingredients (safetensors paths or state dicts) with coefficients 1/N.
+
+    Ingredients are read chunk by chunk: memory is one output model (none with `out`, where the
+    soup is written to that safetensors file and returned as `path` with an empty `state_dict`)
+    plus small buffers, whatever N. Bit-identical to `weighted_average`. Refuses incompatible
+    ingredients, naming the ingredient and tensor.
+    """
+    n = len(ingredients)
     coefficients = [1.0 / n] * n if n else []
-    state = weighted_average(states, coefficients, names)  # raises on none / incompatible
+    state = stream_weighted_sum(ingredients, coefficients, names, out=out, metadata=metadata)
+    if out is not None:
+        return SoupResult("uniform", {}, coefficients, list(range(n)), [], None, path=Path(state))
     return SoupResult("uniform", state, coefficients, list(range(n)), [], None)
