@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from .config import ConfigError, FinetuneConfig, load_yaml, with_overrides
+from .config import ConfigError, FinetuneConfig, load_yaml, one_line, with_overrides
+
+
+def _fail(command: str, err: Exception | str) -> int:
+    """Bad input ends a command with exit code 2 and one line on stderr, never a traceback."""
+    print(f"soup {command}: error: {one_line(str(err))}", file=sys.stderr)
+    return 2
+
+
+def _existing_store() -> None:
+    """Commands that read what a sweep left refuse a sqlite store that is not there, rather than
+    create an empty one (a mistyped MLFLOW_TRACKING_URI) and report that nothing is in it."""
+    from .tracking import resolve_uri
+
+    uri = resolve_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no MLflow store at {uri} (set MLFLOW_TRACKING_URI to the sweep's store)")
 
 
 def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -82,15 +101,30 @@ def cmd_sweep(args) -> int:
     return 0 if out.finished else 1
 
 
+def _recipes(text: str) -> tuple[str, ...]:
+    from .soups.registry import get_recipe
+
+    recipes = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not recipes:
+        raise ConfigError(f"--recipes {text!r}: name at least one recipe")
+    for r in recipes:  # checked before any download or build
+        try:
+            get_recipe(r)
+        except ValueError as err:
+            raise ConfigError(f"--recipes: {err}") from None
+    return recipes
+
+
 def cmd_cook(args) -> int:
     from .cook import CookError, cook
 
+    recipes = _recipes(args.recipes)
+    _existing_store()
     try:
-        out = cook(args.sweep, recipes=tuple(args.recipes.split(",")), model_name=args.model_name,
-                   strict=args.strict, use_ray=not args.no_ray)
+        out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
+                   strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode)
     except CookError as err:
-        print(f"soup cook: error: {err}", file=sys.stderr)
-        return 2
+        return _fail("cook", err)
     print(_fmt_table(_table_rows(out.rows)))
     return 0
 
@@ -115,11 +149,11 @@ def cmd_demo(args) -> int:
 def cmd_promote(args) -> int:
     from .tracking import PromotionError, Tracker, promote
 
+    _existing_store()
     try:
         v = promote(Tracker(), args.model, args.version, args.alias, args.force, args.reason or "")
     except PromotionError as err:
-        print(f"soup promote: {err}", file=sys.stderr)
-        return 2
+        return _fail("promote", err)
     print(f"{args.model}@{args.alias} -> version {v}")
     return 0
 
@@ -127,11 +161,11 @@ def cmd_promote(args) -> int:
 def cmd_models(args) -> int:
     from .tracking import PromotionError, Tracker, list_versions
 
+    _existing_store()
     try:
         print(_fmt_table(list_versions(Tracker(), args.model)))
     except PromotionError as err:
-        print(f"soup models: {err}", file=sys.stderr)
-        return 2
+        return _fail("models", err)
     return 0
 
 
@@ -175,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipes", default="uniform,greedy,learned", help="comma-separated recipes")
     sp.add_argument("--model-name", help="registered model (default <experiment>-soup)")
     sp.add_argument("--strict", action="store_true", help="greedy keeps a candidate only if accuracy rises")
+    sp.add_argument("--learned-mode", choices=["streaming", "stacked"],
+                    help="learned soup's gradients: from the files, flat memory (streaming), or every "
+                         "ingredient in bf16 on the device (stacked); default: the space's cook.learned_mode")
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
     sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
@@ -193,14 +230,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _no_artifact_progress_bars():
+    """MLflow draws a progress bar on stderr for every artifact download, which would bury the
+    one-line error of a refused command; set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true to see them."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `soup` console script."""
     args = _parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except ConfigError as err:
-        print(f"soup {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with _no_artifact_progress_bars():
+        try:
+            return args.fn(args)
+        except ConfigError as err:
+            return _fail(args.command, err)
 
 
 if __name__ == "__main__":

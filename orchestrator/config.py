@@ -7,6 +7,7 @@ names the file and the dotted key.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +27,15 @@ DEFAULT_TEMPLATES = (  # prompts in the style of the tiny world's pretraining ca
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the file and the key."""
+
+
+class FieldError(ValueError):
+    """Raised by a model validator to blame a key below the model (``key`` is relative to it),
+    so that the message names ``data.selection_split`` rather than just ``data``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class Frozen(BaseModel):
@@ -75,15 +85,16 @@ class DataConfig(Frozen):
     @model_validator(mode="after")
     def _selection_not_reporting(self) -> "DataConfig":
         if self.selection_split in self.reporting_splits:
-            raise ValueError(
-                f"selection split {self.selection_split!r} is also a reporting split; "
-                "soups must be selected on data they are not reported on")
+            raise FieldError("selection_split", (
+                f"selection split {self.selection_split!r} is also a reporting split "
+                f"(reporting_splits {list(self.reporting_splits)}); "
+                "soups must be selected on data they are not reported on"))
         wrong = [s for s in self.shifts if (s in IMAGENET_SHIFTS) != (self.dataset == "imagenet")]
         if wrong:
-            raise ValueError(f"shifts {wrong} do not belong to data set {self.dataset!r}; "
-                             f"its shifts are {_shifts_of(self.dataset)}")
+            raise FieldError("shifts", f"shifts {wrong} do not belong to data set {self.dataset!r}; "
+                                       f"its shifts are {_shifts_of(self.dataset)}")
         if self.heldout_fraction + self.test_fraction >= 0.9:
-            raise ValueError("heldout_fraction + test_fraction leaves under 10% to train on")
+            raise FieldError("test_fraction", "heldout_fraction + test_fraction leaves under 10% to train on")
         return self
 
 
@@ -117,12 +128,28 @@ class FinetuneConfig(Frozen):
 S = TypeVar("S", bound=BaseModel)
 
 
+def one_line(text: str) -> str:
+    """`text` with its lines joined by '; ' (error messages are printed as one line)."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _error_key(e: dict) -> str:
+    loc = [str(p) for p in e["loc"]]
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        loc.append(cause.key)
+    return ".".join(loc)
+
+
+def _error_text(e: dict) -> str:
+    msg = one_line(e["msg"]).removeprefix("Value error, ")
+    key = _error_key(e)
+    return f"key '{key}': {msg}" if key else msg
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{source}: key '{key}': {e['msg']}")
-    return "\n".join(lines)
+    """All of pydantic's errors on one line: ``file: key 'a.b': why; key 'c': why``."""
+    return f"{source}: " + "; ".join(_error_text(e) for e in err.errors())
 
 
 def validate(schema: type[S], data: Any, source: str = "<config>") -> S:
@@ -145,7 +172,15 @@ def read_yaml(path: str | Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return one_line(str(err))
 
 
 def load_yaml(schema: type[S], path: str | Path) -> S:
@@ -239,6 +274,15 @@ class TrackingSettings(Frozen):
     registered_model: str | None = None
 
 
+class CookSettings(Frozen):
+    """How the cook builds the soups of this sweep (`soup cook --learned-mode` overrides it)."""
+
+    # streaming: each coefficient's gradient accumulated ingredient by ingredient from the files,
+    # memory flat in the number of ingredients; stacked: every ingredient held in bf16 on the
+    # accelerator (fast when they fit).
+    learned_mode: Literal["streaming", "stacked"] = "streaming"
+
+
 class SearchSpace(Frozen):
     """A declarative sweep: a fixed fine-tuning config, searched keys, and how to run it."""
 
@@ -246,17 +290,56 @@ class SearchSpace(Frozen):
     search: dict[str, Distribution] = Field(default_factory=dict)
     sweep: SweepSettings = SweepSettings()
     tracking: TrackingSettings = TrackingSettings()
+    cook: CookSettings = CookSettings()
 
     @model_validator(mode="after")
     def _search_keys_exist(self) -> "SearchSpace":
         known = _dotted_keys(self.base.model_dump())
-        for key in self.search:
+        for key, dist in self.search.items():
             if key not in known:
-                raise ValueError(f"searched key {key!r} is not a fine-tuning setting "
-                                 f"(e.g. {', '.join(sorted(k for k in known if k.startswith('train.'))[:4])})")
+                raise FieldError(f"search.{key}", (
+                    f"searched key {key!r} is not a fine-tuning setting "
+                    f"(e.g. {', '.join(sorted(k for k in known if k.startswith('train.'))[:4])})"))
+            problem = _searched_value_problem(self.base, key, dist)
+            if problem:
+                raise FieldError(f"search.{key}", problem)
         if self.sweep.search_alg == "grid" and any(d.kind != "grid" for d in self.search.values()):
-            raise ValueError("search_alg 'grid' needs every searched key to be a grid")
+            raise FieldError("sweep.search_alg", "search_alg 'grid' needs every searched key to be a grid")
         return self
+
+
+def _candidates(d: Distribution) -> list[tuple[str, Any]]:
+    """(label, value) for the values a distribution can yield that bound what every trial may
+    see: each choice or grid value, a range's ends (for a half-open float range, the largest
+    float below its top), and the off value."""
+    kind = d.kind
+    if kind in ("choice", "grid"):
+        out = [(f"{kind} value {v!r}", v) for v in getattr(d, kind)]
+    else:
+        lo, hi = getattr(d, kind)
+        top = hi if kind == "randint" else math.nextafter(hi, lo)
+        out = [(f"{kind} lower bound {lo!r}", lo), (f"{kind} upper bound {hi!r}", top)]
+    return out + ([(f"off_value {d.off_value!r}", d.off_value)] if d.p_off > 0 else [])
+
+
+def _searched_value_problem(base: FinetuneConfig, key: str, dist: Distribution) -> str | None:
+    """Why some value of `dist` would make an invalid trial config at `key`, or None.
+
+    Checked before a sweep starts so that a wrong type or an out-of-range bound fails at once
+    instead of in every trial."""
+    for label, value in _candidates(dist):
+        data = base.model_dump()
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        try:
+            FinetuneConfig.model_validate(data)
+        except ValidationError as err:
+            why = [_error_text(e).removeprefix(f"key '{key}': ") for e in err.errors()]
+            return f"{label} would make an invalid trial: {'; '.join(why)}"
+    return None
 
 
 def _dotted_keys(d: dict, prefix: str = "") -> set[str]:

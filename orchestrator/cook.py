@@ -1,8 +1,13 @@
 """The post-sweep job: rank the sweep's runs in MLflow, build soups, evaluate, log and register.
 
 `cook` is the library function behind ``soup cook --sweep ID``. The soups are built and evaluated
-in a Ray task (so a cluster's GPU is used when the sweep asked for one); MLflow I/O stays in the
-driver. Cooking the same sweep again with the same recipe and ingredients adds nothing.
+in a Ray task (so a cluster's GPU is used when the sweep asked for one); MLflow logging stays in
+the driver. Cooking the same sweep again with the same recipe and ingredients adds nothing.
+
+Ingredients are files, never held all at once: the driver checks each checkpoint in one
+streaming pass (sha256 of its bytes, NaN/Inf scan) and from its header (keys, shapes, dtypes);
+the build task fetches the checkpoints itself by run id (it may run on another node) and checks
+their sha256 again; the recipes stream them.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +28,9 @@ import yaml
 
 from . import data, evaluate, models
 from .config import ConfigError, SearchSpace, validate
-from .soups.weights import check_compatible, load_weights, save_weights, weighted_average
+from .soups.greedy import model_counter
+from .soups.stream import read_weights, scan_file
+from .soups.weights import check_compatible, save_weights, weighted_average
 from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
                        log_soup_model, read_artifact_text, register_soup, stale_soups)
 
@@ -36,10 +46,23 @@ class CookError(ValueError):
 
 @dataclass
 class Ingredient:
+    """A checked checkpoint: where the driver has it, and the sha256 any copy must have."""
+
     run_id: str
     name: str
     heldout_acc: float
-    state: dict[str, torch.Tensor]
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """How the recipes run: the greedy rule (`strict`: accuracy must rise, as the reference code),
+    and how the learned soup gets its gradients (`learned_mode`: ``streaming`` holds two model
+    sizes whatever the number of ingredients; ``stacked`` holds them all in bf16 on the device)."""
+
+    strict: bool = False
+    learned_mode: str = "streaming"
 
 
 @dataclass
@@ -57,13 +80,6 @@ class CookOutcome:
 
 # --- ingredients ------------------------------------------------------------------------------
 
-def _bad_weights(state: dict[str, torch.Tensor]) -> str | None:
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            return f"tensor {k!r} has NaN or Inf values"
-    return None
-
-
 def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
     """The classifier the sweep fine-tuned, untrained: the keys and shapes ingredients must have."""
     classnames = data.load_task(space.base.data).classnames
@@ -72,40 +88,70 @@ def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
 
 def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict, tmp: Path,
                      log: Callable[[str], None]) -> tuple[list[Ingredient], dict[str, str]]:
-    """Download and check every finished trial; exclude (and name) any run that fails a check."""
+    """Download and check every finished trial; exclude (and name) any run that fails a check.
+
+    One checkpoint at a time, streamed: memory does not grow with the number of runs.
+    """
     good: list[Ingredient] = []
     excluded: dict[str, str] = {}
     for run in runs:
         rid, tags = run.info.run_id, run.data.tags
-        reason = None
-        for tag in ("arch_sha256", "pretrained_sha256"):
-            if tags.get(tag) != parent_tags.get(tag):
-                reason = f"{tag} {tags.get(tag, 'missing')[:12]} differs from the sweep's base"
-        if reason is None:
-            try:
-                path = tracker.download(rid, CHECKPOINT_PATH, tmp / rid)
-            except Exception as err:  # noqa: BLE001 - any failure to fetch excludes the run
-                reason = f"checkpoint artifact missing ({type(err).__name__})"
-            else:
-                if models.file_sha256(path) != tags.get("checkpoint_sha256"):
-                    reason = "checkpoint sha256 does not match its tag"
-                else:
-                    state = load_weights(path)
-                    reason = _bad_weights(state) or _incompatible(reference, state, rid)
+        path, reason = _check_run(tracker, rid, tags, parent_tags, reference, tmp)
         if reason:
             excluded[rid] = reason
             log(f"excluded run {rid} ({tags.get('mlflow.runName', '')}): {reason}")
             continue
-        good.append(Ingredient(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"], state))
+        good.append(Ingredient(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
+                               path, tags["checkpoint_sha256"]))
     return good, excluded
 
 
-def _incompatible(reference: dict, state, run_id: str) -> str | None:
+def _check_run(tracker, rid: str, tags: dict, parent_tags: dict, reference: dict, tmp: Path):
+    """(local checkpoint path, None) for a usable run, else (None, why not)."""
+    for tag in ("arch_sha256", "pretrained_sha256"):
+        if tags.get(tag) != parent_tags.get(tag):
+            return None, f"{tag} {tags.get(tag, 'missing')[:12]} differs from the sweep's base"
     try:
-        check_compatible([reference, state], ["the sweep's base classifier", run_id])
+        path = tracker.download(rid, CHECKPOINT_PATH, tmp / rid)
+    except Exception as err:  # noqa: BLE001 - any failure to fetch excludes the run
+        return None, f"checkpoint artifact missing ({type(err).__name__})"
+    try:  # the header first: a wrong architecture is refused without reading the weights
+        reason = _incompatible(reference, path, rid)
+        if reason is None:
+            scan = scan_file(path)
+            reason = ("checkpoint sha256 does not match its tag"
+                      if scan.sha256 != tags.get("checkpoint_sha256") else scan.nonfinite)
+    except (ValueError, OSError) as err:  # a corrupt header or a truncated file
+        reason = f"unreadable checkpoint: {err}"
+    return (None, reason) if reason else (path, None)
+
+
+def _incompatible(reference: dict, path: Path, run_id: str) -> str | None:
+    try:
+        check_compatible([reference, path], ["the sweep's base classifier", run_id])
     except ValueError as err:
         return str(err)
     return None
+
+
+def fetch_ingredients(ingredients: list[Ingredient], tracking_uri: str | None, tmp: Path,
+                      verify: bool = True) -> list[Path]:
+    """Local checkpoint paths for the build, wherever it runs: the driver's copy when this node
+    has it, else a fresh download; either way its sha256 must be the one checked (`verify`
+    False trusts the driver's copies: for the driver's own process, which just hashed them)."""
+    from .tracking import Tracker
+
+    tracker, paths = None, []
+    for ing in ingredients:
+        path = Path(ing.path)
+        if not (path.is_file() and (not verify or models.file_sha256(path) == ing.sha256)):
+            tracker = tracker or Tracker(tracking_uri)
+            path = tracker.download(ing.run_id, CHECKPOINT_PATH, tmp / ing.run_id)
+            if models.file_sha256(path) != ing.sha256:
+                raise CookError(f"run {ing.run_id}: checkpoint changed since it was checked "
+                                f"(sha256 differs from {ing.sha256[:12]})")
+        paths.append(path)
+    return paths
 
 
 # --- the compute (runs in a Ray task) ---------------------------------------------------------
@@ -120,28 +166,49 @@ def _summary(name: str, kind: str, accs: dict[str, float], shifts) -> dict:
     return {"name": name, "kind": kind, **accs, "shift_mean": mean}
 
 
-def _ensemble_rows(model, ingredients, task, scores) -> tuple[list[dict], list[dict]]:
-    from .soups.ensemble import greedy_ensemble
+def _ensemble_rows(model, paths, ingredients, task, scores) -> tuple[list[dict], list[dict]]:
+    """Every ingredient scored alone, and the two logit ensembles, one checkpoint at a time.
+
+    Ingredients are taken best first, so the greedy ensemble decides on each as it comes; only
+    running logit sums are kept (all, and the greedy ensemble's), never every model's logits.
+    """
+    from .soups.ensemble import GreedyEnsemble
+    from .soups.greedy import rank_best_first
 
     splits = {"heldout": task.heldout, **task.reporting()}
-    per = []
-    for ing in ingredients:
-        model.load_state_dict(ing.state)
-        per.append({k: evaluate.logits(model, s) for k, s in splits.items()})
-    singles = [_summary(ing.name, "ingredient", {k: evaluate.accuracy_of(p[k], s.labels)
-                                                  for k, s in splits.items()}, task.shifts)
-               for ing, p in zip(ingredients, per)]
-    kept = greedy_ensemble([p["heldout"] for p in per], task.heldout.labels, scores)[0]
-    rows = []
-    for name, idx in (("ensemble", range(len(per))), ("greedy ensemble", kept)):
-        accs = {k: evaluate.accuracy_of(torch.stack([per[i][k] for i in idx]).mean(0), s.labels)
-                for k, s in splits.items()}
-        rows.append(_summary(name, "baseline", accs, task.shifts))
+    singles: list[dict | None] = [None] * len(paths)
+    total: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    greedy = GreedyEnsemble(task.heldout.labels)
+    for i in rank_best_first(scores, len(paths)):
+        model.load_state_dict(read_weights(paths[i]))
+        per = {k: evaluate.logits(model, s).float() for k, s in splits.items()}
+        singles[i] = _summary(ingredients[i].name, "ingredient",
+                              {k: evaluate.accuracy_of(per[k], s.labels) for k, s in splits.items()},
+                              task.shifts)
+        for sums in (total, kept) if greedy.offer(i, per["heldout"]) else (total,):
+            for k, lg in per.items():
+                sums[k] = lg if k not in sums else sums[k] + lg
+    rows = [_summary(name, "baseline", {k: evaluate.accuracy_of(sums[k], s.labels) for k, s in splits.items()},
+                     task.shifts) for name, sums in (("ensemble", total), ("greedy ensemble", kept))]
     return singles, rows
 
 
-def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, strict: bool) -> dict:
-    """Build every recipe's soup and every baseline, and evaluate them all."""
+def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, opts: RecipeOptions,
+                       tracking_uri: str | None = None, log: Callable[[str], None] = print,
+                       verify: bool = True) -> dict:
+    """Build every recipe's soup and every baseline, and evaluate them all.
+
+    Checkpoints are streamed from local files: the driver's copies when this process can see
+    them (checked again unless `verify` is False), else downloaded here from `tracking_uri` (a
+    Ray task on another node). Progress lines (``greedy soup: ...``) go to `log`.
+    """
+    with tempfile.TemporaryDirectory(prefix="soup-build-") as tmp:
+        paths = fetch_ingredients(ingredients, tracking_uri, Path(tmp), verify)
+        return _build(base_cfg, ingredients, paths, recipes, opts, log)
+
+
+def _build(base_cfg, ingredients, paths, recipes, opts: RecipeOptions, log) -> dict:
     from .config import FinetuneConfig
     from .soups.registry import get_recipe
 
@@ -149,15 +216,14 @@ def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, s
     task = data.load_task(cfg.data)
     model = models.build_classifier(cfg.model, task.classnames)
     rows = [_summary("zero-shot", "baseline", _accs(model, task), task.shifts)]
-    states = [i.state for i in ingredients]
     names = [i.run_id for i in ingredients]
     scores = [i.heldout_acc for i in ingredients]
-    singles, ens = _ensemble_rows(model, ingredients, task, scores)
+    singles, ens = _ensemble_rows(model, paths, ingredients, task, scores)
     best = max(range(len(singles)), key=lambda i: singles[i]["heldout"])
     rows += [{**singles[best], "name": "best individual", "kind": "baseline"}] + ens
     soups = {}
     for recipe in recipes:
-        res = _run_recipe(get_recipe(recipe), recipe, states, names, scores, model, task, strict)
+        res = _run_recipe(get_recipe(recipe), recipe, paths, names, scores, model, task, opts, log)
         model.load_state_dict(res.state_dict)
         rows.append(_summary(f"{recipe} soup", "soup", _accs(model, task), task.shifts))
         soups[recipe] = res
@@ -165,44 +231,89 @@ def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, s
             "example": task.test.tensors(1)[0][0]}
 
 
-def _progress(line: str) -> None:
-    print(line, flush=True)  # long work shows progress (a Ray task's output reaches the driver)
-
-
-def _run_recipe(fn, recipe, states, names, scores, model, task, strict):
+def _run_recipe(fn, recipe, paths, names, scores, model, task, opts: RecipeOptions, log):
     if recipe == "uniform":
-        return fn(states, names=names)
+        return fn(paths, names=names)
     if recipe == "greedy":
-        def heldout_acc(state):
-            model.load_state_dict(state)
-            return evaluate.accuracy(model, task.heldout)
-        return fn(states, heldout_acc, scores, strict=strict, names=names, log=_progress)
+        # Integer correct counts, chunk by chunk: a candidate is dropped as soon as it cannot
+        # reach the soup, with the same decisions as scoring every held-out example.
+        return fn(paths, model_counter(model, task.heldout), scores, strict=opts.strict, names=names,
+                  log=log)
     images, labels = task.heldout.tensors(limit=LEARNED_HELDOUT_LIMIT)
-    return fn(states, model, images, labels, log=lambda s: None)
+    return fn(paths, model, images, labels, names=names, log=log, mode=opts.learned_mode)
+
+
+def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log`, then stdout flushed: progress must show (and be seen by a watcher) as it happens."""
+    def emit(line: str) -> None:
+        log(line)
+        sys.stdout.flush()
+    return emit
+
+
+def _build_streaming(base_cfg, ingredients, recipes, opts, tracking_uri):
+    """Ray generator task: yields ``("log", line)`` as the build progresses, then
+    ``("result", built)``; the driver relays the lines to the cook's own `log`."""
+    lines: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["built"] = build_and_evaluate(base_cfg, ingredients, recipes, opts, tracking_uri,
+                                                  log=lambda s: lines.put(s))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the task, so Ray reports it
+            outcome["error"] = err
+        lines.put(None)
+
+    threading.Thread(target=work, daemon=True, name="soup-build").start()
+    while (line := lines.get()) is not None:
+        yield "log", line
+    if "error" in outcome:
+        raise outcome["error"]
+    yield "result", outcome["built"]
 
 
 # --- the driver -------------------------------------------------------------------------------
 
-def soup_key(recipe: str, run_ids: list[str], strict: bool) -> str:
+def soup_key(recipe: str, run_ids: list[str], strict: bool, learned_mode: str = "streaming") -> str:
     """Identity of a soup: recipe, rule and the ordered ingredients (idempotent registration)."""
-    text = json.dumps([recipe, strict if recipe == "greedy" else None, run_ids])
+    key = [recipe, strict if recipe == "greedy" else None, run_ids]
+    if recipe == "learned" and learned_mode != "streaming":  # the default keeps its older keys
+        key.append(learned_mode)
+    text = json.dumps(key)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _remote_build(base_cfg, ingredients, recipes, strict, gpus: float):
+def _remote_build(base_cfg, ingredients, recipes, opts, gpus: float, tracking_uri: str,
+                  log: Callable[[str], None]):
     import ray
 
     from .sweep import init_ray
 
     init_ray(lambda s: None)
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(build_and_evaluate)
-    return ray.get(task.remote(base_cfg, ingredients, recipes, strict))
+    task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns="streaming")(_build_streaming)
+    for ref in task.remote(base_cfg, ingredients, recipes, opts, tracking_uri):
+        kind, value = ray.get(ref)
+        if kind == "log":
+            log(value)
+        else:
+            return value
+    raise RuntimeError("the soup build task ended without a result")
+
+
+def _build_soups(base, ingredients, recipes, opts, gpus: float | None, uri: str, progress):
+    """The build, in a Ray task (`gpus` given) or in this process (which just checked the files)."""
+    if gpus is None:
+        return build_and_evaluate(base, ingredients, recipes, opts, uri, progress, verify=False)
+    return _remote_build(base, ingredients, recipes, opts, gpus, uri, progress)
 
 
 def cook(sweep_id: str, recipes=DEFAULT_RECIPES, model_name: str | None = None,
          tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
-         log: Callable[[str], None] = print) -> CookOutcome:
-    """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered."""
+         log: Callable[[str], None] = print, learned_mode: str | None = None) -> CookOutcome:
+    """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
+
+    `learned_mode` overrides the space's ``cook.learned_mode`` (``streaming`` or ``stacked``)."""
     tracker = Tracker(tracking_uri)
     exp_id, parent = locate_sweep(tracker, sweep_id)
     if parent is None:
@@ -221,15 +332,15 @@ def cook(sweep_id: str, recipes=DEFAULT_RECIPES, model_name: str | None = None,
         log(f"cooking {len(ingredients)} ingredients of sweep {sweep_id} "
             f"(best held-out {ingredients[0].heldout_acc:.1%}): {', '.join(recipes)}")
         base = space.base.model_dump(mode="json")
-        gpus = space.sweep.resources.gpu if use_ray else 0
-        built = (_remote_build(base, ingredients, recipes, strict, min(gpus, 1.0)) if use_ray
-                 else build_and_evaluate(base, ingredients, recipes, strict))
+        gpus = min(space.sweep.resources.gpu, 1.0) if use_ray else None
+        opts = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
+        built = _build_soups(base, ingredients, recipes, opts, gpus, tracker.uri, _flushed(log))
         return _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, built,
-                        model_name, strict, Path(tmp), log)
+                        model_name, opts, Path(tmp), log)
 
 
 def _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, built, model_name,
-             strict, tmp: Path, log) -> CookOutcome:
+             opts: RecipeOptions, tmp: Path, log) -> CookOutcome:
     from .plots import soup_figure
     from .serving import encode_image
 
@@ -239,7 +350,7 @@ def _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, bu
     by_name = {r["name"]: r for r in built["rows"]}
     ids = [i.run_id for i in ingredients]
     for recipe, res in built["soups"].items():
-        key = soup_key(recipe, ids, strict)
+        key = soup_key(recipe, ids, opts.strict, opts.learned_mode)
         existing = find_soup(tracker, exp_id, key)
         version = find_version(tracker, model_name, key)
         if existing is not None and version is not None:
@@ -258,6 +369,7 @@ def _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, bu
         info = log_soup_model(tracker, rid, tmp / f"{recipe}.safetensors", config,
                               encode_image(built["example"]))
         tags = {"recipe": recipe, "sweep_id": sweep_id, "soup_key": key, "soup_run_id": rid,
+                **({"learned_mode": opts.learned_mode} if recipe == "learned" else {}),
                 "ingredients": ",".join(ids[i] for i in res.kept),
                 **{f"{k}_acc": f"{v:.4f}" for k, v in row.items() if isinstance(v, float)}}
         mv = register_soup(tracker, info.model_uri, model_name, tags)
@@ -293,11 +405,6 @@ def _markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def check_weighted_sum(states, coefficients) -> dict[str, torch.Tensor]:
-    """The weighted sum a soup's recorded coefficients stand for (used to verify soups)."""
-    return weighted_average(states, coefficients)
 
 
 __all__ = ["cook", "CookOutcome", "CookError", "soup_key", "ConfigError"]

@@ -130,3 +130,24 @@ def test_registering_leaves_mlflow_process_globals_as_they_were(tmp_path, monkey
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mine.db'}"
     assert mlflow.get_registry_uri() == os.environ["MLFLOW_TRACKING_URI"]
     assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'third.db'}")._registry_uri.endswith("third.db")
+
+
+def test_learned_mode_stacked_is_chosen_by_config_and_is_its_own_soup(cooked, tmp_path):
+    """`cook.learned_mode` (here its CLI/API override): a stacked learned soup gets a key and a
+    version of its own, tagged with its mode; the streaming one stays as it was."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = cook("c4", recipes=("learned",), tracking_uri=uri, use_ray=False, learned_mode="stacked")
+    client = MlflowClient(uri)
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'tiny4-soup'")}
+    stacked = versions[str(out.versions["learned"])]
+    streaming = versions[str(cooked["first"].versions["learned"])]
+    assert stacked.tags["learned_mode"] == "stacked" and streaming.tags["learned_mode"] == "streaming"
+    assert len(versions) == 4 and stacked.tags["soup_key"] != streaming.tags["soup_key"]
+    assert "learned" not in out.reused
+    again = cook("c4", recipes=("learned",), tracking_uri=uri, use_ray=False, learned_mode="stacked")
+    assert again.reused == ["learned"] and str(again.versions["learned"]) == str(out.versions["learned"])

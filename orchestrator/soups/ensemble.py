@@ -20,10 +20,33 @@ def logit_ensemble(logits_list: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([lg.float() for lg in logits_list]).mean(0)
 
 
-def _acc(logits_heldout: Sequence[torch.Tensor], members: list[int], labels: torch.Tensor) -> float:
-    # Scored exactly as reported (mean of stacked logits), not from a running sum: logits are
-    # small, and this keeps the reported accuracy bit-for-bit the one the rule compared.
-    return (logit_ensemble([logits_heldout[i] for i in members]).argmax(1) == labels).float().mean().item()
+class GreedyEnsemble:
+    """The greedy ensemble built one model at a time, best first: keep a model if the ensemble's
+    held-out accuracy does not drop (rises, if `strict`).
+
+    It holds the running sum of the kept models' held-out logits, never every model's logits, so
+    a cook can score a sweep of any size one checkpoint at a time. Accuracy is taken from the
+    argmax of that sum, which is the argmax of the mean.
+    """
+
+    def __init__(self, labels: torch.Tensor, strict: bool = False):
+        self.labels, self.strict = labels, strict
+        self.kept: list[int] = []
+        self.best = float("nan")
+        self.steps: list[dict] = []
+        self._sum: torch.Tensor | None = None
+
+    def offer(self, index: int, logits_heldout: torch.Tensor) -> bool:
+        """Consider model `index` (offered in best-first order); True if it was kept."""
+        cand = logits_heldout.float() if self._sum is None else self._sum + logits_heldout.float()
+        acc = (cand.argmax(1) == self.labels).float().mean().item()
+        accepted = not self.kept or improves(acc, self.best, self.strict)
+        if accepted:
+            self.kept.append(index)
+            self.best, self._sum = acc, cand
+        self.steps.append({"considered": index, "accepted": accepted, "kept": list(self.kept),
+                           "heldout_acc": self.best})
+        return accepted
 
 
 def greedy_ensemble(logits_heldout: Sequence[torch.Tensor], labels: torch.Tensor,
@@ -36,14 +59,7 @@ def greedy_ensemble(logits_heldout: Sequence[torch.Tensor], labels: torch.Tensor
     """
     if not logits_heldout:
         raise ValueError("no logits for a greedy ensemble")
-    order = rank_best_first(order_scores, len(logits_heldout))
-    kept, best = [order[0]], _acc(logits_heldout, order[:1], labels)
-    steps = [{"considered": order[0], "accepted": True, "kept": list(kept), "heldout_acc": best}]
-    for i in order[1:]:
-        acc = _acc(logits_heldout, kept + [i], labels)
-        accepted = improves(acc, best, strict)
-        if accepted:
-            kept.append(i)
-            best = acc
-        steps.append({"considered": i, "accepted": accepted, "kept": list(kept), "heldout_acc": best})
-    return kept, best, steps
+    ens = GreedyEnsemble(labels, strict)
+    for i in rank_best_first(order_scores, len(logits_heldout)):
+        ens.offer(i, logits_heldout[i])
+    return ens.kept, ens.best, ens.steps
