@@ -297,18 +297,34 @@ def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, spa
     return run_id
 
 
+def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
+    """The sweep's tags, computed before anything reaches MLflow: an unknown architecture or a
+    pickled base checkpoint is a config error that names the file and the key."""
+    try:
+        describe_arch(space.base.model.arch)
+    except ValueError as err:
+        raise ConfigError(f"{space_path}: key 'base.model.arch': {err}") from None
+    try:
+        return _sweep_tags(space, space_path)
+    except ValueError as err:
+        raise ConfigError(f"{space_path}: key 'base.model.pretrained': {err}") from None
+
+
 def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = False,
               storage_path: str | None = None, tracking_uri: str | None = None,
               log: Callable[[str], None] = print) -> SweepOutcome:
     """Run (or, with `resume`, continue) the sweep described by a search-space YAML."""
     space_path = Path(space_path)
-    space = load_yaml(SearchSpace, space_path)
+    space = load_yaml(SearchSpace, space_path)  # every input check comes before MLflow and Ray
     if resume and not name:
         raise ConfigError("--resume needs --name: the sweep id printed when the sweep started")
     sweep_id = name or f"{space_path.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if not sweep_id.strip() or any(c in sweep_id for c in "'\"\\`"):
+        raise ConfigError(f"sweep id {sweep_id!r}: must be non-empty, without quotes or backslashes "
+                          "(it is matched in MLflow searches)")
+    tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(space.tracking.experiment_name)
-    tags = _sweep_tags(space, space_path)
     parent = _open_parent(tracker, exp_id, sweep_id, resume, space, space_path, tags)
     storage = _storage(space, storage_path)
     log(f"sweep {sweep_id}: MLflow {tracker.uri}, experiment {space.tracking.experiment_name!r}, "

@@ -65,6 +65,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def quoted(value: str) -> str:
+    """`value` as a string literal of an MLflow search filter; refuses what a filter cannot hold.
+
+    MLflow's filter grammar has no escape for quote characters, so a value holding one can neither
+    be searched for nor safely pasted into a filter: every search here builds its literals with this.
+    """
+    value = str(value)
+    if not value or any(c in value for c in "'\"\\`"):
+        raise ValueError(f"{value!r} cannot be used in an MLflow search: empty, or holds a quote")
+    return f"'{value}'"
+
+
 class Tracker:
     """A thin, explicit-id facade over `MlflowClient` for the orchestrator's run hierarchy."""
 
@@ -127,20 +139,20 @@ class Tracker:
     # -- sweeps and trials ----------------------------------------------------------------------
     def find_sweep(self, experiment_id: str, sweep_id: str):
         """The parent run of sweep `sweep_id`, or None."""
-        runs = self.search(experiment_id, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = '{sweep_id}'")
+        runs = self.search(experiment_id, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = {quoted(sweep_id)}")
         return runs[0] if runs else None
 
     def trial_runs(self, experiment_id: str, sweep_id: str, status: str | None = None):
         """The sweep's trial runs, best held-out accuracy first."""
-        f = f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = '{sweep_id}'"
+        f = f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)}"
         if status:
-            f += f" and attributes.status = '{status}'"
+            f += f" and attributes.status = {quoted(status)}"
         return self.search(experiment_id, f, order_by=["metrics.heldout_acc DESC"])
 
     def find_trial(self, experiment_id: str, sweep_id: str, trial_key: str):
         """Runs of one trial, matched by its key (see `sweep.trial_key`)."""
-        f = (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = '{sweep_id}' "
-             f"and tags.trial_key = '{trial_key}'")
+        f = (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)} "
+             f"and tags.trial_key = {quoted(trial_key)}")
         return self.search(experiment_id, f)
 
     def discard_stale(self, runs: Iterable) -> None:
@@ -194,10 +206,12 @@ __all__ = ["Tracker", "resolve_uri", "flatten", "read_parquet", "mlflow"]
 
 def locate_sweep(tracker: Tracker, sweep_id: str):
     """(experiment id, parent run) of sweep `sweep_id`, searched across all experiments."""
-    if not sweep_id or any(c in sweep_id for c in "'\"\\`"):
-        return None, None  # `run_sweep` refuses such ids, and they would break the filter string
+    try:
+        wanted = quoted(sweep_id)
+    except ValueError:
+        return None, None  # `run_sweep` refuses such ids, so no sweep can carry one
     exps = [e.experiment_id for e in tracker.client.search_experiments()]
-    runs = tracker.client.search_runs(exps, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = '{sweep_id}'")
+    runs = tracker.client.search_runs(exps, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = {wanted}")
     if not runs:
         return None, None
     return runs[0].info.experiment_id, runs[0]
@@ -205,14 +219,14 @@ def locate_sweep(tracker: Tracker, sweep_id: str):
 
 def find_soup(tracker: Tracker, experiment_id: str, soup_key: str):
     """A FINISHED soup run with this key (recipe + ingredients), or None."""
-    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = '{soup_key}' "
+    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = {quoted(soup_key)} "
                                          f"and attributes.status = 'FINISHED'")
     return runs[0] if runs else None
 
 
 def stale_soups(tracker: Tracker, experiment_id: str, soup_key: str) -> list:
     """Unfinished soup runs with this key: left by a cook that was killed while logging."""
-    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = '{soup_key}'")
+    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = {quoted(soup_key)}")
     return [r for r in runs if r.info.status != FINISHED]
 
 
@@ -286,7 +300,7 @@ def _fluent_uris(uri: str):
 def find_version(tracker: Tracker, model_name: str, soup_key: str):
     """The registered version of `model_name` carrying this soup key, or None."""
     try:
-        versions = tracker.client.search_model_versions(f"name = '{model_name}'")
+        versions = tracker.client.search_model_versions(f"name = {quoted(model_name)}")
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
     return next((v for v in versions if v.tags.get("soup_key") == soup_key), None)
@@ -307,7 +321,7 @@ def _version(tracker: Tracker, model_name: str, version: str | int):
         return tracker.client.get_model_version(model_name, str(version))
     except mlflow.exceptions.MlflowException:
         known = sorted((str(v.version) for v in tracker.client.search_model_versions(
-            f"name = '{model_name}'")), key=int)
+            f"name = {quoted(model_name)}")), key=int)
         raise PromotionError(f"model {model_name!r} has no version {version} "
                              f"(its versions: {', '.join(known) or 'none'})") from None
 
@@ -345,7 +359,7 @@ def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = 
 
 def list_versions(tracker: Tracker, model_name: str) -> list[dict]:
     """Each version of `model_name` with its recipe, accuracies and aliases, newest first."""
-    versions = tracker.client.search_model_versions(f"name = '{model_name}'")
+    versions = tracker.client.search_model_versions(f"name = {quoted(model_name)}")
     if not versions:
         raise PromotionError(f"no registered model {model_name!r} (or it has no versions)")
     aliases: dict[str, list[str]] = {}  # search results carry no aliases; the model does

@@ -1,0 +1,508 @@
+"""Bad input: each case ends in one clear line and leaves MLflow as it was.
+
+A command refused for bad input exits 2 with exactly one line on stderr,
+``soup <command>: error: ...``, and no traceback. A bad run among good ones is excluded with a
+line on stdout that names it (``excluded run <id> (<name>): <why>``) and the rest are cooked.
+After every refusal the tracking store holds no new run, no new model version, and every alias
+where it was.
+
+| case | fault or bad input                                     | test                                                   |
+|------|--------------------------------------------------------|--------------------------------------------------------|
+| a    | search space with an unknown key                       | test_bad_input_space_unknown_key                       |
+| a    | search space with a wrong type                         | test_bad_input_space_wrong_type                        |
+| a    | search space with an empty range                       | test_bad_input_space_empty_range                       |
+| a    | several errors at once, or not YAML at all             | test_bad_input_space_several_errors_stay_one_line      |
+| b    | cook a sweep id that does not exist                    | test_bad_input_cook_unknown_sweep                      |
+| b    | cook a sweep with no FINISHED runs                     | test_bad_input_cook_sweep_without_finished_runs        |
+| c    | checkpoint artifact missing                            | test_bad_input_checkpoint_missing                      |
+| c    | checkpoint corrupted (sha256 differs from its tag)     | test_bad_input_checkpoint_corrupted                    |
+| c    | every run excluded                                     | test_bad_input_cook_every_run_excluded                 |
+| d    | ingredient of another architecture (arch_sha256)       | test_bad_input_other_architecture                      |
+| d    | ingredient of other base weights (pretrained_sha256)   | test_bad_input_other_base_weights                      |
+| d    | ingredient whose tensor shapes differ                  | test_bad_input_tensor_shape_mismatch                   |
+| e    | NaN weights                                            | test_bad_input_nan_weights                             |
+| e    | Inf weights                                            | test_bad_input_inf_weights                             |
+| f    | held-out (selection) split is also a reporting split   | test_bad_input_selection_split_is_reporting_split      |
+| g    | promote to a version that does not exist               | test_bad_input_promote_unknown_version                 |
+| g    | promote a model that does not exist                    | test_bad_input_promote_unknown_model                   |
+| -    | the good runs beside the bad ones are still cooked     | test_bad_input_good_runs_are_still_cooked              |
+| -    | unknown soup recipe                                    | test_bad_input_cook_unknown_recipe                     |
+| -    | MLFLOW_TRACKING_URI names a sqlite store not there     | test_bad_input_store_that_does_not_exist               |
+| -    | the installed `soup` script prints the same one line   | test_bad_input_console_script_prints_one_line          |
+
+Cases b-e and g share one module-scoped world (marked slow and integration): a real 2-trial
+sweep in its own sqlite store, bad runs added beside its trials, two hand-made sweeps (for b and
+c), and one in-process ``soup cook --no-ray`` over all of it. Cases a and f need no sweep.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+import yaml
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from conftest import SPACES, venv_bin
+from orchestrator.cli import main
+
+MODEL = "tiny4-soup"  # the default registered model of tests/spaces/tiny4.yaml
+SWEEP, NO_FINISHED, ALL_BAD = "bad2", "bad2-nofinished", "bad2-allbad"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def one_error_line(err: str, command: str) -> str:
+    """The single stderr line of a refused command (and proof that there is only one)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"soup {command}: error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def snapshot(client: MlflowClient) -> dict:
+    """Everything a refused command must leave as it was: runs, versions, models and aliases."""
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(exps, run_view_type=ViewType.ALL, max_results=1000) if exps else []
+    models = {m.name: dict(client.get_registered_model(m.name).aliases)
+              for m in client.search_registered_models()}
+    versions = {(v.name, str(v.version)): dict(v.tags) for name in models
+                for v in client.search_model_versions(f"name = '{name}'")}
+    return {"experiments": sorted(exps), "runs": {r.info.run_id: r.info.status for r in runs},
+            "models": models, "versions": versions}
+
+
+# --- a, f: search spaces refused before MLflow and Ray -----------------------------------------
+
+VALID_SPACE = {
+    "base": {"train": {"epochs": 1, "batch_size": 128, "warmup_steps": 2}},
+    "search": {"train.lr": {"loguniform": [1.0e-4, 1.0e-3]}},
+    "sweep": {"num_samples": 2, "max_concurrent_trials": 2, "resources": {"cpu": 1}},
+    "tracking": {"experiment_name": "bad-input"},
+}
+
+
+def merged(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_space(tmp: Path, change: dict | str) -> Path:
+    path = tmp / "bad.yaml"
+    text = change if isinstance(change, str) else yaml.safe_dump(merged(VALID_SPACE, change))
+    path.write_text("# soup sweep bad.yaml\n" + text)
+    return path
+
+
+def sweep_is_refused(hermetic, capsys, change: dict | str, *fragments: str) -> str:
+    """`soup sweep` on the changed space: exit 2, one line naming the file (and `fragments`),
+    no Ray started, no Tune state, no experiment and no run in the test's MLflow store."""
+    import ray
+
+    space = write_space(hermetic["tmp"], change)
+    code = main(["sweep", str(space), "--storage-path", hermetic["storage"]])
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "sweep")
+    assert code == 2 and out == ""
+    assert line.startswith(f"soup sweep: error: {space}: ")
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not ray.is_initialized(), "Ray was started for a space that does not validate"
+    assert not Path(hermetic["storage"]).exists()
+    client = MlflowClient(hermetic["uri"])
+    assert client.get_experiment_by_name("bad-input") is None
+    assert snapshot(client)["runs"] == {}
+    capsys.readouterr()  # MLflow's own log lines from creating the store just to look into it
+    return line
+
+
+def test_bad_input_template_space_is_valid(tmp_path):
+    """The cases below each change one thing of this space, which is valid as it stands."""
+    from orchestrator.config import SearchSpace, load_yaml
+
+    assert load_yaml(SearchSpace, write_space(tmp_path, {})).sweep.num_samples == 2
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"sweep": {"num_sample": 3}}, "sweep.num_sample"),
+    ({"base": {"train": {"learning_rate": 1e-3}}}, "base.train.learning_rate"),
+    ({"search": {"train.learning_rate": {"uniform": [0.1, 0.2]}}}, "search.train.learning_rate"),
+    ({"search": {"train.lr": {"loguniform": [1e-4, 1e-3], "log": True}}}, "search.train.lr.log"),
+    ({"trials": 4}, "trials"),
+], ids=["sweep", "base", "searched", "distribution", "top"])
+def test_bad_input_space_unknown_key(hermetic, capsys, change, key):
+    sweep_is_refused(hermetic, capsys, change, f"key '{key}'")
+
+
+@pytest.mark.parametrize("change, key, why", [
+    ({"sweep": {"num_samples": "many"}}, "sweep.num_samples", "valid integer"),
+    ({"search": {"train.lr": {"loguniform": ["low", "high"]}}}, "search.train.lr.loguniform.0", "valid number"),
+    ({"search": {"train.epochs": {"choice": ["three", 4]}}}, "search.train.epochs",
+     "choice value 'three' would make an invalid trial: Input should be a valid integer"),
+    ({"search": {"train.lr": {"loguniform": [1e-4, 2.0]}}}, "search.train.lr",
+     "loguniform upper bound 2.0 would make an invalid trial"),
+    ({"search": {"train.mixup_alpha": {"uniform": [0.0, 0.5], "p_off": 0.5, "off_value": -1}}},
+     "search.train.mixup_alpha", "off_value -1 would make an invalid trial"),
+    ({"search": ["train.lr"]}, "search", "valid dictionary"),
+], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section"])
+def test_bad_input_space_wrong_type(hermetic, capsys, change, key, why):
+    sweep_is_refused(hermetic, capsys, change, f"key '{key}'", why)
+
+
+@pytest.mark.parametrize("dist, why", [
+    ({"loguniform": [1.0e-3, 1.0e-4]}, "loguniform range [0.001, 0.0001] is empty"),
+    ({"uniform": [0.5, 0.5]}, "uniform range [0.5, 0.5] is empty"),
+    ({"randint": [5, 4]}, "randint range [5, 4] is empty"),
+    ({"choice": []}, "choice needs at least one value"),
+    ({"grid": []}, "grid needs at least one value"),
+], ids=["loguniform", "uniform", "randint", "choice", "grid"])
+def test_bad_input_space_empty_range(hermetic, capsys, dist, why):
+    key = {"loguniform": "train.weight_decay", "uniform": "train.label_smoothing",
+           "randint": "train.epochs", "choice": "train.augment", "grid": "train.seed"}[next(iter(dist))]
+    sweep_is_refused(hermetic, capsys, {"search": {key: dist}}, f"key 'search.{key}'", why)
+
+
+def test_bad_input_space_several_errors_stay_one_line(hermetic, capsys):
+    line = sweep_is_refused(hermetic, capsys, {"search": {
+        "train.lr": {"loguniform": [1.0e-3, 1.0e-4]}, "train.epochs": {"randint": [5, 4]}},
+        "sweep": {"num_samples": 0}}, "key 'search.train.lr'", "key 'search.train.epochs'",
+        "key 'sweep.num_samples'")
+    assert line.count("; key '") == 2
+    sweep_is_refused(hermetic, capsys, "search: [\n", "not valid YAML", "at line 3")
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"base": {"data": {"selection_split": "test"}}}, "base.data.selection_split"),
+    ({"base": {"data": {"reporting_splits": ["test", "heldout"]}}}, "base.data.selection_split"),
+    ({"search": {"data.selection_split": {"choice": ["heldout", "test"]}}}, "search.data.selection_split"),
+], ids=["selection", "reporting", "searched"])
+def test_bad_input_selection_split_is_reporting_split(hermetic, capsys, change, key):
+    sweep_is_refused(hermetic, capsys, change, f"key '{key}'", "is also a reporting split")
+    ft = hermetic["tmp"] / "ft.yaml"  # the same refusal for one fine-tune, before any training
+    ft.write_text("data:\n  selection_split: test\n")
+    assert main(["finetune", "--config", str(ft)]) == 2
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "finetune")
+    assert out == "" and f"{ft}: key 'data.selection_split': selection split 'test'" in line
+
+
+# --- b-e, g: a real sweep, bad runs beside its trials, one cook over all of it -----------------
+
+def _artifact_file(client: MlflowClient, run_id: str, path: str) -> Path:
+    """Where the local artifact store keeps a run's artifact (file:// beside the sqlite store)."""
+    return Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / path
+
+
+def _add_run(tracker, tmp: Path, exp_id, parent_id, sweep_id, name, tags, state=None,
+             status="FINISHED") -> str:
+    """A trial run as a sweep logs one: trial tags, a checkpoint with its sha256, held-out
+    accuracy (0.999: ranked first, so it is checked before the good ones)."""
+    from orchestrator.models import file_sha256
+
+    rid = tracker.create_run(exp_id, name, {**tags, "sweep_id": sweep_id, "trial_id": name,
+                                            "trial_key": name}, parent_run_id=parent_id)
+    if state is not None:
+        local = tmp / name / "model.safetensors"
+        local.parent.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(local))
+        tracker.log_artifact(rid, local, "checkpoint")
+        tracker.set_tags(rid, {"checkpoint_sha256": file_sha256(local)})
+        tracker.log_metrics(rid, {"heldout_acc": 0.999, "test_acc": 0.999})
+    tracker.end_run(rid, status)
+    return rid
+
+
+def _hand_made_sweep(tracker, exp_id, real_parent, sweep_id: str) -> str:
+    """A sweep's parent run as `soup sweep` leaves it (tags and resolved config), with no trials."""
+    from orchestrator.tracking import read_artifact_text
+
+    tags = {k: v for k, v in real_parent.data.tags.items() if not k.startswith("mlflow.")}
+    rid = tracker.create_run(exp_id, sweep_id, {**tags, "sweep_id": sweep_id})
+    text = read_artifact_text(tracker, real_parent.info.run_id, "space/resolved_config.yaml")
+    tracker.log_text(rid, text, "space/resolved_config.yaml")
+    tracker.end_run(rid)
+    return rid
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(255 - b for b in data[mid:mid + 64])  # same length, other bytes
+    path.write_bytes(bytes(data))
+
+
+def _add_bad_runs(tracker, client, tmp, exp_id, parent_id, sweep_id, tags, state, kinds) -> dict[str, str]:
+    runs = {}
+    for kind in kinds:
+        t, sd = dict(tags), dict(state)
+        if kind == "other-arch":
+            t["arch_sha256"] = "a" * 64
+        elif kind == "other-base":
+            t["pretrained_sha256"] = "b" * 64
+        elif kind == "other-shape":
+            pos = sd["visual.positional_embedding"]
+            sd["visual.positional_embedding"] = torch.cat([pos, pos[:1]])  # one token too many
+        elif kind == "nan-weights":
+            w = sd["visual.transformer.resblocks.1.mlp.c_fc.weight"].clone()
+            w[3, 7] = float("nan")
+            sd["visual.transformer.resblocks.1.mlp.c_fc.weight"] = w
+        elif kind == "inf-weights":
+            b = sd["visual.ln_pre.bias"].clone()
+            b[0] = float("inf")
+            sd["visual.ln_pre.bias"] = b
+        name = f"{sweep_id}-{kind}"
+        rid = _add_run(tracker, tmp, exp_id, parent_id, sweep_id, name, t, sd)
+        if kind == "missing-checkpoint":
+            _artifact_file(client, rid, "checkpoint/model.safetensors").unlink()
+        elif kind == "corrupt-checkpoint":
+            _corrupt(_artifact_file(client, rid, "checkpoint/model.safetensors"))
+        runs[kind] = rid
+    return runs
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    """`main(argv)` with its stdout and stderr (a module-scoped fixture cannot use capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+BAD_KINDS = ("missing-checkpoint", "corrupt-checkpoint", "other-arch", "other-base", "other-shape",
+             "nan-weights", "inf-weights")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A real 2-trial sweep in its own store; a bad run of every kind added to it; two hand-made
+    sweeps (one with no FINISHED trial, one whose every trial is bad); one cook of the real sweep."""
+    import ray
+
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking import CHECKPOINT_PATH, Tracker
+
+    tmp = tmp_path_factory.mktemp("bad-input")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    space = tmp / "tiny2.yaml"
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2"))
+    sweep = run_sweep(space, name=SWEEP, storage_path=str(tmp / "ray_results"), tracking_uri=uri)
+    ray.shutdown()
+    assert (sweep.finished, sweep.failed) == (2, 0)
+
+    tracker, client = Tracker(uri), MlflowClient(uri)
+    exp_id = sweep.experiment_id
+    good = tracker.trial_runs(exp_id, SWEEP, "FINISHED")
+    tags = {k: v for k, v in good[0].data.tags.items()
+            if not k.startswith("mlflow.") and k not in ("checkpoint_sha256",)}
+    state = load_file(str(tracker.download(good[0].info.run_id, CHECKPOINT_PATH, tmp / "good")))
+    bad = _add_bad_runs(tracker, client, tmp, exp_id, sweep.parent_run_id, SWEEP, tags, state, BAD_KINDS)
+
+    parent = client.get_run(sweep.parent_run_id)
+    nofin = _hand_made_sweep(tracker, exp_id, parent, NO_FINISHED)
+    for status in ("FAILED", "KILLED", "RUNNING"):
+        _add_run(tracker, tmp, exp_id, nofin, NO_FINISHED, f"{NO_FINISHED}-{status.lower()}", tags,
+                 state if status == "FAILED" else None, status=status)
+    allbad = _hand_made_sweep(tracker, exp_id, parent, ALL_BAD)
+    all_bad = _add_bad_runs(tracker, client, tmp, exp_id, allbad, ALL_BAD, tags, state,
+                            ("missing-checkpoint", "corrupt-checkpoint", "nan-weights"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        code, out, err = _cli(["cook", "--sweep", SWEEP, "--recipes", "uniform", "--no-ray"])
+    client.set_registered_model_alias(MODEL, "champion", "1")  # the alias the promote cases keep
+    yield {"uri": uri, "client": client, "tracker": tracker, "sweep": sweep, "bad": bad,
+           "all_bad": all_bad, "good": [r.info.run_id for r in good],
+           "cook": {"code": code, "out": out, "err": err}}
+
+
+@pytest.fixture
+def store(world, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    return world
+
+
+def cook_is_refused(store, capsys, argv: list[str], *fragments: str) -> tuple[str, str]:
+    before = snapshot(store["client"])
+    code = main(["cook", *argv])
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "cook")
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert snapshot(store["client"]) == before, "a refused cook changed what MLflow holds"
+    return line, out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_cook_unknown_sweep(store, capsys):
+    line, out = cook_is_refused(store, capsys, ["--sweep", "nope", "--no-ray"], "no sweep 'nope' in sqlite:")
+    assert out == ""
+    line, out = cook_is_refused(store, capsys, ["--sweep", "it's", "--no-ray"], "no sweep \"it's\"")
+    assert out == ""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_cook_sweep_without_finished_runs(store, capsys):
+    line, out = cook_is_refused(store, capsys, ["--sweep", NO_FINISHED, "--no-ray"],
+                                f"sweep '{NO_FINISHED}' has no FINISHED trial runs to cook")
+    assert out == ""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_cook_unknown_recipe(store, capsys):
+    line, out = cook_is_refused(store, capsys, ["--sweep", SWEEP, "--recipes", "uniform,gredy", "--no-ray"],
+                                "unknown soup recipe 'gredy'", "known: greedy, learned, uniform")
+    assert out == ""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_cook_every_run_excluded(store, capsys):
+    line, out = cook_is_refused(store, capsys, ["--sweep", ALL_BAD, "--no-ray"],
+                                f"sweep '{ALL_BAD}': every run was excluded")
+    for kind, rid in store["all_bad"].items():
+        assert rid in line, kind
+        assert sum(f"excluded run {rid} ({ALL_BAD}-{kind}): " in o for o in out.splitlines()) == 1
+    assert not store["client"].search_runs([store["sweep"].experiment_id],
+                                           f"tags.`soup.role` = 'soup' and tags.sweep_id = '{ALL_BAD}'")
+
+
+def excluded_line(world, kind: str) -> str:
+    """The cook's one stdout line about the bad run `kind`; the run itself is left untouched."""
+    assert world["cook"]["code"] == 0, world["cook"]["err"][-3000:]
+    rid = world["bad"][kind]
+    lines = [o for o in world["cook"]["out"].splitlines() if rid in o]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"excluded run {rid} ({SWEEP}-{kind}): "), lines[0]
+    run = world["client"].get_run(rid)
+    assert run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
+    version = world["client"].get_model_version(MODEL, "1")
+    assert rid not in version.tags["ingredients"]
+    return lines[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_good_runs_are_still_cooked(world):
+    assert world["cook"]["code"] == 0 and "soup cook: error" not in world["cook"]["err"]
+    versions = world["client"].search_model_versions(f"name = '{MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert sorted(versions[0].tags["ingredients"].split(",")) == sorted(world["good"])
+    assert "uniform soup" in world["cook"]["out"]
+    excluded = [o for o in world["cook"]["out"].splitlines() if o.startswith("excluded run ")]
+    assert len(excluded) == len(BAD_KINDS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_checkpoint_missing(world):
+    assert "checkpoint artifact missing" in excluded_line(world, "missing-checkpoint")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_checkpoint_corrupted(world):
+    assert "checkpoint sha256 does not match its tag" in excluded_line(world, "corrupt-checkpoint")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_other_architecture(world):
+    assert "arch_sha256 aaaaaaaaaaaa differs from the sweep's base" in excluded_line(world, "other-arch")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_other_base_weights(world):
+    line = excluded_line(world, "other-base")
+    assert "pretrained_sha256 bbbbbbbbbbbb differs from the sweep's base" in line
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_tensor_shape_mismatch(world):
+    line = excluded_line(world, "other-shape")
+    assert "'visual.positional_embedding'" in line and "18, 64" in line and "17, 64" in line
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_nan_weights(world):
+    line = excluded_line(world, "nan-weights")
+    assert "tensor 'visual.transformer.resblocks.1.mlp.c_fc.weight' has NaN or Inf values" in line
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_inf_weights(world):
+    assert "tensor 'visual.ln_pre.bias' has NaN or Inf values" in excluded_line(world, "inf-weights")
+
+
+def promote_is_refused(store, capsys, argv: list[str], *fragments: str) -> str:
+    before = snapshot(store["client"])
+    code = main(["promote", *argv])
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "promote")
+    assert code == 2 and out == ""
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert snapshot(store["client"]) == before, "a refused promotion changed the registry"
+    assert str(store["client"].get_model_version_by_alias(MODEL, "champion").version) == "1"
+    return line
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_promote_unknown_version(store, capsys):
+    promote_is_refused(store, capsys, [MODEL, "--version", "99"],
+                       f"model '{MODEL}' has no version 99 (its versions: 1)")
+    promote_is_refused(store, capsys, [MODEL, "--version", "99", "--force", "--reason", "r"], "no version 99")
+    promote_is_refused(store, capsys, [MODEL, "--version", "one"], "no version one")
+    promote_is_refused(store, capsys, [MODEL, "--version", "1", "--alias", "latest"],
+                       "alias 'latest' refused by MLflow")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_promote_unknown_model(store, capsys):
+    promote_is_refused(store, capsys, ["nosuch-soup", "--version", "1"],
+                       "no registered model 'nosuch-soup' in sqlite:")
+    promote_is_refused(store, capsys, ["nosuch-soup", "--version", "1", "--alias", "champion", "--force"],
+                       "no registered model 'nosuch-soup'")
+
+
+def test_bad_input_console_script_prints_one_line(hermetic):
+    """The installed `soup` script, not just `main`: one line on stderr, exit 2, no run."""
+    space = write_space(hermetic["tmp"], {"search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-4]},
+                                                     "train.epochs": {"randint": [5, 4]}}})
+    res = subprocess.run([venv_bin("soup"), "sweep", str(space)], env=hermetic["env"], text=True,
+                         capture_output=True, timeout=300, cwd=hermetic["tmp"])
+    assert res.returncode == 2 and res.stdout == ""
+    line = one_error_line(res.stderr, "sweep")
+    assert "search.train.lr" in line and "search.train.epochs" in line
+    assert not (hermetic["tmp"] / "mlflow.db").exists() and not (hermetic["tmp"] / "mlruns").exists()
+
+
+@pytest.mark.parametrize("argv", [["cook", "--sweep", SWEEP, "--no-ray"], ["promote", MODEL, "--version", "1"],
+                                  ["models", MODEL]], ids=["cook", "promote", "models"])
+def test_bad_input_store_that_does_not_exist(tmp_path, monkeypatch, capsys, argv):
+    """A mistyped store is refused, not created empty (and MLflow's creation logs never printed)."""
+    db = tmp_path / "typo" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"no MLflow store at sqlite:///{db}" in one_error_line(err, argv[0])
+    assert not db.exists() and not db.parent.exists()
