@@ -1,6 +1,5 @@
-"""Faults: a failing trial is retried then recorded FAILED, and a tracking server restarted
-mid-sweep loses no run. (The cook-SIGKILLed-mid-greedy test lives on the streaming-cook branch
-until it passes in CI here.)"""
+"""Faults: a failing trial is retried then recorded FAILED, a cook SIGKILLed mid-greedy is run
+again without duplicates, and a tracking server restarted mid-sweep loses no run."""
 
 import os
 import signal
@@ -11,7 +10,7 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES, venv_bin
+from conftest import SPACES, run, venv_bin
 from servers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,6 +48,33 @@ def test_failing_trial_is_retried_then_failed_and_never_an_ingredient(hermetic):
     soup = _runs(hermetic["uri"], "soup")[0]
     assert active[0].info.run_id not in soup.data.tags["ingredients"]
     assert str(res.versions["uniform"]) == "1"
+
+
+def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic):
+    from orchestrator.sweep import run_sweep
+
+    run_sweep(_space(hermetic["tmp"], 3), name="k3", storage_path=hermetic["storage"])
+    cmd = [venv_bin("soup"), "cook", "--sweep", "k3", "--no-ray"]
+    env = {**hermetic["env"], "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("greedy soup:"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    res = run(cmd, env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = run(cmd, env, timeout=900)
+    assert again.returncode == 0 and "already cooked" in again.stdout
+    soups = _runs(hermetic["uri"], "soup")
+    assert sorted(r.data.tags["recipe"] for r in soups) == ["greedy", "learned", "uniform"]
+    assert all(r.info.status == "FINISHED" for r in soups)
+    versions = MlflowClient(hermetic["uri"]).search_model_versions("name = 'tiny4-soup'")
+    assert sorted(v.tags["recipe"] for v in versions) == ["greedy", "learned", "uniform"]
 
 
 def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
