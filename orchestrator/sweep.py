@@ -29,11 +29,10 @@ METRIC = "heldout_acc"
 
 # --- search space -----------------------------------------------------------------------------
 
-class _Rng:
-    @staticmethod
-    def of(random_state) -> _BackwardsCompatibleNumpyRng:
-        return random_state if isinstance(random_state, _BackwardsCompatibleNumpyRng) \
-            else _BackwardsCompatibleNumpyRng(random_state)
+def _rng(random_state) -> _BackwardsCompatibleNumpyRng:
+    """Tune's sampler random state (a seed, a numpy generator or Tune's wrapper) as Tune's wrapper."""
+    return random_state if isinstance(random_state, _BackwardsCompatibleNumpyRng) \
+        else _BackwardsCompatibleNumpyRng(random_state)
 
 
 class WeightedChoice(Domain):
@@ -41,7 +40,7 @@ class WeightedChoice(Domain):
 
     class _Sampler(Sampler):
         def sample(self, domain, config=None, size=1, random_state=None):
-            rng = _Rng.of(random_state)
+            rng = _rng(random_state)
             p = np.asarray(domain.weights, dtype=float) / sum(domain.weights)
             idx = rng.choice(len(domain.categories), size=size, p=p)
             items = [domain.categories[i] for i in np.atleast_1d(idx)]
@@ -65,7 +64,7 @@ class Switchable(Domain):
 
     class _Sampler(Sampler):
         def sample(self, domain, config=None, size=1, random_state=None):
-            rng = _Rng.of(random_state)
+            rng = _rng(random_state)
             items = []
             for _ in range(size):
                 off = rng.uniform(0.0, 1.0) < domain.p_off

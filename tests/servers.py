@@ -77,9 +77,10 @@ def start_postgres() -> Postgres:
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with artifacts served by the server (mlflow-artifacts:/)."""
+    """`mlflow server` on 127.0.0.1, with artifacts served by the server (mlflow-artifacts:/), or,
+    with `artifacts` None, in front of a store whose runs already name their artifact locations."""
 
-    def __init__(self, backend_uri: str, artifacts: Path, log: Path, port: int | None = None,
+    def __init__(self, backend_uri: str, artifacts: Path | None, log: Path, port: int | None = None,
                  extra: tuple[str, ...] = (), env: dict | None = None):
         self.backend_uri, self.artifacts, self.log = backend_uri, artifacts, log
         self.port, self.extra, self.env = port or free_port(), extra, env or dict(os.environ)
@@ -90,8 +91,8 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120) -> "MlflowServer":
-        cmd = [venv_bin("mlflow"), "server", "--backend-store-uri", self.backend_uri,
-               "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
+        served = ["--artifacts-destination", str(self.artifacts), "--serve-artifacts"] if self.artifacts else []
+        cmd = [venv_bin("mlflow"), "server", "--backend-store-uri", self.backend_uri, *served,
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.extra]
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,

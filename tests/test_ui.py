@@ -2,14 +2,12 @@
 
 import os
 import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, venv_bin
+from servers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -17,22 +15,9 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture
 def server(cooked, tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([venv_bin("mlflow"), "server", "--backend-store-uri", cooked["uri"],
-                             "--host", "127.0.0.1", "--port", str(port)], env=cooked["env"],
-                            stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    srv = MlflowServer(cooked["uri"], None, tmp_path / "server.log", env=cooked["env"]).start()
+    yield srv.uri
+    srv.stop()
 
 
 @pytest.fixture
