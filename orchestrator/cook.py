@@ -30,7 +30,7 @@ from . import data, evaluate, models
 from .config import ConfigError, SearchSpace, validate
 from .soups.greedy import model_counter
 from .soups.stream import read_weights, scan_file
-from .soups.weights import check_compatible, save_weights, weighted_average
+from .soups.weights import check_compatible, save_weights
 from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
                        log_soup_model, read_artifact_text, register_soup, stale_soups)
 

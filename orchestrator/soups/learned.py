@@ -31,27 +31,6 @@ from .weights import StateDict, check_compatible, float_keys, stream_dots, strea
 MODES = ("streaming", "stacked", "memory")
 
 
-def mixable(state: StateDict) -> list[str]:
-    """The tensors the coefficients mix: floating ones (integer buffers are copied as-is)."""
-    return [k for k, v in state.items() if v.is_floating_point()]
-
-
-def weighted_sum_per_tensor(states: Sequence[StateDict], coefficients: dict[str, Sequence[float]]
-                            ) -> dict[str, torch.Tensor]:
-    """Per-tensor weighted sum in float32 (same arithmetic as `weighted_average`, which it
-    equals when every tensor has the same coefficients)."""
-    out = {}
-    for k, ref in states[0].items():
-        if not ref.is_floating_point():
-            out[k] = ref.clone()
-            continue
-        acc = torch.zeros(ref.shape, dtype=torch.float32)
-        for c, sd in zip(coefficients[k], states):
-            acc.add_(sd[k].float(), alpha=float(c))  # the same operation as the streamed sum
-        out[k] = acc.to(ref.dtype)
-    return out
-
-
 def _init_logits(keys: list[str], n: int, per_layer: bool, device) -> dict[str, torch.Tensor]:
     """Zero logits (uniform softmax); global mixing shares one vector under the key ``""``."""
     names = keys if per_layer else [""]
@@ -63,17 +42,21 @@ def _weights(logits: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return torch.softmax(logits[key] if key in logits else logits[""], dim=0)
 
 
+def _mixing_weights(logits: dict[str, torch.Tensor], key: str, trainable: frozenset[str] | None
+                    ) -> torch.Tensor:
+    """`_weights` for tensor `key`, detached when `key` is not in `trainable`: float buffers (such
+    as batch-norm statistics) are mixed with the same coefficients but carry no gradient, the
+    model cannot differentiate through them."""
+    w = _weights(logits, key)
+    return w if trainable is None or key in trainable else w.detach()
+
+
 def _mix(states: Sequence[StateDict], logits: dict[str, torch.Tensor], keys: list[str],
          trainable: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
-    """Differentiable mixed parameters: sum_i softmax(logits)_i * state_i, tensor by tensor.
-
-    Tensors not in `trainable` (float buffers such as batch-norm statistics) are mixed with
-    the same coefficients but carry no gradient: the model cannot differentiate through them.
-    """
+    """Differentiable mixed parameters: sum_i softmax(logits)_i * state_i, tensor by tensor."""
     out = {}
     for k in keys:
-        w = _weights(logits, k)
-        w = w if trainable is None or k in trainable else w.detach()
+        w = _mixing_weights(logits, k, trainable)
         out[k] = sum(w[i] * sd[k] for i, sd in enumerate(states))
     return out
 
@@ -248,7 +231,7 @@ class _StackedStep:
         for k in self.keys:
             s = self.stack[k]
             # (N) x (N, P) contraction in the stack's dtype, added to the float32 base
-            w = _weights(logits, k) if k in self.trainable else _weights(logits, k).detach()
+            w = _mixing_weights(logits, k, self.trainable)
             theta[k] = self.base[k] + torch.tensordot(w.to(s.dtype), s, dims=1).float()
         loss = _loss(model, {**self.fixed, **theta}, x, y)
         loss.backward()
