@@ -22,7 +22,7 @@ from ray.tune.search.sample import Domain, Sampler, _BackwardsCompatibleNumpyRng
 
 from .config import ConfigError, Distribution, FinetuneConfig, SearchSpace, load_yaml, validate, with_overrides
 from .models import describe_arch, pretrained_ref
-from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten
+from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten, searchable
 
 METRIC = "heldout_acc"
 
@@ -318,7 +318,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     if resume and not name:
         raise ConfigError("--resume needs --name: the sweep id printed when the sweep started")
     sweep_id = name or f"{space_path.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if not sweep_id.strip() or any(c in sweep_id for c in "'\"\\`"):
+    if not sweep_id.strip() or not searchable(sweep_id):
         raise ConfigError(f"sweep id {sweep_id!r}: must be non-empty, without quotes or backslashes "
                           "(it is matched in MLflow searches)")
     tags = _checked_tags(space, space_path)

@@ -65,14 +65,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def searchable(value: str) -> bool:
+    """Whether `value` can be an MLflow search literal: non-empty, with no quote or backslash
+    (MLflow's filter grammar has no escape for them)."""
+    return bool(value) and not any(c in value for c in "'\"\\`")
+
+
 def quoted(value: str) -> str:
     """`value` as a string literal of an MLflow search filter; refuses what a filter cannot hold.
 
-    MLflow's filter grammar has no escape for quote characters, so a value holding one can neither
-    be searched for nor safely pasted into a filter: every search here builds its literals with this.
+    A value that is not `searchable` can neither be searched for nor safely pasted into a filter:
+    every search here builds its literals with this.
     """
     value = str(value)
-    if not value or any(c in value for c in "'\"\\`"):
+    if not searchable(value):
         raise ValueError(f"{value!r} cannot be used in an MLflow search: empty, or holds a quote")
     return f"'{value}'"
 

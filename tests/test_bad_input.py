@@ -181,6 +181,19 @@ def test_bad_input_space_several_errors_stay_one_line(hermetic, capsys):
     sweep_is_refused(hermetic, capsys, "search: [\n", "not valid YAML", "at line 3")
 
 
+@pytest.mark.parametrize("name", ["it's", "a\\b", "   "], ids=["quote", "backslash", "blank"])
+def test_bad_input_sweep_id_that_mlflow_cannot_search(hermetic, capsys, name):
+    """A sweep id is matched in MLflow searches, whose grammar has no escapes: refused up front."""
+    import ray
+
+    space = write_space(hermetic["tmp"], {})
+    code = main(["sweep", str(space), "--name", name, "--storage-path", hermetic["storage"]])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert f"sweep id {name!r}: must be non-empty, without quotes" in one_error_line(err, "sweep")
+    assert not ray.is_initialized() and not Path(hermetic["storage"]).exists()
+
+
 @pytest.mark.parametrize("change, key", [
     ({"base": {"data": {"selection_split": "test"}}}, "base.data.selection_split"),
     ({"base": {"data": {"reporting_splits": ["test", "heldout"]}}}, "base.data.selection_split"),
