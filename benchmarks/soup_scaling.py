@@ -288,7 +288,8 @@ def bench_greedy(tmp: Path, n: int) -> None:
 
     from orchestrator import data, finetune, models
     from orchestrator.config import FinetuneConfig, validate
-    from orchestrator.soups.greedy import greedy_soup, model_counter
+    from orchestrator.evaluate import heldout_counter
+    from orchestrator.soups.greedy import greedy_soup
     from orchestrator.soups.weights import save_weights
 
     print(f"\n== Greedy soup on the tiny world: {n} one-epoch fine-tunes ==")
@@ -306,7 +307,7 @@ def bench_greedy(tmp: Path, n: int) -> None:
     model = models.build_classifier(cfg.model, task.classnames)
     print(f"fine-tuned in {time.perf_counter() - t0:.0f}s; held-out accuracies: "
           + ", ".join(f"{s:.1%}" for s in scores) + f" (held-out set: {len(task.heldout)} examples)")
-    counter = model_counter(model, task.heldout, chunk_size=32)
+    counter = heldout_counter(model, task.heldout, chunk_size=32)
     plain, fast = (greedy_soup(paths, counter, scores, log=lambda s: None, early_reject=early)
                    for early in (False, True))
     same = plain.kept == fast.kept and all(torch.equal(plain.state_dict[k], fast.state_dict[k])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
-from .data import LoaderOptions
+from .splits import LoaderOptions
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

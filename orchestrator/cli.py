@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import ConfigError, FinetuneConfig, load_yaml, one_line, with_overrides
+from .config import LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, with_overrides
+from .tables import text_table
 
 
 def _fail(command: str, err: Exception | str) -> int:
@@ -46,20 +47,11 @@ def _finetune_config(path: str | None, sets: Sequence[str] | None) -> FinetuneCo
     return with_overrides(cfg, _overrides(sets), "--set") if sets else cfg
 
 
-def _fmt_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    cells = [[f"{r[c]:.1%}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
-                                  for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
 def cmd_zeroshot(args) -> int:
     from .quickstart import zeroshot_report
 
     cfg = _finetune_config(args.config, args.set)
-    print(_fmt_table([zeroshot_report(cfg)]))
+    print(text_table([zeroshot_report(cfg)]))
     return 0
 
 
@@ -73,7 +65,7 @@ def cmd_finetune(args) -> int:
         f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.3f}  "
         f"held-out {r['heldout_acc']:.1%}", flush=True))
     wall = time.perf_counter() - t0
-    print(_fmt_table([{"run": "finetune", **res.metrics()}]))
+    print(text_table([{"run": "finetune", **res.metrics()}]))
     print(f"test accuracy {res.test_acc:.1%}  wall time {wall:.1f}s "
           f"(training {res.train_seconds:.1f}s)")
     if args.out:
@@ -87,7 +79,7 @@ def cmd_pair(args) -> int:
     base = _finetune_config(args.config, None)
     cfg_a = with_overrides(base, _overrides(args.a), "--a")
     cfg_b = with_overrides(base, _overrides(args.b), "--b")
-    print(_fmt_table(pair_soup(cfg_a, cfg_b, log=print)))
+    print(text_table(pair_soup(cfg_a, cfg_b, log=print)))
     return 0
 
 
@@ -101,9 +93,12 @@ def cmd_sweep(args) -> int:
     return 0 if out.finished else 1
 
 
-def _recipes(text: str) -> tuple[str, ...]:
-    from .soups.registry import get_recipe
+def _recipes(text: str | None) -> tuple[str, ...] | None:
+    """The recipes named on the command line, each checked against the recipe table."""
+    from .soups.recipe import get_recipe
 
+    if text is None:
+        return None  # the cook's default
     recipes = tuple(r.strip() for r in text.split(",") if r.strip())
     if not recipes:
         raise ConfigError(f"--recipes {text!r}: name at least one recipe")
@@ -125,7 +120,7 @@ def cmd_cook(args) -> int:
                    strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode)
     except CookError as err:
         return _fail("cook", err)
-    print(_fmt_table(_table_rows(out.rows)))
+    print(text_table(_table_rows(out.rows)))
     return 0
 
 
@@ -138,7 +133,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     res = run_demo(args.workdir)
-    print("\n" + _fmt_table(_table_rows(res["rows"])))
+    print("\n" + text_table(_table_rows(res["rows"])))
     print(f"\ndemo finished in {res['seconds']:.0f}s; registered versions: {res['versions']}")
     print(f"plot:         {res['plot']}")
     print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
@@ -147,7 +142,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from .tracking import PromotionError, Tracker, promote
+    from .promotion import PromotionError, promote
+    from .tracking import Tracker
 
     _existing_store()
     try:
@@ -159,11 +155,12 @@ def cmd_promote(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .tracking import PromotionError, Tracker, list_versions
+    from .promotion import PromotionError, list_versions
+    from .tracking import Tracker
 
     _existing_store()
     try:
-        print(_fmt_table(list_versions(Tracker(), args.model)))
+        print(text_table(list_versions(Tracker(), args.model)))
     except PromotionError as err:
         return _fail("models", err)
     return 0
@@ -175,6 +172,14 @@ def cmd_pretrain_base(args) -> int:
     path = pretrain(args.out, steps=args.steps, seed=args.seed)
     print(f"base checkpoint written to {path}")
     return 0
+
+
+def _recipes_help() -> str:
+    from .soups.recipe import RECIPES, default_recipes, recipe_names
+
+    known = "; ".join(f"{n}: {RECIPES[n].summary}" if RECIPES[n].summary else n for n in recipe_names())
+    return (f"comma-separated recipes (default: {','.join(default_recipes())}). Known recipes: "
+            f"{known}").replace("%", "%%")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,10 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage-path", help="where Tune keeps its state (overrides the YAML)")
     sp = add("cook", cmd_cook, "Build, evaluate, log and register the soups of a finished sweep.")
     sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
-    sp.add_argument("--recipes", default="uniform,greedy,learned", help="comma-separated recipes")
+    sp.add_argument("--recipes", help=_recipes_help())
     sp.add_argument("--model-name", help="registered model (default <experiment>-soup)")
     sp.add_argument("--strict", action="store_true", help="greedy keeps a candidate only if accuracy rises")
-    sp.add_argument("--learned-mode", choices=["streaming", "stacked"],
+    sp.add_argument("--learned-mode", choices=LEARNED_MODES,
                     help="learned soup's gradients: from the files, flat memory (streaming), or every "
                          "ingredient in bf16 on the device (stacked); default: the space's cook.learned_mode")
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")

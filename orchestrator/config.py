@@ -274,13 +274,18 @@ class TrackingSettings(Frozen):
     registered_model: str | None = None
 
 
+# How the learned soup may get its gradients in a cook (the schema, `soup cook --learned-mode` and
+# the learned recipe all take this one list).
+LEARNED_MODES = ("streaming", "stacked")
+
+
 class CookSettings(Frozen):
     """How the cook builds the soups of this sweep (`soup cook --learned-mode` overrides it)."""
 
     # streaming: each coefficient's gradient accumulated ingredient by ingredient from the files,
     # memory flat in the number of ingredients; stacked: every ingredient held in bf16 on the
     # accelerator (fast when they fit).
-    learned_mode: Literal["streaming", "stacked"] = "streaming"
+    learned_mode: Literal[LEARNED_MODES] = "streaming"
 
 
 class SearchSpace(Frozen):

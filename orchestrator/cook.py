@@ -1,8 +1,10 @@
-"""The post-sweep job: rank the sweep's runs in MLflow, build soups, evaluate, log and register.
+"""The post-sweep job's driver: rank the sweep's runs in MLflow, check them, have the soups built,
+then log and register what comes back.
 
-`cook` is the library function behind ``soup cook --sweep ID``. The soups are built and evaluated
-in a Ray task (so a cluster's GPU is used when the sweep asked for one); MLflow logging stays in
-the driver. Cooking the same sweep again with the same recipe and ingredients adds nothing.
+`cook` is the library function behind ``soup cook --sweep ID``. The compute (fetch, build,
+evaluate: `cook_build`) runs in a Ray task, so that a cluster's GPU is used when the sweep asked
+for one; MLflow logging and registration stay here. Cooking the same sweep again with the same
+recipe, settings and ingredients adds nothing.
 
 Ingredients are files, never held all at once: the driver checks each checkpoint in one
 streaming pass (sha256 of its bytes, NaN/Inf scan) and from its header (keys, shapes, dtypes);
@@ -12,57 +14,27 @@ their sha256 again; the recipes stream them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import queue
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
-import torch
 import yaml
 
-from . import data, evaluate, models
+from . import cluster, models
 from .config import ConfigError, SearchSpace, validate
-from .soups.greedy import model_counter
-from .soups.stream import read_weights, scan_file
+from .cook_build import (Built, CookError, TrialCheckpoint, build_and_evaluate, build_with_progress,
+                         reference_state)
+from .hashing import json_sha256
+from .soups.recipe import RecipeOptions, SoupResult, default_recipes, get_recipe, option_defaults
+from .soups.stream import scan_file
 from .soups.weights import check_compatible, save_weights
+from .tables import markdown_table
 from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
                        log_soup_model, read_artifact_text, register_soup, stale_soups)
-
-DEFAULT_RECIPES = ("uniform", "greedy", "learned")
-# Held-out images the learned soup fits its coefficients on, read into memory (ImageNet's 2%
-# slice is 25k images; the first 4096 of its seeded permutation are plenty for N coefficients).
-LEARNED_HELDOUT_LIMIT = 4096
-
-
-class CookError(ValueError):
-    """The sweep cannot be cooked (unknown, or nothing usable); the message says why."""
-
-
-@dataclass
-class Ingredient:
-    """A checked checkpoint: where the driver has it, and the sha256 any copy must have."""
-
-    run_id: str
-    name: str
-    heldout_acc: float
-    path: Path
-    sha256: str
-
-
-@dataclass(frozen=True)
-class RecipeOptions:
-    """How the recipes run: the greedy rule (`strict`: accuracy must rise, as the reference code),
-    and how the learned soup gets its gradients (`learned_mode`: ``streaming`` holds two model
-    sizes whatever the number of ingredients; ``stacked`` holds them all in bf16 on the device)."""
-
-    strict: bool = False
-    learned_mode: str = "streaming"
 
 
 @dataclass
@@ -78,21 +50,45 @@ class CookOutcome:
     reused: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CookContext:
+    """Where and how one cook logs: the store, the sweep's run, the ingredients, a scratch dir."""
+
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    sweep_id: str
+    space: SearchSpace
+    run_ids: list[str]  # the ingredients, in the order they were given to the recipes
+    model_name: str
+    options: RecipeOptions
+    tmp: Path
+
+
+@dataclass
+class SoupRecord:
+    """One built soup on its way to MLflow: its recipe, identity and table row."""
+
+    recipe: str
+    key: str
+    settings: dict[str, Any]
+    result: SoupResult
+    row: dict
+
+    def kept_ids(self, run_ids: Sequence[str]) -> str:
+        """The run ids of the ingredients the recipe kept, comma-separated, in the order added."""
+        return ",".join(run_ids[i] for i in self.result.kept)
+
+
 # --- ingredients ------------------------------------------------------------------------------
 
-def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
-    """The classifier the sweep fine-tuned, untrained: the keys and shapes ingredients must have."""
-    classnames = data.load_task(space.base.data).classnames
-    return models.build_classifier(space.base.model, classnames, load_weights=False).state_dict()
-
-
 def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict, tmp: Path,
-                     log: Callable[[str], None]) -> tuple[list[Ingredient], dict[str, str]]:
+                     log: Callable[[str], None]) -> tuple[list[TrialCheckpoint], dict[str, str]]:
     """Download and check every finished trial; exclude (and name) any run that fails a check.
 
     One checkpoint at a time, streamed: memory does not grow with the number of runs.
     """
-    good: list[Ingredient] = []
+    good: list[TrialCheckpoint] = []
     excluded: dict[str, str] = {}
     for run in runs:
         rid, tags = run.info.run_id, run.data.tags
@@ -101,8 +97,8 @@ def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict,
             excluded[rid] = reason
             log(f"excluded run {rid} ({tags.get('mlflow.runName', '')}): {reason}")
             continue
-        good.append(Ingredient(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
-                               path, tags["checkpoint_sha256"]))
+        good.append(TrialCheckpoint(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
+                                    path, tags["checkpoint_sha256"]))
     return good, excluded
 
 
@@ -134,114 +130,7 @@ def _incompatible(reference: dict, path: Path, run_id: str) -> str | None:
     return None
 
 
-def fetch_ingredients(ingredients: list[Ingredient], tracking_uri: str | None, tmp: Path,
-                      verify: bool = True) -> list[Path]:
-    """Local checkpoint paths for the build, wherever it runs: the driver's copy when this node
-    has it, else a fresh download; either way its sha256 must be the one checked (`verify`
-    False trusts the driver's copies: for the driver's own process, which just hashed them)."""
-    from .tracking import Tracker
-
-    tracker, paths = None, []
-    for ing in ingredients:
-        path = Path(ing.path)
-        if not (path.is_file() and (not verify or models.file_sha256(path) == ing.sha256)):
-            tracker = tracker or Tracker(tracking_uri)
-            path = tracker.download(ing.run_id, CHECKPOINT_PATH, tmp / ing.run_id)
-            if models.file_sha256(path) != ing.sha256:
-                raise CookError(f"run {ing.run_id}: checkpoint changed since it was checked "
-                                f"(sha256 differs from {ing.sha256[:12]})")
-        paths.append(path)
-    return paths
-
-
-# --- the compute (runs in a Ray task) ---------------------------------------------------------
-
-def _accs(model, task: data.TaskData) -> dict[str, float]:
-    res = evaluate.evaluate_all(model, {"heldout": task.heldout, **task.reporting()})
-    return {k: v[0] for k, v in res.items()}
-
-
-def _summary(name: str, kind: str, accs: dict[str, float], shifts) -> dict:
-    mean = sum(accs[s] for s in shifts) / len(shifts) if shifts else float("nan")
-    return {"name": name, "kind": kind, **accs, "shift_mean": mean}
-
-
-def _ensemble_rows(model, paths, ingredients, task, scores) -> tuple[list[dict], list[dict]]:
-    """Every ingredient scored alone, and the two logit ensembles, one checkpoint at a time.
-
-    Ingredients are taken best first, so the greedy ensemble decides on each as it comes; only
-    running logit sums are kept (all, and the greedy ensemble's), never every model's logits.
-    """
-    from .soups.ensemble import GreedyEnsemble
-    from .soups.greedy import rank_best_first
-
-    splits = {"heldout": task.heldout, **task.reporting()}
-    singles: list[dict | None] = [None] * len(paths)
-    total: dict[str, torch.Tensor] = {}
-    kept: dict[str, torch.Tensor] = {}
-    greedy = GreedyEnsemble(task.heldout.labels)
-    for i in rank_best_first(scores, len(paths)):
-        model.load_state_dict(read_weights(paths[i]))
-        per = {k: evaluate.logits(model, s).float() for k, s in splits.items()}
-        singles[i] = _summary(ingredients[i].name, "ingredient",
-                              {k: evaluate.accuracy_of(per[k], s.labels) for k, s in splits.items()},
-                              task.shifts)
-        for sums in (total, kept) if greedy.offer(i, per["heldout"]) else (total,):
-            for k, lg in per.items():
-                sums[k] = lg if k not in sums else sums[k] + lg
-    rows = [_summary(name, "baseline", {k: evaluate.accuracy_of(sums[k], s.labels) for k, s in splits.items()},
-                     task.shifts) for name, sums in (("ensemble", total), ("greedy ensemble", kept))]
-    return singles, rows
-
-
-def build_and_evaluate(base_cfg: dict, ingredients: list[Ingredient], recipes, opts: RecipeOptions,
-                       tracking_uri: str | None = None, log: Callable[[str], None] = print,
-                       verify: bool = True) -> dict:
-    """Build every recipe's soup and every baseline, and evaluate them all.
-
-    Checkpoints are streamed from local files: the driver's copies when this process can see
-    them (checked again unless `verify` is False), else downloaded here from `tracking_uri` (a
-    Ray task on another node). Progress lines (``greedy soup: ...``) go to `log`.
-    """
-    with tempfile.TemporaryDirectory(prefix="soup-build-") as tmp:
-        paths = fetch_ingredients(ingredients, tracking_uri, Path(tmp), verify)
-        return _build(base_cfg, ingredients, paths, recipes, opts, log)
-
-
-def _build(base_cfg, ingredients, paths, recipes, opts: RecipeOptions, log) -> dict:
-    from .config import FinetuneConfig
-    from .soups.registry import get_recipe
-
-    cfg = validate(FinetuneConfig, base_cfg)
-    task = data.load_task(cfg.data)
-    model = models.build_classifier(cfg.model, task.classnames)
-    rows = [_summary("zero-shot", "baseline", _accs(model, task), task.shifts)]
-    names = [i.run_id for i in ingredients]
-    scores = [i.heldout_acc for i in ingredients]
-    singles, ens = _ensemble_rows(model, paths, ingredients, task, scores)
-    best = max(range(len(singles)), key=lambda i: singles[i]["heldout"])
-    rows += [{**singles[best], "name": "best individual", "kind": "baseline"}] + ens
-    soups = {}
-    for recipe in recipes:
-        res = _run_recipe(get_recipe(recipe), recipe, paths, names, scores, model, task, opts, log)
-        model.load_state_dict(res.state_dict)
-        rows.append(_summary(f"{recipe} soup", "soup", _accs(model, task), task.shifts))
-        soups[recipe] = res
-    return {"rows": rows, "singles": singles, "soups": soups, "classnames": list(task.classnames),
-            "example": task.test.tensors(1)[0][0]}
-
-
-def _run_recipe(fn, recipe, paths, names, scores, model, task, opts: RecipeOptions, log):
-    if recipe == "uniform":
-        return fn(paths, names=names)
-    if recipe == "greedy":
-        # Integer correct counts, chunk by chunk: a candidate is dropped as soon as it cannot
-        # reach the soup, with the same decisions as scoring every held-out example.
-        return fn(paths, model_counter(model, task.heldout), scores, strict=opts.strict, names=names,
-                  log=log)
-    images, labels = task.heldout.tensors(limit=LEARNED_HELDOUT_LIMIT)
-    return fn(paths, model, images, labels, names=names, log=log, mode=opts.learned_mode)
-
+# --- the build, here or in a Ray task ---------------------------------------------------------
 
 def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
     """`log`, then stdout flushed: progress must show (and be seen by a watcher) as it happens."""
@@ -251,69 +140,37 @@ def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
     return emit
 
 
-def _build_streaming(base_cfg, ingredients, recipes, opts, tracking_uri):
-    """Ray generator task: yields ``("log", line)`` as the build progresses, then
-    ``("result", built)``; the driver relays the lines to the cook's own `log`."""
-    lines: queue.Queue = queue.Queue()
-    outcome: dict = {}
-
-    def work() -> None:
-        try:
-            outcome["built"] = build_and_evaluate(base_cfg, ingredients, recipes, opts, tracking_uri,
-                                                  log=lambda s: lines.put(s))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the task, so Ray reports it
-            outcome["error"] = err
-        lines.put(None)
-
-    threading.Thread(target=work, daemon=True, name="soup-build").start()
-    while (line := lines.get()) is not None:
-        yield "log", line
-    if "error" in outcome:
-        raise outcome["error"]
-    yield "result", outcome["built"]
+def _build_soups(base, checkpoints, recipes, options, gpus: float | None, uri: str, progress) -> Built:
+    """The build, in a Ray task (`gpus` given) or in this process (which just checked the files)."""
+    if gpus is None:
+        return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, verify=False)
+    cluster.init_ray(lambda s: None)
+    return cluster.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri),
+                                     num_cpus=1, num_gpus=gpus, log=progress)
 
 
 # --- the driver -------------------------------------------------------------------------------
 
-def soup_key(recipe: str, run_ids: list[str], strict: bool, learned_mode: str = "streaming") -> str:
-    """Identity of a soup: recipe, rule and the ordered ingredients (idempotent registration)."""
-    key = [recipe, strict if recipe == "greedy" else None, run_ids]
-    if recipe == "learned" and learned_mode != "streaming":  # the default keeps its older keys
-        key.append(learned_mode)
-    text = json.dumps(key)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -> str:
+    """Identity of a soup: recipe, its settings and the ordered ingredients (idempotent
+    registration). The layout is the first releases' ``[recipe, greedy rule, run ids]``, then
+    any other setting that is not at its default, so the soups they registered keep their keys."""
+    rest = [v for k, v in sorted(settings.items()) if k != "strict" and v != option_defaults().get(k)]
+    return json_sha256([recipe, settings.get("strict"), list(run_ids), *rest])[:24]
 
 
-def _remote_build(base_cfg, ingredients, recipes, opts, gpus: float, tracking_uri: str,
-                  log: Callable[[str], None]):
-    import ray
-
-    from .sweep import init_ray
-
-    init_ray(lambda s: None)
-    task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns="streaming")(_build_streaming)
-    for ref in task.remote(base_cfg, ingredients, recipes, opts, tracking_uri):
-        kind, value = ray.get(ref)
-        if kind == "log":
-            log(value)
-        else:
-            return value
-    raise RuntimeError("the soup build task ended without a result")
-
-
-def _build_soups(base, ingredients, recipes, opts, gpus: float | None, uri: str, progress):
-    """The build, in a Ray task (`gpus` given) or in this process (which just checked the files)."""
-    if gpus is None:
-        return build_and_evaluate(base, ingredients, recipes, opts, uri, progress, verify=False)
-    return _remote_build(base, ingredients, recipes, opts, gpus, uri, progress)
-
-
-def cook(sweep_id: str, recipes=DEFAULT_RECIPES, model_name: str | None = None,
+def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
          tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
          log: Callable[[str], None] = print, learned_mode: str | None = None) -> CookOutcome:
     """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
 
-    `learned_mode` overrides the space's ``cook.learned_mode`` (``streaming`` or ``stacked``)."""
+    `recipes` default to the built-in ones; `learned_mode` overrides the space's
+    ``cook.learned_mode`` (``streaming`` or ``stacked``)."""
+    recipes = tuple(recipes or default_recipes())
+    try:
+        table = [get_recipe(r) for r in recipes]
+    except ValueError as err:
+        raise CookError(str(err)) from None
     tracker = Tracker(tracking_uri)
     exp_id, parent = locate_sweep(tracker, sweep_id)
     if parent is None:
@@ -325,86 +182,90 @@ def cook(sweep_id: str, recipes=DEFAULT_RECIPES, model_name: str | None = None,
         raise CookError(f"sweep {sweep_id!r} has no FINISHED trial runs to cook")
     model_name = model_name or space.tracking.registered_model or f"{space.tracking.experiment_name}-soup"
     with tempfile.TemporaryDirectory() as tmp:
-        ingredients, excluded = load_ingredients(tracker, runs, parent.data.tags,
+        checkpoints, excluded = load_ingredients(tracker, runs, parent.data.tags,
                                                  reference_state(space), Path(tmp), log)
-        if not ingredients:
+        if not checkpoints:
             raise CookError(f"sweep {sweep_id!r}: every run was excluded: {excluded}")
-        log(f"cooking {len(ingredients)} ingredients of sweep {sweep_id} "
-            f"(best held-out {ingredients[0].heldout_acc:.1%}): {', '.join(recipes)}")
-        base = space.base.model_dump(mode="json")
+        log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
+            f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(recipes)}")
+        options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
         gpus = min(space.sweep.resources.gpu, 1.0) if use_ray else None
-        opts = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
-        built = _build_soups(base, ingredients, recipes, opts, gpus, tracker.uri, _flushed(log))
-        return _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, built,
-                        model_name, opts, Path(tmp), log)
+        built = _build_soups(space.base.model_dump(mode="json"), checkpoints, table, options, gpus,
+                             tracker.uri, _flushed(log))
+        ctx = CookContext(tracker, exp_id, parent.info.run_id, sweep_id, space,
+                          [c.run_id for c in checkpoints], model_name, options, Path(tmp))
+        return _log_all(ctx, built, excluded, log)
 
 
-def _log_all(tracker, exp_id, parent, sweep_id, space, ingredients, excluded, built, model_name,
-             opts: RecipeOptions, tmp: Path, log) -> CookOutcome:
+def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> CookOutcome:
     from .plots import soup_figure
-    from .serving import encode_image
 
-    out = CookOutcome(sweep_id, built["rows"], excluded, {}, {})
-    plot = soup_figure(built["rows"], built["singles"], built["soups"].get("greedy"), tmp / "soups.png")
+    out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {})
+    plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
     out.plot_png = plot.read_bytes()
-    by_name = {r["name"]: r for r in built["rows"]}
-    ids = [i.run_id for i in ingredients]
-    for recipe, res in built["soups"].items():
-        key = soup_key(recipe, ids, opts.strict, opts.learned_mode)
-        existing = find_soup(tracker, exp_id, key)
-        version = find_version(tracker, model_name, key)
-        if existing is not None and version is not None:
-            log(f"{recipe} soup: already cooked as run {existing.info.run_id}, version {version.version}")
-            out.soup_runs[recipe], out.versions[recipe] = existing.info.run_id, version.version
+    by_name = {r["name"]: r for r in built.rows}
+    for recipe, result in built.soups.items():
+        settings = get_recipe(recipe).settings(ctx.options)
+        soup = SoupRecord(recipe, soup_key(recipe, ctx.run_ids, settings), settings, result,
+                          by_name[f"{recipe} soup"])
+        run_id, version, reused = _log_and_register(ctx, soup, built, plot)
+        out.soup_runs[recipe], out.versions[recipe] = run_id, version
+        if reused:
             out.reused.append(recipe)
-            continue
-        row = by_name[f"{recipe} soup"]
-        if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
-            tracker.discard_stale(stale_soups(tracker, exp_id, key))
-        save_weights(res.state_dict, tmp / f"{recipe}.safetensors", {"recipe": recipe})
-        rid = existing.info.run_id if existing else _log_soup_run(
-            tracker, exp_id, parent.info.run_id, sweep_id, recipe, key, res, ids, row, plot, tmp)
-        config = {"model": space.base.model.model_dump(mode="json"), "classnames": built["classnames"],
-                  "image_size": int(models.arch_config(space.base.model.arch)["vision_cfg"]["image_size"])}
-        info = log_soup_model(tracker, rid, tmp / f"{recipe}.safetensors", config,
-                              encode_image(built["example"]))
-        tags = {"recipe": recipe, "sweep_id": sweep_id, "soup_key": key, "soup_run_id": rid,
-                **({"learned_mode": opts.learned_mode} if recipe == "learned" else {}),
-                "ingredients": ",".join(ids[i] for i in res.kept),
-                **{f"{k}_acc": f"{v:.4f}" for k, v in row.items() if isinstance(v, float)}}
-        mv = register_soup(tracker, info.model_uri, model_name, tags)
-        out.soup_runs[recipe], out.versions[recipe] = rid, mv.version
-        log(f"{recipe} soup: run {rid}, registered {model_name} version {mv.version}")
-    tracker.log_text(parent.info.run_id, _markdown(built["rows"]), "cook/comparison.md")
-    tracker.log_artifact(parent.info.run_id, plot, "cook")
+            log(f"{recipe} soup: already cooked as run {run_id}, version {version}")
+        else:
+            log(f"{recipe} soup: run {run_id}, registered {ctx.model_name} version {version}")
+    ctx.tracker.log_text(ctx.parent_run_id, markdown_table(built.rows, _columns(built.rows)),
+                         "cook/comparison.md")
+    ctx.tracker.log_artifact(ctx.parent_run_id, plot, "cook")
     return out
 
 
-def _log_soup_run(tracker, exp_id, parent_id, sweep_id, recipe, key, res, ids, row, plot, tmp) -> str:
-    rid = tracker.create_run(exp_id, f"{recipe}-soup", {
-        "soup.role": "soup", "sweep_id": sweep_id, "recipe": recipe, "soup_key": key,
-        "ingredients": ",".join(ids), "kept_ingredients": ",".join(ids[i] for i in res.kept)},
-        parent_run_id=parent_id)
-    tracker.log_params(rid, {"recipe": recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)})
-    tracker.log_metrics(rid, {f"{k}_acc": v for k, v in row.items()
+def _columns(rows: list[dict]) -> list[str]:
+    return [c for c in rows[0] if c != "kind"]
+
+
+def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Path
+                      ) -> tuple[str, str, bool]:
+    """(soup run id, registered version, whether both existed already) for one soup."""
+    from .serving import encode_image
+
+    existing = find_soup(ctx.tracker, ctx.experiment_id, soup.key)
+    version = find_version(ctx.tracker, ctx.model_name, soup.key)
+    if existing is not None and version is not None:
+        return existing.info.run_id, version.version, True
+    if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
+        ctx.tracker.discard_stale(stale_soups(ctx.tracker, ctx.experiment_id, soup.key))
+    weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
+                           {"recipe": soup.recipe})
+    run_id = existing.info.run_id if existing else _log_soup_run(ctx, soup, weights, plot)
+    config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
+              "image_size": int(models.arch_config(ctx.space.base.model.arch)["vision_cfg"]["image_size"])}
+    logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example))
+    tags = {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key, "soup_run_id": run_id,
+            **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
+            **{f"{k}_acc": f"{v:.4f}" for k, v in soup.row.items() if isinstance(v, float)}}
+    return run_id, register_soup(ctx.tracker, logged, ctx.model_name, run_id, tags).version, False
+
+
+def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path) -> str:
+    tracker, ids, res = ctx.tracker, ctx.run_ids, soup.result
+    rid = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
+        "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
+        "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids)},
+        parent_run_id=ctx.parent_run_id)
+    tracker.log_params(rid, {"recipe": soup.recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)})
+    tracker.log_metrics(rid, {f"{k}_acc": v for k, v in soup.row.items()
                               if isinstance(v, float) and not math.isnan(v)})
     for n, step in enumerate(res.steps, start=1):  # the greedy path: accuracy per ingredient tried
         if "heldout_acc" in step:
             tracker.log_metrics(rid, {"soup_heldout_acc": step["heldout_acc"]}, step=n)
-    tracker.log_artifact(rid, tmp / f"{recipe}.safetensors", "soup")
+    tracker.log_artifact(rid, weights, "soup")
     tracker.log_text(rid, json.dumps({"ingredients": ids, "coefficients": res.coefficients}, indent=1),
                      "soup/coefficients.json")
     tracker.log_artifact(rid, plot, "plots")
     tracker.end_run(rid, FINISHED)
     return rid
-
-
-def _markdown(rows: list[dict]) -> str:
-    cols = [c for c in rows[0] if c != "kind"]
-    fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 __all__ = ["cook", "CookOutcome", "CookError", "soup_key", "ConfigError"]

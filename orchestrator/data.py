@@ -1,262 +1,28 @@
-"""Data sets and splits of the tiny world: rendered glyphs, the scikit-learn digits and their shifts.
+"""The one table from data set name to the loader that builds its task.
 
-Images are float tensors in [0, 1] of shape (N, 3, 32, 32); normalisation belongs to the model,
-so that a served soup takes plain pixels. Every split is a pure function of its seed.
+Each data set lives in its own module (`tinyworld`, `imagenet`) and returns a `splits.TaskData`;
+this module only chooses between them, so neither needs to know the other.
 """
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageFont
-
+from . import imagenet, tinyworld
 from .config import DataConfig
+from .splits import TaskData
 
-IMAGE_SIZE = 32
-DIGITS = tuple(str(d) for d in range(10))
-LETTERS = tuple(string.ascii_uppercase) + tuple(string.ascii_lowercase)
-SHIFT_SEED_OFFSET = 1000  # shifts use their own random stream, independent of the split seed
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """How batches reach the model: worker processes and pinned memory (the GPU path)."""
-
-    workers: int = 0
-    pin_memory: bool = False
+LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
+    "tiny_digits": tinyworld.load_digits_task,
+    "imagenet": imagenet.load_imagenet_task,
+}
 
 
-@dataclass(frozen=True)
-class Split:
-    """A named set of images and integer labels, held in memory (the tiny world)."""
-
-    name: str
-    images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
-    labels: torch.Tensor  # (N,) int64
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # model logits -> split's classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) batches in `order` (default: as stored), augmented image by image."""
-        order = torch.arange(len(self)) if order is None else order
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            x = self.images[idx]
-            yield (x if augment is None else torch.stack([augment(img) for img in x])), self.labels[idx]
-
-    def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `limit` images and labels as tensors (all of them by default)."""
-        return self.images[:limit], self.labels[:limit]
-
-
-class _Augmented(torch.utils.data.Dataset):
-    """A data set whose images pass through `augment` (in the loader's worker processes)."""
-
-    def __init__(self, dataset, augment: Callable | None):
-        self.dataset, self.augment = dataset, augment
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return (x if self.augment is None else self.augment(x)), y
-
-
-@dataclass(frozen=True)
-class FolderSplit:
-    """A split read from image files on demand (ImageNet and its shifts).
-
-    `dataset[i]` is ``(float image in [0, 1] of shape (3, H, W), label)``; `labels` holds every
-    label up front (known from the folder listing) so accuracy needs no second pass.
-    """
-
-    name: str
-    dataset: torch.utils.data.Dataset
-    labels: torch.Tensor
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches through a DataLoader: `order` as its sampler, augmentation in the workers."""
-        ds = _Augmented(self.dataset, augment)
-        sampler = None if order is None else order.tolist()
-        yield from torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, num_workers=opts.workers,
-            pin_memory=opts.pin_memory, persistent_workers=False)
-
-    def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `limit` images and labels, read into memory."""
-        n = len(self) if limit is None else min(limit, len(self))
-        xs = [self.dataset[i][0] for i in range(n)]
-        return torch.stack(xs), self.labels[:n]
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """Everything one fine-tuning run sees: training, selection, reporting and shift splits."""
-
-    classnames: tuple[str, ...]
-    train: Split | FolderSplit
-    heldout: Split | FolderSplit
-    test: Split | FolderSplit
-    shifts: dict[str, Split | FolderSplit]
-
-    def reporting(self) -> dict[str, Split]:
-        """The splits results are reported on: test, then each shift."""
-        return {"test": self.test, **self.shifts}
-
-
-# --- rendered glyphs (pretraining style) -------------------------------------------------------
-
-@lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
-def _draw(ch: str, rng: np.random.Generator) -> Image.Image:
-    canvas = Image.new("L", (96, 96), 0)
-    draw = ImageDraw.Draw(canvas)
-    stroke = int(rng.integers(0, 5))
-    draw.text((48, 48), ch, fill=255, font=_font(int(rng.integers(28, 48))), anchor="mm",
-              stroke_width=stroke, stroke_fill=255)
-    shear = float(rng.uniform(-0.3, 0.3))
-    canvas = canvas.transform(canvas.size, Image.AFFINE, (1, shear, -shear * 48, 0, 1, 0),
-                              resample=Image.BILINEAR)
-    return canvas.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR)
-
-
-def _fit(glyph: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """Crop the glyph to its ink and place it in a `size` box at a random scale and offset."""
-    box = glyph.getbbox() or (0, 0, glyph.width, glyph.height)
-    glyph = glyph.crop(box)
-    scale = rng.uniform(0.55, 1.0) * size / max(glyph.size)
-    w, h = max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))
-    glyph = glyph.resize((w, h), Image.BILINEAR)
-    out = Image.new("L", (size, size), 0)
-    x = int(rng.integers(0, size - w + 1))
-    y = int(rng.integers(0, size - h + 1))
-    out.paste(glyph, (x, y))
-    return out
-
-
-def _fit_centered(glyph: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """Size-normalise and centre the glyph, as NIST-style preprocessing does to handwriting."""
-    glyph = glyph.crop(glyph.getbbox() or (0, 0, glyph.width, glyph.height))
-    h = round(size * rng.uniform(0.85, 1.0))
-    w = min(size, max(2, round(glyph.width * h / glyph.height * rng.uniform(0.8, 1.2))))
-    glyph = glyph.resize((w, h), Image.BILINEAR)
-    out = Image.new("L", (size, size), 0)
-    out.paste(glyph, ((size - w) // 2 + int(rng.integers(-1, 2)), (size - h) // 2))
-    return out
-
-
-def _degrade(img: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low resolution (as coarse as the 8x8 digits), blur and noise: the pretraining corruptions."""
-    if rng.random() < 0.7:
-        res = int(rng.choice([8, 8, 8, 10, 12, 16]))
-        small = np.asarray(img.resize((res, res), Image.BOX), dtype=np.float32)
-        if rng.random() < 0.5:
-            small = np.round(small / 255 * 16) / 16 * 255  # the digits' 17 grey levels
-        img = Image.fromarray(small.astype(np.uint8)).resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    if rng.random() < 0.3:
-        t = torch.from_numpy(arr)[None]
-        arr = TF.gaussian_blur(t, [5, 5], [float(rng.uniform(0.3, 1.5))])[0].numpy()
-    arr = arr + rng.normal(0, rng.uniform(0, 0.08), arr.shape).astype(np.float32)
-    return np.clip(arr, 0.0, 1.0)
-
-
-def render_glyph(ch: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Render one glyph in the pretraining style as an (H, W) float array in [0, 1]."""
-    fit = _fit_centered if rng.random() < 0.5 else _fit
-    return _degrade(fit(_draw(ch, rng), rng, size), rng, size)
-
-
-def render_batch(chars: list[str], rng: np.random.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Render several glyphs into an (N, 3, H, W) tensor."""
-    arr = np.stack([render_glyph(c, rng, size) for c in chars])
-    return torch.from_numpy(arr)[:, None].expand(-1, 3, -1, -1).contiguous()
-
-
-# --- the digits target task ----------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return x.expand(-1, 3, -1, -1).contiguous().clamp(0, 1), torch.tensor(d.target, dtype=torch.int64)
-
-
-def _stratified_split(labels: torch.Tensor, cfg: DataConfig) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(cfg.split_seed)
-    train, held, test = [], [], []
-    for c in range(int(labels.max()) + 1):
-        idx = rng.permutation(np.flatnonzero(labels.numpy() == c))
-        n_test = round(len(idx) * cfg.test_fraction)
-        n_held = round(len(idx) * cfg.heldout_fraction)
-        test.append(idx[:n_test])
-        held.append(idx[n_test:n_test + n_held])
-        train.append(idx[n_test + n_held:])
-    return tuple(np.sort(np.concatenate(p)) for p in (train, held, test))
-
-
-def _rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    angles = (torch.rand(len(x), generator=g) * 30 + 25) * torch.where(
-        torch.rand(len(x), generator=g) < 0.5, -1.0, 1.0)
-    return torch.stack([TF.rotate(img, float(a), interpolation=TF.InterpolationMode.BILINEAR)
-                        for img, a in zip(x, angles)])
-
-
-def make_shift(name: str, test: Split, seed: int) -> Split:
-    """Derive the distribution-shift split `name` from the test split (or render it afresh)."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "rotate":
-        x = _rotate(test.images, g)
-    elif name == "noise":
-        noise = torch.randn((len(test), 1, *test.images.shape[2:]), generator=g)  # grey, like the digits
-        x = (test.images + 0.35 * noise).clamp(0, 1)
-    elif name == "blur":
-        x = TF.gaussian_blur(test.images, [9, 9], [2.5])
-    elif name == "invert":
-        x = 1.0 - test.images
-    elif name == "rendered":
-        rng = np.random.default_rng(seed)
-        labels = torch.arange(500) % 10
-        return Split(name, render_batch([DIGITS[i] for i in labels], rng), labels)
-    else:
-        raise ValueError(f"unknown shift {name!r}")
-    return Split(name, x.contiguous(), test.labels)
-
-
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # building a task renders and shifts images: callers in a process share it
 def load_task(cfg: DataConfig) -> TaskData:
-    """Build the digits task: fixed train / held-out / test splits and the configured shifts."""
-    if cfg.dataset == "imagenet":
-        from .realdata import load_imagenet_task
-
-        return load_imagenet_task(cfg)
-    x, y = _digits()
-    tr, he, te = _stratified_split(y, cfg)
-    test = Split("test", x[te], y[te])
-    shifts = {s: make_shift(s, test, cfg.split_seed + SHIFT_SEED_OFFSET + i)
-              for i, s in enumerate(cfg.shifts)}
-    return TaskData(DIGITS, Split("train", x[tr], y[tr]), Split("heldout", x[he], y[he]), test, shifts)
+    """The train / held-out / test splits and the configured shifts of `cfg.dataset`."""
+    load = LOADERS.get(cfg.dataset)
+    if load is None:
+        raise ValueError(f"unknown data set {cfg.dataset!r}; known: {', '.join(sorted(LOADERS))}")
+    return load(cfg)

@@ -31,8 +31,7 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))
     os.environ.pop("RAY_ADDRESS", None)
-    import ray
-
+    from . import cluster
     from .cook import cook
     from .sweep import run_sweep
 
@@ -41,7 +40,7 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
         out = run_sweep(space, name="demo", storage_path=str(workdir / "ray_results"), log=log)
         cooked = cook(out.sweep_id, log=log)
     finally:
-        ray.shutdown()
+        cluster.shutdown()
     plot = workdir / "soups.png"
     plot.write_bytes(cooked.plot_png)
     return {"rows": cooked.rows, "plot": str(plot), "workdir": str(workdir), "versions": cooked.versions,

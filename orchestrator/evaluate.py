@@ -1,29 +1,45 @@
-"""Batched evaluation: logits and top-1 accuracy of a classifier on a named split."""
+"""How a classifier is scored: logits and top-1 accuracy on a split, held-out correct counts in
+chunks (for the greedy soup's early rejection), the mean over shifts, and evaluation mode."""
 
 from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .accel import CPU, Accel
-from .data import FolderSplit, Split
+from .splits import Split
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in evaluation mode (no dropout), put back in the mode it was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
-def logits(model: nn.Module, split: Split | FolderSplit, batch_size: int = 512,
-           accel: Accel = CPU) -> torch.Tensor:
+def logits(model: nn.Module, split: Split, batch_size: int = 512, accel: Accel = CPU) -> torch.Tensor:
     """Logits of `model` on every image of `split`, in order, in the split's own classes.
 
     Splits over a subset of the model's classes (ImageNet-R, -A, ObjectNet) carry a `project`
     that maps the model's logits onto theirs.
     """
-    was_training = model.training
-    model.eval()
     out = []
-    for x, _ in split.batches(batch_size, opts=accel.loader):
-        with accel.autocast():
-            out.append(model(accel.to_device(x)).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, _ in split.batches(batch_size, opts=accel.loader):
+            with accel.autocast():
+                out.append(model(accel.to_device(x)).float().cpu())
     lg = torch.cat(out)
     return split.project(lg) if split.project is not None else lg
 
@@ -33,8 +49,7 @@ def accuracy_of(logit: torch.Tensor, labels: torch.Tensor) -> float:
     return (logit.argmax(1) == labels).float().mean().item()
 
 
-def accuracy(model: nn.Module, split: Split | FolderSplit, batch_size: int = 512,
-             accel: Accel = CPU) -> float:
+def accuracy(model: nn.Module, split: Split, batch_size: int = 512, accel: Accel = CPU) -> float:
     """Top-1 accuracy of `model` on `split`."""
     return accuracy_of(logits(model, split, batch_size, accel), split.labels)
 
@@ -47,3 +62,34 @@ def evaluate_all(model: nn.Module, splits: dict, accel: Accel = CPU
         lg = logits(model, split, accel=accel)
         out[name] = (accuracy_of(lg, split.labels), lg)
     return out
+
+
+def shift_mean(accuracies: Mapping[str, float], shifts: Iterable[str]) -> float:
+    """Mean accuracy over the distribution shifts `shifts` (nan when there are none)."""
+    values = [accuracies[s] for s in shifts]
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass(frozen=True)
+class HeldoutCounter:
+    """Held-out scoring in chunks: ``correct(state)`` yields ``(right, seen)`` per chunk.
+
+    The chunks of one call must cover all `size` examples; accuracy is ``right / size``.
+    """
+
+    size: int
+    correct: Callable[[StateDict], Iterable[tuple[int, int]]]
+
+
+def heldout_counter(model: nn.Module, split: Split, chunk_size: int = 64) -> HeldoutCounter:
+    """A `HeldoutCounter` that loads each state into `model` and scores `split` in chunks."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def correct(state: StateDict):
+        model.load_state_dict(state)
+        with eval_mode(model):
+            for x, y in split.batches(chunk_size):
+                yield int((model(x.to(device)).argmax(1).cpu() == y).sum()), len(y)
+
+    return HeldoutCounter(len(split), correct)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from . import data, evaluate, models
+from . import data, evaluate, models, splits
 from .accel import Accel, accel_for
 from .config import FinetuneConfig, TrainConfig
 
@@ -44,7 +44,7 @@ class FinetuneResult:
     @property
     def shift_mean(self) -> float:
         """Mean accuracy over the distribution shifts (nan when there are none)."""
-        return sum(self.shift_acc.values()) / len(self.shift_acc) if self.shift_acc else float("nan")
+        return evaluate.shift_mean(self.shift_acc, self.shift_acc)
 
     def metrics(self) -> dict[str, float]:
         """Flat final metrics: heldout_acc, test_acc, shift_<name>_acc and shift_mean_acc."""
@@ -64,8 +64,9 @@ def _augmenter(cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return lambda img: t((img * 255).round().to(torch.uint8)).float() / 255
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay, as in the paper's fine-tuning recipe."""
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at `step` of `total`: linear warm-up over `warmup` steps, then
+    cosine decay to zero, as in the paper's fine-tuning recipe (and the base model's pretraining)."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -79,7 +80,7 @@ def _mixup(x, y, alpha: float, g: torch.Generator):
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
-def build_model(cfg: FinetuneConfig, task: data.TaskData) -> models.ImageClassifier:
+def build_model(cfg: FinetuneConfig, task: splits.TaskData) -> models.ImageClassifier:
     """The starting classifier: pretrained image tower, zero-shot or linear-probe head."""
     model = models.build_classifier(cfg.model, task.classnames)
     if cfg.model.head_init == "linear_probe":
@@ -117,7 +118,7 @@ def _train_epoch(model, opt, sched, scaler, task, cfg: TrainConfig, accel: Accel
 
 
 def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None,
-             task: data.TaskData | None = None, max_steps: int | None = None) -> FinetuneResult:
+             task: splits.TaskData | None = None, max_steps: int | None = None) -> FinetuneResult:
     """Fine-tune the classifier end to end and evaluate it on held-out, test and every shift.
 
     `on_epoch` receives ``{"epoch", "train_loss", "heldout_acc", "lr"}`` after each epoch.
@@ -132,7 +133,7 @@ def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     per_epoch = math.ceil(len(task.train) / tc.batch_size)
     total = tc.epochs * (min(per_epoch, max_steps) if max_steps else per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tc.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, tc.warmup_steps, total))
     scaler, aug, curves, t0 = accel.scaler(), _augmenter(tc), [], time.perf_counter()
     for epoch in range(1, tc.epochs + 1):
         loss = _train_epoch(model, opt, sched, scaler, task, tc, accel, aug, g, max_steps)

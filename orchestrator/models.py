@@ -6,7 +6,6 @@ dict holds only ``visual.*`` and ``head.*`` tensors: that is what gets fine-tune
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ASSETS, TINY_ARCH, TINY_PRETRAINED, ModelConfig
+from .hashing import file_sha256, text_sha256
 
 TINY_ARCH_JSON = ASSETS / f"{TINY_ARCH}.json"
 TINY_CHECKPOINT = ASSETS / f"{TINY_ARCH}.safetensors"
@@ -47,30 +47,21 @@ def resolve_pretrained(pretrained: str | None) -> str | None:
     return pretrained
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pretrained_ref(cfg: ModelConfig) -> tuple[str, str]:
     """A (reference, hash) pair identifying the base weights: a file's sha256, or the tag itself."""
     path = resolve_pretrained(cfg.pretrained)
     if path and Path(path).is_file():
         return cfg.pretrained or "", file_sha256(path)
-    ref = f"{cfg.arch}:{cfg.pretrained}"
-    return cfg.pretrained or "", hashlib.sha256(ref.encode()).hexdigest()
+    return cfg.pretrained or "", text_sha256(f"{cfg.arch}:{cfg.pretrained}")
 
 
-def build_clip(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, object]:
-    """Build the open_clip CLIP model and its tokenizer from a model config."""
+def build_clip(cfg: ModelConfig, pretrained_weights: bool = True) -> tuple[nn.Module, object]:
+    """Build the open_clip CLIP model and its tokenizer from a model config; without
+    `pretrained_weights` the weights stay at their random initialisation (to be overwritten)."""
     register_tiny_arch()
-    pretrained = resolve_pretrained(cfg.pretrained) if load_weights else None
+    pretrained = resolve_pretrained(cfg.pretrained) if pretrained_weights else None
     force_pp = TINY_PREPROCESS if cfg.arch == TINY_ARCH else None
-    model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=load_weights,
+    model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=pretrained_weights,
                                    force_preprocess_cfg=force_pp)
     model.eval()
     return model, open_clip.get_tokenizer(cfg.arch)
@@ -105,9 +96,9 @@ class ImageClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def build_classifier(cfg: ModelConfig, classnames, load_weights: bool = True) -> ImageClassifier:
+def build_classifier(cfg: ModelConfig, classnames, pretrained_weights: bool = True) -> ImageClassifier:
     """The classifier for `classnames`, with its head initialised zero-shot from the text tower."""
-    clip, tokenizer = build_clip(cfg, load_weights)
+    clip, tokenizer = build_clip(cfg, pretrained_weights)
     return classifier_from_clip(clip, tokenizer, classnames, cfg.templates)
 
 

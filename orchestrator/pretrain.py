@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from . import data, models
+from . import data, models, tinyworld
 from .config import DataConfig, ModelConfig
+from .finetune import warmup_cosine
 
 CAPTION_TEMPLATES = {
     "digit": ("a photo of the digit {}.", "the number {}.", "a picture of a {}.",
@@ -30,7 +31,7 @@ CAPTION_TEMPLATES = {
 
 def glyph_vocabulary() -> list[tuple[str, str]]:
     """Every (glyph, kind) pair the base model is pretrained on."""
-    return [(d, "digit") for d in data.DIGITS] + [(c, "letter") for c in data.LETTERS]
+    return [(d, "digit") for d in tinyworld.DIGITS] + [(c, "letter") for c in tinyworld.LETTERS]
 
 
 def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tenso
     idx = rng.permutation(np.concatenate([digits, letters]))
     chunks = []
     for start in range(0, n, 2000):
-        chunks.append(data.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
+        chunks.append(tinyworld.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
         log(f"rendered {min(start + 2000, n)}/{n} glyphs")
     return torch.cat(chunks), torch.from_numpy(idx)
 
@@ -68,18 +69,12 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, img_glyph: torch.Tens
     return i2t.mean() / 2 + t2i[has_pos].mean() / 2
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool: int = 40000,
              lr: float = 1e-3, seed: int = 0, log=print) -> Path:
     """Pretrain the tiny CLIP from scratch and write ``<arch>.safetensors`` + ``<arch>.json``."""
     torch.manual_seed(seed)
     cfg = ModelConfig(pretrained=None)
-    clip, tokenizer = models.build_clip(cfg, load_weights=False)
+    clip, tokenizer = models.build_clip(cfg, pretrained_weights=False)
     images, glyphs = render_pool(pool, seed, log)
     pp = clip.visual.preprocess_cfg  # normalise exactly as the classifier will
     images = (images - torch.tensor(pp["mean"]).view(1, -1, 1, 1)) / torch.tensor(pp["std"]).view(1, -1, 1, 1)
@@ -90,7 +85,7 @@ def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool
     t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=200)
+            group["lr"] = lr * warmup_cosine(step, 200, steps)
         bi = torch.randint(0, len(images), (batch_size,), generator=g)
         loss = contrastive_loss(clip.encode_image(images[bi]), clip.encode_text(tokens),
                                 glyphs[bi], owner, clip.logit_scale.exp())
@@ -113,7 +108,7 @@ def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
     from .evaluate import accuracy
 
     clip.eval()
-    model = models.classifier_from_clip(clip, tokenizer, data.DIGITS, ModelConfig().templates)
+    model = models.classifier_from_clip(clip, tokenizer, tinyworld.DIGITS, ModelConfig().templates)
     task = data.load_task(DataConfig())
     return accuracy(model, task.heldout), accuracy(model, task.shifts["rendered"])
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import data, evaluate, models
+from . import data, evaluate, models, splits
 from .config import FinetuneConfig
 from .finetune import finetune
 from .soups import weighted_average
 
 
-def _row(name: str, model, task: data.TaskData) -> dict:
+def _row(name: str, model, task: splits.TaskData) -> dict:
     accs = {k: v[0] for k, v in evaluate.evaluate_all(
         model, {"heldout": task.heldout, **task.reporting()}).items()}
-    shifts = [accs[s] for s in task.shifts]
-    return {"model": name, **accs, "shift_mean": sum(shifts) / len(shifts) if shifts else float("nan")}
+    return {"model": name, **accs, "shift_mean": evaluate.shift_mean(accs, task.shifts)}
 
 
 def zeroshot_report(cfg: FinetuneConfig) -> dict:

@@ -42,14 +42,15 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from orchestrator.config import ModelConfig
         from orchestrator.models import build_classifier
-        from orchestrator.soups.weights import load_weights
+        from orchestrator.soups.stream import read_weights
 
         with open(context.artifacts["config"]) as f:
             cfg = json.load(f)
         self.classnames = cfg["classnames"]
         self.image_size = cfg["image_size"]
-        self.model = build_classifier(ModelConfig(**cfg["model"]), self.classnames, load_weights=False)
-        self.model.load_state_dict(load_weights(context.artifacts["weights"]))
+        self.model = build_classifier(ModelConfig(**cfg["model"]), self.classnames,
+                                      pretrained_weights=False)
+        self.model.load_state_dict(read_weights(context.artifacts["weights"]))
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import ray
 import yaml
 from ray import tune
-from ray.tune.search.sample import Domain, Sampler, _BackwardsCompatibleNumpyRng
+from ray.tune.search.sample import Domain, Sampler
 
+from . import cluster
 from .config import ConfigError, Distribution, FinetuneConfig, SearchSpace, load_yaml, validate, with_overrides
+from .hashing import json_sha256, text_sha256
 from .models import describe_arch, pretrained_ref
 from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten, searchable
 
@@ -29,10 +30,11 @@ METRIC = "heldout_acc"
 
 # --- search space -----------------------------------------------------------------------------
 
-def _rng(random_state) -> _BackwardsCompatibleNumpyRng:
-    """Tune's sampler random state (a seed, a numpy generator or Tune's wrapper) as Tune's wrapper."""
-    return random_state if isinstance(random_state, _BackwardsCompatibleNumpyRng) \
-        else _BackwardsCompatibleNumpyRng(random_state)
+def _rng(random_state):
+    """The random state a sampler draws from. `Domain.sample` hands samplers Tune's own wrapper,
+    which offers numpy's ``choice`` and ``uniform`` whatever numpy generator it holds; only the
+    methods Tune's built-in samplers call are used, and numpy's global state when there is none."""
+    return np.random if random_state is None else random_state
 
 
 class WeightedChoice(Domain):
@@ -68,7 +70,7 @@ class Switchable(Domain):
             items = []
             for _ in range(size):
                 off = rng.uniform(0.0, 1.0) < domain.p_off
-                items.append(domain.off if off else domain.inner.sample(config, 1, rng))
+                items.append(domain.off if off else domain.inner.sample(config, 1, random_state))
             return items if size > 1 else items[0]
 
     default_sampler_cls = _Sampler
@@ -139,10 +141,7 @@ def trial_key(trial_id: str, params: dict[str, Any]) -> str:
     Tune keeps trial ids across `Tuner.restore`, but a sweep restarted from scratch (its Tune
     state lost) draws the same params in the same order under new ids; this key matches both.
     """
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    digest = json_sha256(params, sort_keys=True, default=str)
     return f"{trial_id.rsplit('_', 1)[-1]}-{digest[:12]}"
 
 
@@ -249,16 +248,6 @@ def _tune_config(space: SearchSpace):
                            search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit)
 
 
-def init_ray(log: Callable[[str], None] = print) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False if not address else None,
-             log_to_driver=True, configure_logging=False)
-    log(f"Ray: {'cluster at ' + address if address else 'local'}, resources {ray.cluster_resources()}")
-
-
 def _storage(space: SearchSpace, override: str | None) -> str:
     path = override or space.sweep.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
     return path if "://" in path else str(Path(path).resolve())
@@ -267,13 +256,7 @@ def _storage(space: SearchSpace, override: str | None) -> str:
 def _sweep_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
     ref, digest = pretrained_ref(space.base.model)
     return {"base_arch": space.base.model.arch, "pretrained": ref, "pretrained_sha256": digest,
-            "arch_sha256": _sha(describe_arch(space.base.model.arch)), "space": space_path.stem}
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
+            "arch_sha256": text_sha256(describe_arch(space.base.model.arch)), "space": space_path.stem}
 
 
 def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, space: SearchSpace,
@@ -332,7 +315,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     res = space.sweep.resources
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": res.cpu, "gpu": res.gpu})
-    init_ray(log)
+    cluster.init_ray(log)
     exp_path = f"{storage}/{sweep_id}"
     if resume and tune.Tuner.can_restore(exp_path):
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)

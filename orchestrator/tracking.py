@@ -1,4 +1,8 @@
-"""MLflow: the only module that imports it. Run hierarchy, artifacts, search.
+"""The MLflow facade: run hierarchy, artifacts, search, logged models and the model registry.
+
+Every call to an MLflow store goes through this module (`Tracker` and the functions below). The
+one other module that imports mlflow is `serving`, whose pyfunc model class MLflow loads at
+serving time; promotion policy (`promotion`) reads and moves aliases through `Tracker`.
 
 A sweep is one parent run; each trial is a nested run (``mlflow.parentRunId``) found again by its
 ``sweep_id`` and ``trial_id`` tags, which is what makes retries and resumes idempotent. Everything
@@ -8,7 +12,7 @@ no fluent "active run" can be relied on.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import tempfile
 import time
@@ -18,10 +22,11 @@ from typing import Any, Callable, Iterable
 import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+_PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
 CHECKPOINT_PATH = "checkpoint/model.safetensors"
 LOGITS_PATH = "logits/logits.parquet"
@@ -81,6 +86,10 @@ def quoted(value: str) -> str:
     if not searchable(value):
         raise ValueError(f"{value!r} cannot be used in an MLflow search: empty, or holds a quote")
     return f"'{value}'"
+
+
+class RegistryError(ValueError):
+    """The model registry refused a change; the message is MLflow's reason."""
 
 
 class Tracker:
@@ -169,6 +178,40 @@ class Tracker:
                     self.end_run(run.info.run_id, KILLED)
                 retry(lambda: self.client.delete_run(run.info.run_id))
 
+    # -- model registry -------------------------------------------------------------------------
+    def registered_model(self, name: str):
+        """The registered model `name`, or None."""
+        return self._or_none(lambda: self.client.get_registered_model(name))
+
+    def model_version(self, name: str, version: str | int):
+        """Version `version` of registered model `name`, or None."""
+        return self._or_none(lambda: self.client.get_model_version(name, str(version)))
+
+    def version_by_alias(self, name: str, alias: str):
+        """The version `alias` points at, or None (no such alias or model)."""
+        return self._or_none(lambda: self.client.get_model_version_by_alias(name, alias))
+
+    def model_versions(self, name: str) -> list:
+        """Every version of registered model `name` (none for an unknown model)."""
+        return list(self.client.search_model_versions(f"name = {quoted(name)}"))
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        """Point `alias` at `version`; `RegistryError` with MLflow's reason if it refuses."""
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+        except mlflow.exceptions.MlflowException as err:  # e.g. a reserved alias ('latest', 'v3')
+            raise RegistryError(err.message) from None
+
+    def set_version_tag(self, name: str, version: str | int, key: str, value: str) -> None:
+        retry(lambda: self.client.set_model_version_tag(name, str(version), key, value))
+
+    @staticmethod
+    def _or_none(fetch: Callable[[], Any]):
+        try:
+            return fetch()
+        except mlflow.exceptions.MlflowException:
+            return None
+
     def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
         """Write columns as a Parquet file (pyarrow) and log it at `artifact_file`."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +224,7 @@ def log_trial_result(tracker: Tracker, run_id: str, result) -> None:
     """Log a fine-tuning result: final metrics, the checkpoint with its sha256, and all logits."""
     from safetensors.torch import save_file
 
-    from .models import file_sha256
+    from .hashing import file_sha256
 
     tracker.log_metrics(run_id, result.metrics(), step=result.config.train.epochs)
     tracker.log_metrics(run_id, {"train_seconds": result.train_seconds})
@@ -205,7 +248,7 @@ def read_parquet(path: str | Path) -> dict[str, list]:
     return pq.read_table(path).to_pydict()
 
 
-__all__ = ["Tracker", "resolve_uri", "flatten", "read_parquet", "mlflow"]
+__all__ = ["Tracker", "RegistryError", "resolve_uri", "flatten", "read_parquet"]
 
 
 # --- sweeps located, soups logged and registered ----------------------------------------------
@@ -241,26 +284,39 @@ def read_artifact_text(tracker: Tracker, run_id: str, path: str) -> str:
         return tracker.download(run_id, path, tmp).read_text()
 
 
-def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, example_png: bytes):
-    """Log the soup as a pyfunc built from code (`orchestrator/serving.py`) with its weights."""
-    import json
+def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, example_png: bytes,
+                   name: str = "model"):
+    """Log the soup as a pyfunc built from code (`orchestrator/serving.py`) with its weights, as an
+    MLflow logged model produced by run `run_id`; returns the logged model (`model_id`,
+    `artifact_location`, `model_uri`).
 
+    Only `MlflowClient` calls on this tracker's store (no fluent API, so no process-global
+    tracking URI or active run is read or changed): the model is created, saved locally, uploaded
+    and then marked READY, as `mlflow.pyfunc.log_model` does.
+    """
     import pandas as pd
 
-    pkg = Path(__file__).resolve().parent
+    client = tracker.client
+    run = retry(lambda: client.get_run(run_id))
+    model = retry(lambda: client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params)))
+    retry(lambda: client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)]))
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "soup_config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
         example = pd.DataFrame({"image": [example_png]})
-        with _fluent_uris(tracker.uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(pkg / "serving.py"), code_paths=[str(pkg)],
-                artifacts={"weights": str(weights), "config": str(cfg_path)},
-                input_example=example, pip_requirements=_requirements(),
-                signature=mlflow.models.infer_signature(
-                    example, pd.DataFrame({"label": ["0"], "label_index": [0],
-                                           "probabilities": [[0.1] * len(config["classnames"])]})))
-    return info
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(local), python_model=str(_PACKAGE / "serving.py"), code_paths=[str(_PACKAGE)],
+            artifacts={"weights": str(weights), "config": str(cfg_path)},
+            input_example=example, pip_requirements=_requirements(),
+            signature=mlflow.models.infer_signature(
+                example, pd.DataFrame({"label": ["0"], "label_index": [0],
+                                       "probabilities": [[0.1] * len(config["classnames"])]})),
+            mlflow_model=mlflow.models.Model(artifact_path=model.artifact_location, run_id=run_id,
+                                             model_uuid=model.model_id, model_id=model.model_id))
+        retry(lambda: client.log_model_artifacts(model.model_id, str(local)))
+    return retry(lambda: client.finalize_logged_model(model.model_id, "READY"))
 
 
 def _requirements() -> list[str]:
@@ -270,111 +326,36 @@ def _requirements() -> list[str]:
                                            "pydantic", "pyyaml", "pillow", "pandas", "mlflow")]
 
 
-def register_soup(tracker: Tracker, model_uri: str, model_name: str, tags: dict[str, Any]):
-    """Register a logged soup as a new version of `model_name`, with its tags."""
-    with _fluent_uris(tracker.uri):
-        return mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+def register_soup(tracker: Tracker, logged_model, model_name: str, run_id: str,
+                  tags: dict[str, Any]):
+    """Register a logged soup (from `log_soup_model`) as a new version of `model_name` (created if
+    new), produced by run `run_id`, with its tags.
 
-
-@contextlib.contextmanager
-def _fluent_uris(uri: str):
-    """Point MLflow's process-global tracking and registry URIs at `uri`, then put them back.
-
-    `log_model` and `register_model` only exist in the fluent API, which reads globals; left set,
-    they (and the environment variables they export) would send a later `MlflowClient(uri)` of the
-    same process, or a child process, to this store's registry.
+    The version's source is the logged model's ``models:/<model_id>`` URI, which the UI links to
+    the model, wherever the store can resolve it: a tracking server resolves it in its own store,
+    but a database store opened in this process resolves it through MLflow's process-global
+    client. When that global points elsewhere, the source is the model's artifact location
+    instead (the globals are read, never changed).
     """
-    from mlflow.tracking import _tracking_service
-    from mlflow.tracking._model_registry import utils as registry_utils
-
-    saved = (_tracking_service.utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)  # both setters also export their value to os.environ
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    client = tracker.client
+    if tracker.registered_model(model_name) is None:
+        try:
+            client.create_registered_model(model_name)
+        except mlflow.exceptions.MlflowException:
+            if tracker.registered_model(model_name) is None:  # not a concurrent creation
+                raise
+    resolvable = tracker.uri.startswith(("http://", "https://")) or \
+        resolve_uri(mlflow.get_tracking_uri()) == tracker.uri
+    source = logged_model.model_uri if resolvable else logged_model.artifact_location
+    return retry(lambda: client.create_model_version(
+        model_name, source, run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()}, model_id=logged_model.model_id))
 
 
 def find_version(tracker: Tracker, model_name: str, soup_key: str):
     """The registered version of `model_name` carrying this soup key, or None."""
     try:
-        versions = tracker.client.search_model_versions(f"name = {quoted(model_name)}")
+        versions = tracker.model_versions(model_name)
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
     return next((v for v in versions if v.tags.get("soup_key") == soup_key), None)
-
-
-# --- promotion ------------------------------------------------------------------------------
-
-class PromotionError(ValueError):
-    """A promotion was refused (gate, or no such version); the alias did not move."""
-
-
-def _version(tracker: Tracker, model_name: str, version: str | int):
-    try:
-        tracker.client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
-        raise PromotionError(f"no registered model {model_name!r} in {tracker.uri}") from None
-    try:
-        return tracker.client.get_model_version(model_name, str(version))
-    except mlflow.exceptions.MlflowException:
-        known = sorted((str(v.version) for v in tracker.client.search_model_versions(
-            f"name = {quoted(model_name)}")), key=int)
-        raise PromotionError(f"model {model_name!r} has no version {version} "
-                             f"(its versions: {', '.join(known) or 'none'})") from None
-
-
-def _heldout(mv) -> float:
-    return float(mv.tags.get("heldout_acc", "nan"))
-
-
-def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = "champion",
-            force: bool = False, reason: str = "") -> str:
-    """Point `alias` at `version` if its held-out accuracy is at least the current holder's.
-
-    `force` overrides the gate; the reason and the time are recorded in the version's tags.
-    """
-    cand = _version(tracker, model_name, version)
-    try:
-        current = tracker.client.get_model_version_by_alias(model_name, alias)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    if current is not None and not force and not _heldout(cand) >= _heldout(current):
-        raise PromotionError(
-            f"refused: version {cand.version} has held-out accuracy {_heldout(cand):.2%}, below "
-            f"{alias!r} (version {current.version}, {_heldout(current):.2%}); pass --force to override")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    try:
-        tracker.client.set_registered_model_alias(model_name, alias, cand.version)
-    except mlflow.exceptions.MlflowException as err:  # e.g. a reserved alias ('latest', 'v3')
-        raise PromotionError(f"alias {alias!r} refused by MLflow: {err.message}") from None
-    tracker.client.set_model_version_tag(model_name, cand.version, f"promoted_{alias}_at", now)
-    if force:
-        tracker.client.set_model_version_tag(model_name, cand.version, "forced_promotion",
-                                             f"{now}: {reason or 'no reason given'}")
-    return cand.version
-
-
-def list_versions(tracker: Tracker, model_name: str) -> list[dict]:
-    """Each version of `model_name` with its recipe, accuracies and aliases, newest first."""
-    versions = tracker.client.search_model_versions(f"name = {quoted(model_name)}")
-    if not versions:
-        raise PromotionError(f"no registered model {model_name!r} (or it has no versions)")
-    aliases: dict[str, list[str]] = {}  # search results carry no aliases; the model does
-    for alias, ver in tracker.client.get_registered_model(model_name).aliases.items():
-        aliases.setdefault(str(ver), []).append(alias)
-    rows = []
-    for v in sorted(versions, key=lambda v: -int(v.version)):
-        rows.append({"version": v.version, "recipe": v.tags.get("recipe", ""),
-                     "held-out": _heldout(v), "test": float(v.tags.get("test_acc", "nan")),
-                     "mean shift": float(v.tags.get("shift_mean_acc", "nan")),
-                     "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-"})
-    return rows

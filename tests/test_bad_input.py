@@ -220,7 +220,7 @@ def _add_run(tracker, tmp: Path, exp_id, parent_id, sweep_id, name, tags, state=
              status="FINISHED") -> str:
     """A trial run as a sweep logs one: trial tags, a checkpoint with its sha256, held-out
     accuracy (0.999: ranked first, so it is checked before the good ones)."""
-    from orchestrator.models import file_sha256
+    from orchestrator.hashing import file_sha256
 
     rid = tracker.create_run(exp_id, name, {**tags, "sweep_id": sweep_id, "trial_id": name,
                                             "trial_key": name}, parent_run_id=parent_id)

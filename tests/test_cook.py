@@ -8,8 +8,9 @@ import torch
 
 from conftest import SPACES
 from orchestrator.cook import CookError, cook
-from orchestrator.soups.weights import load_weights, save_weights, weighted_average
-from orchestrator.models import file_sha256
+from orchestrator.soups.stream import read_weights
+from orchestrator.soups.weights import save_weights, weighted_average
+from orchestrator.hashing import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RECIPES = ("uniform", "greedy", "learned")
@@ -64,8 +65,8 @@ def test_soups_equal_their_recorded_weighted_sums(cooked, tmp_path):
     client, sweep = cooked["client"], cooked["sweep"]
     for recipe, run in soup_runs(client, sweep.experiment_id).items():
         rec = json.loads(open(_artifact(client, run.info.run_id, "soup/coefficients.json", tmp_path)).read())
-        soup = load_weights(_artifact(client, run.info.run_id, f"soup/{recipe}.safetensors", tmp_path))
-        states = [load_weights(_artifact(client, rid, "checkpoint/model.safetensors", tmp_path / rid))
+        soup = read_weights(_artifact(client, run.info.run_id, f"soup/{recipe}.safetensors", tmp_path))
+        states = [read_weights(_artifact(client, rid, "checkpoint/model.safetensors", tmp_path / rid))
                   for rid in rec["ingredients"]]
         coeffs = rec["coefficients"]
         if recipe == "uniform":
@@ -83,7 +84,7 @@ def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
 
     tracker, sweep = Tracker(cooked["uri"]), cooked["sweep"]
     real = tracker.trial_runs(sweep.experiment_id, sweep.sweep_id, "FINISHED")[0]
-    state = load_weights(_artifact(cooked["client"], real.info.run_id, "checkpoint/model.safetensors", tmp_path))
+    state = read_weights(_artifact(cooked["client"], real.info.run_id, "checkpoint/model.safetensors", tmp_path))
     wide = dict(state, **{"head.weight": torch.zeros(11, state["head.weight"].shape[1])})
     bad = {}
     for name, sd, sha in (("other-arch", wide, None), ("bad-checksum", state, "0" * 64)):
@@ -111,25 +112,25 @@ def test_unknown_sweep_is_a_clear_error(cooked):
         cook("nope", tracking_uri=cooked["uri"], use_ray=False)
 
 
-def test_registering_leaves_mlflow_process_globals_as_they_were(tmp_path, monkeypatch):
-    """log_model/register_model go through MLflow's fluent globals; the cook must put them back.
+def test_cooking_leaves_mlflow_process_globals_alone(cooked):
+    """Soups are logged and registered through `MlflowClient` on the cook's own store: MLflow's
+    process-global tracking and registry URIs (and their environment variables) stay as they were.
 
     Left pointed at one store, a later `MlflowClient(other_uri)` in the same process resolved its
     registry to the first store (a stopped server, in CI), and children inherited it via the env.
     """
     import mlflow
 
-    from orchestrator.tracking import _fluent_uris
-
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    with _fluent_uris(other):
-        assert mlflow.get_registry_uri() == other
     assert "MLFLOW_REGISTRY_URI" not in os.environ
-    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mine.db'}"
+    assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] != cooked["uri"]
     assert mlflow.get_registry_uri() == os.environ["MLFLOW_TRACKING_URI"]
-    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'third.db'}")._registry_uri.endswith("third.db")
+    client = cooked["client"]
+    for recipe, version in cooked["first"].versions.items():  # lineage: the version's source run
+        mv = client.get_model_version("tiny4-soup", str(version))
+        assert mv.run_id == cooked["first"].soup_runs[recipe]
+        logged = [client.get_logged_model(o.model_id)  # the soup run's logged models
+                  for o in client.get_run(mv.run_id).outputs.model_outputs]
+        assert mv.source in {s for m in logged for s in (m.model_uri, m.artifact_location)}
 
 
 def test_learned_mode_stacked_is_chosen_by_config_and_is_its_own_soup(cooked, tmp_path):

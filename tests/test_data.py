@@ -1,7 +1,11 @@
+import ast
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-from orchestrator import data
+from orchestrator import data, tinyworld
 from orchestrator.config import DataConfig
 
 
@@ -14,8 +18,8 @@ def test_splits_are_fixed_disjoint_and_stratified():
     for split in (task.train, task.heldout, task.test):
         counts = torch.bincount(split.labels, minlength=10)
         assert counts.min() > 0.7 * counts.max()
-    first = data._stratified_split(data._digits()[1], DataConfig())
-    second = data._stratified_split(data._digits()[1], DataConfig())
+    first = tinyworld._stratified_split(tinyworld._digits()[1], DataConfig())
+    second = tinyworld._stratified_split(tinyworld._digits()[1], DataConfig())
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
@@ -38,8 +42,34 @@ def test_shifts_cover_the_test_split_and_differ_from_it():
 
 
 def test_rendering_is_deterministic_per_seed():
-    a = data.render_batch(list("0123A"), np.random.default_rng(3))
-    b = data.render_batch(list("0123A"), np.random.default_rng(3))
-    c = data.render_batch(list("0123A"), np.random.default_rng(4))
+    a = tinyworld.render_batch(list("0123A"), np.random.default_rng(3))
+    b = tinyworld.render_batch(list("0123A"), np.random.default_rng(3))
+    c = tinyworld.render_batch(list("0123A"), np.random.default_rng(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (5, 3, 32, 32) and a.max() > 0.5
+
+
+def test_unknown_data_set_names_the_known_ones():
+    cfg = DataConfig.model_construct(dataset="mnist")  # past the schema: the table must refuse it too
+    with pytest.raises(ValueError, match="unknown data set 'mnist'; known: imagenet, tiny_digits"):
+        data.load_task(cfg)
+
+
+def _package_imports(module: str) -> set[str]:
+    """The orchestrator modules `module` imports (relative or absolute)."""
+    tree = ast.parse((Path(data.__file__).parent / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        mod = getattr(node, "module", None) or ""
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or mod.split(".")[0] == "orchestrator"):
+            sub = mod if node.level else mod.removeprefix("orchestrator").lstrip(".")
+            found |= {sub} if sub else {a.name for a in node.names}
+    return found
+
+
+def test_data_modules_import_one_way():
+    # splits <- tinyworld, imagenet <- data: neither world reaches the other or the table
+    assert _package_imports("splits") <= {"config"}
+    assert _package_imports("tinyworld") <= {"config", "splits"}
+    assert _package_imports("imagenet") <= {"config", "splits"}
+    assert _package_imports("data") == {"config", "imagenet", "splits", "tinyworld"}

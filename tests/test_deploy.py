@@ -21,7 +21,7 @@ import yaml
 
 from orchestrator.cli import _parser
 from orchestrator.config import ConfigError, SearchSpace, load_yaml
-from orchestrator.cook import DEFAULT_RECIPES
+from orchestrator.soups.recipe import recipe_names
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -131,7 +131,7 @@ def check_soup_command(argv: list[str], where: str):
         except ConfigError as e:
             pytest.fail(f"{where}: {args.space} does not validate: {e}")
     if args.command == "cook":
-        unknown = set(args.recipes.split(",")) - set(DEFAULT_RECIPES)
+        unknown = set((args.recipes or "").split(",")) - {""} - set(recipe_names())
         assert not unknown, f"{where}: unknown recipes {unknown}"
     return args
 

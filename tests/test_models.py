@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from orchestrator import data, models
+from orchestrator import data, models, tinyworld
 from orchestrator.config import DataConfig, ModelConfig
 from orchestrator.evaluate import accuracy
+from orchestrator.hashing import file_sha256
 
 
 def test_tiny_arch_is_registered_with_open_clip():
@@ -22,7 +23,7 @@ def test_named_open_clip_arch_builds_without_weights():
 
 
 def test_classifier_holds_only_tower_and_head():
-    clf = models.build_classifier(ModelConfig(), data.DIGITS)
+    clf = models.build_classifier(ModelConfig(), tinyworld.DIGITS)
     keys = list(clf.state_dict())
     assert all(k.startswith(("visual.", "head.")) for k in keys)
     assert clf.head.weight.shape == (10, 64)
@@ -64,4 +65,4 @@ def test_linear_probe_head_fits_training_features():
 
 def test_pretrained_ref_hashes_the_file():
     ref, digest = models.pretrained_ref(ModelConfig())
-    assert ref == "tiny-glyphs" and digest == models.file_sha256(models.TINY_CHECKPOINT)
+    assert ref == "tiny-glyphs" and digest == file_sha256(models.TINY_CHECKPOINT)

@@ -3,42 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from orchestrator.soups.ensemble import greedy_ensemble, logit_ensemble
-from orchestrator.soups.greedy import greedy_soup
-from orchestrator.soups.learned import heldout_loss_and_acc, learned_soup
-from orchestrator.soups.registry import RECIPES, SoupResult, get_recipe
-from orchestrator.soups.uniform import uniform_soup
+from orchestrator.soups.greedy import cook_greedy, greedy_soup
+from orchestrator.soups.learned import cook_learned, heldout_loss_and_acc, learned_soup
+from orchestrator.soups.recipe import RECIPES, SoupResult, get_recipe
+from orchestrator.soups.uniform import cook_uniform, uniform_soup
 from orchestrator.soups.weights import check_compatible, weighted_average
 
+from blobs import blobs, finetune, make_model
+
 QUIET = lambda s: None  # noqa: E731
-
-
-def blobs(n, seed):
-    """Three overlapping Gaussian classes in 2-D: accuracies well below 1."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    centres = torch.tensor([[0.0, 1.0], [1.0, -0.5], [-1.0, -0.5]])
-    return centres[y] + 0.7 * torch.randn(n, 2, generator=g), y
-
-
-def make_model():
-    torch.manual_seed(0)  # the shared "pretrained" init every ingredient starts from
-    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
-
-
-def finetune(init, x, y, lr, seed, steps=60):
-    model = make_model()
-    model.load_state_dict(init)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for _ in range(steps):
-        idx = torch.randint(len(y), (32,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +34,59 @@ def world():
 
 
 def test_registry_knows_the_recipes():
-    assert get_recipe("uniform") is uniform_soup
-    assert get_recipe("greedy") is greedy_soup
-    assert get_recipe("learned") is learned_soup
+    assert get_recipe("uniform").build is cook_uniform
+    assert get_recipe("greedy").build is cook_greedy
+    assert get_recipe("learned").build is cook_learned
     with pytest.raises(ValueError, match="known: .*greedy.*learned.*uniform"):
         get_recipe("bouillabaisse")
     assert set(RECIPES) >= {"uniform", "greedy", "learned"}
+
+
+@pytest.mark.parametrize("name", ["uniform", "greedy", "learned"])
+def test_every_recipe_takes_the_one_inputs_object(world, name):
+    """The cook calls every recipe the same way: `build(RecipeInputs)` -> `SoupResult`."""
+    from orchestrator.soups.recipe import RecipeInputs, RecipeOptions
+    from orchestrator.splits import TensorSplit
+
+    heldout = TensorSplit("heldout", world["x"], world["y"])
+    inputs = RecipeInputs(world["states"], [f"run{i}" for i in range(5)], world["scores"],
+                          world["model"], heldout, RecipeOptions(learned_mode="memory"), QUIET)
+    res = get_recipe(name).build(inputs)
+    assert isinstance(res, SoupResult) and res.recipe == name
+    assert set(res.state_dict) == set(world["states"][0]) and res.kept
+
+
+def test_recipe_settings_are_the_options_each_soup_depends_on():
+    from orchestrator.config import LEARNED_MODES
+    from orchestrator.soups.learned import MODES
+    from orchestrator.soups.recipe import RecipeOptions
+
+    opts = RecipeOptions(strict=True, learned_mode="stacked")
+    assert get_recipe("uniform").settings(opts) == {}
+    assert get_recipe("greedy").settings(opts) == {"strict": True}
+    assert get_recipe("learned").settings(opts) == {"learned_mode": "stacked"}
+    assert set(LEARNED_MODES) <= set(MODES)  # what a space may choose, the recipe can do
+
+
+def test_soup_keys_keep_the_first_releases_layout():
+    """Soups registered before the recipe table keep their keys: a re-cook finds them."""
+    import hashlib
+    import json
+
+    from orchestrator.cook import soup_key
+
+    def old(recipe, ids, strict, mode="streaming"):
+        key = [recipe, strict if recipe == "greedy" else None, ids]
+        if recipe == "learned" and mode != "streaming":
+            key.append(mode)
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+
+    ids = ["a", "b"]
+    assert soup_key("uniform", ids, {}) == old("uniform", ids, False)
+    for strict in (False, True):
+        assert soup_key("greedy", ids, {"strict": strict}) == old("greedy", ids, strict)
+    for mode in ("streaming", "stacked"):
+        assert soup_key("learned", ids, {"learned_mode": mode}) == old("learned", ids, False, mode)
 
 
 def test_uniform_soup_is_the_mean(world):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, SearchSpace, load_yaml
+from orchestrator.config import ConfigError, FinetuneConfig, SearchSpace, load_yaml
 from orchestrator.sweep import param_space, sample_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +17,27 @@ def test_shipped_space_validates_and_opens_with_its_command(path):
     assert param_space(space)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "soup sweep " + str(path.relative_to(REPO)) in first
+
+
+# Every YAML the project ships for `soup` (deploy/ has its own test, tests/test_deploy.py).
+EVERY_YAML = sorted(p for d in ("search_spaces", "examples") for ext in ("*.yaml", "*.yml")
+                    for p in (REPO / d).rglob(ext))
+SCHEMAS = {"soup sweep": SearchSpace, "soup finetune": FinetuneConfig, "soup zeroshot": FinetuneConfig}
+
+
+@pytest.mark.parametrize("path", EVERY_YAML, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_yaml_loads_with_the_command_it_names(path):
+    """Each file's header names the command it is for; the project's loader accepts it as such."""
+    header = " ".join(line for line in path.read_text().splitlines()[:5] if line.startswith("#"))
+    named = [cmd for cmd in SCHEMAS if f"{cmd} " in header and str(path.relative_to(REPO)) in header]
+    assert named, f"{path.name}: its header names no `soup ...` command with its own path"
+    load_yaml(SCHEMAS[named[0]], path)
+
+
+def test_every_shipped_yaml_is_found():
+    assert {p.relative_to(REPO).as_posix() for p in EVERY_YAML} >= {
+        "search_spaces/tiny_digits.yaml", "search_spaces/clip_vit_b32_imagenet.yaml",
+        "examples/tiny_digits/finetune.yaml"}
 
 
 def test_paper_space_samples_stay_in_the_papers_ranges():

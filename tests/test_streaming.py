@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.soups import stream
-from orchestrator.soups.greedy import HeldoutCounter, greedy_soup, hopeless
+from orchestrator.evaluate import HeldoutCounter
+from orchestrator.soups.greedy import greedy_soup, hopeless
 from orchestrator.soups.learned import heldout_loss_and_acc, learned_soup
 from orchestrator.soups.stream import read_header, read_weights, scan_file
 from orchestrator.soups.uniform import uniform_soup
 from orchestrator.soups.weights import (check_compatible, save_weights, stream_weighted_sum,
                                         weighted_average)
-from test_recipes import blobs, finetune, make_model
+from blobs import blobs, finetune, make_model
 
 QUIET = lambda s: None  # noqa: E731
 
@@ -29,7 +30,7 @@ def tiny_chunks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The blob MLPs of test_recipes, also saved as safetensors files."""
+    """The blob MLPs of tests/blobs.py, also saved as safetensors files."""
     model = make_model()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     xtr, ytr = blobs(300, 1)

@@ -26,7 +26,7 @@ def _images(folder, n: int, seed: int) -> None:
 
 
 def _tree(root) -> None:
-    from orchestrator.realdata import imagenet_r_wnids, imagenet_wnids
+    from orchestrator.imagenet import imagenet_r_wnids, imagenet_wnids
 
     wnids = imagenet_wnids()[:CLASSES]
     for i, w in enumerate(wnids):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from orchestrator.soups import load_weights, save_weights, weighted_average
+from orchestrator.soups import read_weights, save_weights, weighted_average
 
 
 def sd(seed):
@@ -38,5 +38,5 @@ def test_incompatible_states_are_refused_by_name():
 def test_safetensors_roundtrip(tmp_path):
     a = sd(0)
     p = save_weights(a, tmp_path / "w.safetensors", {"recipe": "test"})
-    b = load_weights(p)
+    b = read_weights(p)
     assert all(torch.equal(a[k], b[k]) for k in a)

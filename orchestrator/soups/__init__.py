@@ -1,10 +1,12 @@
-"""Soup recipes and weights I/O. Recipes arrive with the cook; the primitives live here.
+"""Soup recipes and weights I/O: the recipe table (`recipe`), one file per recipe (`uniform`,
+`greedy`, `learned`), the logit ensembles, and streaming safetensors reads and weighted sums.
 
 Ingredients are safetensors files (streamed chunk by chunk, never all in memory) or state dicts.
+`read_weights` is the one way a whole checkpoint is read into memory.
 """
 
 from .stream import read_header, read_weights, scan_file
-from .weights import load_weights, save_weights, stream_weighted_sum, weighted_average
+from .weights import save_weights, stream_weighted_sum, weighted_average
 
-__all__ = ["load_weights", "save_weights", "weighted_average", "stream_weighted_sum", "read_header",
+__all__ = ["save_weights", "weighted_average", "stream_weighted_sum", "read_header",
            "read_weights", "scan_file"]

@@ -11,44 +11,14 @@ rejected as soon as it can no longer reach the soup's correct count, which chang
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .registry import SoupResult, register
+from ..evaluate import HeldoutCounter, heldout_counter
+from .recipe import RecipeInputs, RecipeOptions, SoupResult, register
 from .stream import Ingredient, is_file, read_weights
 from .weights import StateDict, check_compatible, float_keys, stream_add, stream_mean_with
-
-
-@dataclass(frozen=True)
-class HeldoutCounter:
-    """Held-out scoring in chunks: ``correct(state)`` yields ``(right, seen)`` per chunk.
-
-    The chunks of one call must cover all `size` examples; accuracy is ``right / size``.
-    """
-
-    size: int
-    correct: Callable[[StateDict], Iterable[tuple[int, int]]]
-
-
-def model_counter(model: torch.nn.Module, split, chunk_size: int = 64) -> HeldoutCounter:
-    """A `HeldoutCounter` that loads each state into `model` and scores `split` (anything with
-    ``batches(n)`` yielding (images, labels), like `orchestrator.data.Split`) in chunks."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def correct(state: StateDict):
-        model.load_state_dict(state)
-        was_training = model.training
-        model.eval()
-        try:
-            for x, y in split.batches(chunk_size):
-                yield int((model(x.to(device)).argmax(1).cpu() == y).sum()), len(y)
-        finally:
-            model.train(was_training)
-
-    return HeldoutCounter(len(split), correct)
 
 
 def rank_best_first(order_scores: Sequence[float], n: int) -> list[int]:
@@ -88,7 +58,19 @@ def _acc(score, scorer) -> float:
     return score / scorer.size if isinstance(scorer, HeldoutCounter) else score
 
 
-@register("greedy")
+def _settings(options: RecipeOptions) -> dict:
+    return {"strict": options.strict}
+
+
+@register("greedy", _settings)
+def cook_greedy(inputs: RecipeInputs) -> SoupResult:
+    """Greedy soup (the paper's Algorithm 1): add ingredients best first while held-out accuracy holds."""
+    # Integer correct counts, chunk by chunk: a candidate is dropped as soon as it cannot reach
+    # the soup, with the same decisions as scoring every held-out example.
+    return greedy_soup(inputs.ingredients, heldout_counter(inputs.model, inputs.heldout),
+                       inputs.scores, strict=inputs.options.strict, names=inputs.names, log=inputs.log)
+
+
 def greedy_soup(ingredients: Sequence[Ingredient], heldout: HeldoutCounter | Callable[[dict], float],
                 order_scores: Sequence[float], strict: bool = False,
                 names: Sequence[str] | None = None, log: Callable[[str], None] = print,

@@ -1,14 +1,15 @@
 """The learned soup: mixing coefficients fitted by gradient descent on the held-out loss.
 
-Coefficients are a softmax over per-ingredient logits (one set globally, or one per parameter
-tensor), initialised uniform and optimised with Adam through ``torch.func.functional_call``.
+Coefficients are a softmax over per-ingredient *mixing parameters* (unnormalised scores: one
+vector globally, or one per parameter tensor), initialised uniform and optimised with Adam
+through ``torch.func.functional_call``.
 Three ways to get the gradient, one result (up to rounding):
 
 - ``streaming`` (default): memory does not grow with N. Each step builds the mixed weights
   theta = sum_i alpha_i theta_i as a running sum, reading the ingredients chunk by chunk; a
   forward/backward with theta as the leaves gives g = dL/dtheta; then dL/dalpha_i = <g, theta_i>
   is accumulated ingredient by ingredient (tensor by tensor for per-layer coefficients) and
-  chained through the softmax to the logits by autograd. Two model sizes plus activations.
+  chained through the softmax to the mixing parameters by autograd. Two model sizes plus activations.
 - ``stacked``: every ingredient stacked on the model's device in `stack_dtype` (bfloat16 halves
   the memory), and autograd does the rest; fastest when N models fit.
 - ``memory``: the original in-memory formulation (ingredients held as state dicts, autograd
@@ -24,39 +25,43 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .registry import SoupResult, register
+from ..evaluate import eval_mode
+from .recipe import RecipeInputs, RecipeOptions, SoupResult, register
 from .stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
 from .weights import StateDict, check_compatible, float_keys, stream_dots, stream_weighted_sum
 
 MODES = ("streaming", "stacked", "memory")
+# Held-out images the cooked learned soup fits its coefficients on, read into memory (ImageNet's
+# 2% slice is 25k images; the first 4096 of its seeded permutation are plenty for N coefficients).
+HELDOUT_LIMIT = 4096
 
 
-def _init_logits(keys: list[str], n: int, per_layer: bool, device) -> dict[str, torch.Tensor]:
-    """Zero logits (uniform softmax); global mixing shares one vector under the key ``""``."""
+def _init_mixing(keys: list[str], n: int, per_layer: bool, device) -> dict[str, torch.Tensor]:
+    """Zero mixing parameters (a uniform softmax); global mixing shares one vector under ``""``."""
     names = keys if per_layer else [""]
     return {k: torch.zeros(n, device=device, requires_grad=True) for k in names}
 
 
-def _weights(logits: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def _weights(mixing: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     """Mixing weights of tensor `key`: its own softmax per layer, else the shared one."""
-    return torch.softmax(logits[key] if key in logits else logits[""], dim=0)
+    return torch.softmax(mixing[key] if key in mixing else mixing[""], dim=0)
 
 
-def _mixing_weights(logits: dict[str, torch.Tensor], key: str, trainable: frozenset[str] | None
+def _mixing_weights(mixing: dict[str, torch.Tensor], key: str, trainable: frozenset[str] | None
                     ) -> torch.Tensor:
     """`_weights` for tensor `key`, detached when `key` is not in `trainable`: float buffers (such
     as batch-norm statistics) are mixed with the same coefficients but carry no gradient, the
     model cannot differentiate through them."""
-    w = _weights(logits, key)
+    w = _weights(mixing, key)
     return w if trainable is None or key in trainable else w.detach()
 
 
-def _mix(states: Sequence[StateDict], logits: dict[str, torch.Tensor], keys: list[str],
+def _mix(states: Sequence[StateDict], mixing: dict[str, torch.Tensor], keys: list[str],
          trainable: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
-    """Differentiable mixed parameters: sum_i softmax(logits)_i * state_i, tensor by tensor."""
+    """Differentiable mixed parameters: sum_i softmax(mixing)_i * state_i, tensor by tensor."""
     out = {}
     for k in keys:
-        w = _mixing_weights(logits, k, trainable)
+        w = _mixing_weights(mixing, k, trainable)
         out[k] = sum(w[i] * sd[k] for i, sd in enumerate(states))
     return out
 
@@ -71,12 +76,12 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         pos += batch_size
 
 
-def _coefficients(logits: dict[str, torch.Tensor], keys: list[str], per_layer: bool):
+def _coefficients(mixing: dict[str, torch.Tensor], keys: list[str], per_layer: bool):
     """Final coefficients as plain floats: a list (global) or tensor name -> list (per layer)."""
     with torch.no_grad():
         if not per_layer:
-            return _weights(logits, "").cpu().tolist()
-        return {k: _weights(logits, k).cpu().tolist() for k in keys}
+            return _weights(mixing, "").cpu().tolist()
+        return {k: _weights(mixing, k).cpu().tolist() for k in keys}
 
 
 @torch.no_grad()
@@ -94,7 +99,18 @@ def heldout_loss_and_acc(model: nn.Module, state: StateDict, images: torch.Tenso
     return loss / len(labels), correct / len(labels)
 
 
-@register("learned")
+def _settings(options: RecipeOptions) -> dict:
+    return {"learned_mode": options.learned_mode}
+
+
+@register("learned", _settings)
+def cook_learned(inputs: RecipeInputs) -> SoupResult:
+    """Learned soup: one mixing coefficient per ingredient, fitted on the held-out loss."""
+    images, labels = inputs.heldout.tensors(limit=HELDOUT_LIMIT)
+    return learned_soup(inputs.ingredients, inputs.model, images, labels, names=inputs.names,
+                        log=inputs.log, mode=inputs.options.learned_mode)
+
+
 def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_images: torch.Tensor,
                  heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = 50,
                  lr: float = 0.05, batch_size: int = 256, seed: int = 0,
@@ -114,25 +130,22 @@ def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_im
     infos = check_compatible(ingredients, names)
     device = next(model.parameters()).device
     keys = float_keys(infos)
-    logits = _init_logits(keys, len(ingredients), per_layer, device)
+    mixing = _init_mixing(keys, len(ingredients), per_layer, device)
     trainable = frozenset(name for name, _ in model.named_parameters())
     step_fn = {"streaming": _StreamingStep, "stacked": _StackedStep, "memory": _MemoryStep}[mode](
         ingredients, infos, keys, device, stack_dtype, trainable)
-    opt = torch.optim.Adam(list(logits.values()), lr=lr)
+    opt = torch.optim.Adam(list(mixing.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    history, was_training = [], model.training
-    model.eval()  # no dropout: the loss must be a deterministic function of the coefficients
-    try:
+    history = []
+    with eval_mode(model):  # no dropout: the loss must be a deterministic function of the coefficients
         for step, idx in enumerate(_batches(len(heldout_labels), batch_size, steps, gen)):
             x, y = heldout_images[idx].to(device), heldout_labels[idx].to(device)
             opt.zero_grad()
-            loss = step_fn(model, logits, x, y)  # leaves dL/dlogits in the logits' .grad
+            loss = step_fn(model, mixing, x, y)  # leaves dL/dmixing in each parameter's .grad
             opt.step()
             history.append({"step": step, "loss": loss})
-    finally:
-        model.train(was_training)
     del step_fn  # the stacked copies, before the final soup is built
-    return _result(ingredients, model, logits, keys, per_layer, history, heldout_images,
+    return _result(ingredients, model, mixing, keys, per_layer, history, heldout_images,
                    heldout_labels, log, mode)
 
 
@@ -157,8 +170,8 @@ class _MemoryStep:
                        for s in ingredients]
         self.fixed = {k: v for k, v in self.states[0].items() if k not in set(keys)}
 
-    def __call__(self, model, logits, x, y) -> float:
-        loss = _loss(model, {**self.fixed, **_mix(self.states, logits, self.keys, self.trainable)}, x, y)
+    def __call__(self, model, mixing, x, y) -> float:
+        loss = _loss(model, {**self.fixed, **_mix(self.states, mixing, self.keys, self.trainable)}, x, y)
         loss.backward()
         return loss.item()
 
@@ -172,9 +185,9 @@ class _StreamingStep:
         self.fixed = _fixed(ingredients[0], infos, keys, device)
         self.theta = {k: torch.empty(infos[k].shape, dtype=torch.float32, device=device) for k in keys}
 
-    def __call__(self, model, logits, x, y) -> float:
-        shared = _weights(logits, "") if "" in logits else None
-        weights = {k: shared if shared is not None else _weights(logits, k) for k in self.keys}
+    def __call__(self, model, mixing, x, y) -> float:
+        shared = _weights(mixing, "") if "" in mixing else None
+        weights = {k: shared if shared is not None else _weights(mixing, k) for k in self.keys}
         with torch.no_grad():
             coefficients = {k: w.tolist() for k, w in weights.items()}
         for t in self.theta.values():  # reused across steps: no new model-sized allocations
@@ -189,14 +202,14 @@ class _StreamingStep:
         loss.backward()
         grads = {k: self.theta[k].grad for k in grad_keys}
         dots = stream_dots(self.ingredients, grads)  # (tensors, ingredients), float64
-        _chain(logits, weights, grad_keys, dots)
+        _chain(mixing, weights, grad_keys, dots)
         return loss.item()
 
 
-def _chain(logits, weights: dict[str, torch.Tensor], keys: list[str], dots: torch.Tensor) -> None:
+def _chain(mixing, weights: dict[str, torch.Tensor], keys: list[str], dots: torch.Tensor) -> None:
     """Backpropagate dL/dalpha (per tensor, or summed over tensors for global mixing) through the
-    softmax to the logits' .grad."""
-    if "" in logits:
+    softmax to the mixing parameters' .grad."""
+    if "" in mixing:
         w = weights[keys[0]]  # one shared softmax: every key holds the same tensor
         w.backward(dots.sum(0).to(w.dtype))
         return
@@ -226,12 +239,12 @@ class _StackedStep:
         for i, ing in enumerate(ingredients[1:], start=1):  # one ingredient at a time into its slot
             _fill_delta({k: self.stack[k][i] for k in keys}, self.base, ing, keys)
 
-    def __call__(self, model, logits, x, y) -> float:
+    def __call__(self, model, mixing, x, y) -> float:
         theta = {}
         for k in self.keys:
             s = self.stack[k]
             # (N) x (N, P) contraction in the stack's dtype, added to the float32 base
-            w = _mixing_weights(logits, k, self.trainable)
+            w = _mixing_weights(mixing, k, self.trainable)
             theta[k] = self.base[k] + torch.tensordot(w.to(s.dtype), s, dims=1).float()
         loss = _loss(model, {**self.fixed, **theta}, x, y)
         loss.backward()
@@ -261,14 +274,12 @@ def _check_fits(nbytes: int, device: torch.device) -> None:
                          f"{free / 2**30:.1f} GiB free: use mode='streaming'")
 
 
-def _result(ingredients, model, logits, keys, per_layer, history, images, labels, log, mode) -> SoupResult:
+def _result(ingredients, model, mixing, keys, per_layer, history, images, labels, log, mode) -> SoupResult:
     """Rebuild the soup from the final coefficients (streamed) and score it on the held-out set."""
-    coefficients = _coefficients(logits, keys, per_layer)
+    coefficients = _coefficients(mixing, keys, per_layer)
     state = stream_weighted_sum(ingredients, coefficients)
-    was_training = model.training
-    model.eval()
-    loss, acc = heldout_loss_and_acc(model, state, images, labels)
-    model.train(was_training)
+    with eval_mode(model):
+        loss, acc = heldout_loss_and_acc(model, state, images, labels)
     log(f"learned soup ({'per layer' if per_layer else 'global'}, {mode}): held-out loss {loss:.4f}, "
         f"accuracy {acc:.2%} after {len(history)} steps")
     return SoupResult("learned", state, coefficients, list(range(len(ingredients))), history, acc)

@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .registry import SoupResult, register
+from .recipe import RecipeInputs, SoupResult, register
 from .stream import Ingredient
 from .weights import stream_weighted_sum
 
 
 @register("uniform")
+def cook_uniform(inputs: RecipeInputs) -> SoupResult:
+    """Uniform soup: the mean of every ingredient's weights."""
+    return uniform_soup(inputs.ingredients, names=inputs.names)
+
+
 def uniform_soup(ingredients: Sequence[Ingredient], names: Sequence[str] | None = None,
                  out: str | Path | None = None, metadata: dict[str, str] | None = None) -> SoupResult:
     """Average all ingredients (safetensors paths or state dicts) with coefficients 1/N.

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .stream import (Chunk, FileSink, Ingredient, MemorySink, StateDict, TensorInfo, Worker,
                      is_file, layout, map_chunks, plan)
 
 Coefficients = Sequence[float] | Mapping[str, Sequence[float]]
 
-__all__ = ["StateDict", "Ingredient", "save_weights", "load_weights", "check_compatible",
+__all__ = ["StateDict", "Ingredient", "save_weights", "check_compatible",
            "weighted_average", "stream_weighted_sum", "stream_add", "stream_mean_with",
            "stream_dots", "float_keys"]
 
@@ -34,11 +34,6 @@ def save_weights(state: StateDict, path: str | Path, metadata: dict[str, str] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata)
     return path
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict onto the CPU."""
-    return load_file(str(path), device="cpu")
 
 
 def _label(ingredient: Ingredient, i: int) -> str:

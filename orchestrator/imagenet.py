@@ -27,8 +27,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from . import data
 from .config import ASSETS, DataConfig
+from .splits import FolderSplit, TaskData
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OBJECTNET_BORDER = 2  # the reference code crops 2 px a side to remove ObjectNet's 1-px red frame
@@ -135,11 +135,11 @@ def _listing(root: Path, label_of: dict[str, int]) -> tuple[list[str], list[int]
     return paths, labels
 
 
-def _split(name: str, paths, labels, size: int, project=None, border: int = 0) -> data.FolderSplit:
+def _split(name: str, paths, labels, size: int, project=None, border: int = 0) -> FolderSplit:
     if not paths:
         raise ValueError(f"{name}: no images found")
     ds = ImageFiles(tuple(paths), tuple(labels), size, border)
-    return data.FolderSplit(name, ds, torch.tensor(labels, dtype=torch.int64), project)
+    return FolderSplit(name, ds, torch.tensor(labels, dtype=torch.int64), project)
 
 
 # --- projections: model logits -> a split's classes ----------------------------------------------
@@ -212,7 +212,7 @@ def _numbered(names) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
-def _test(root: Path, model: tuple[str, ...], cfg: DataConfig) -> data.FolderSplit:
+def _test(root: Path, model: tuple[str, ...], cfg: DataConfig) -> FolderSplit:
     """The official val set, as the reporting (test) split: it must have only training classes."""
     folders = _class_folders(root, "ImageNet val")
     extra = [f for f in folders if f not in set(model)]
@@ -222,7 +222,7 @@ def _test(root: Path, model: tuple[str, ...], cfg: DataConfig) -> data.FolderSpl
 
 
 def _by_wnid(root: Path, model: tuple[str, ...], cfg: DataConfig, *, name: str, what: str,
-             subset=None) -> data.FolderSplit:
+             subset=None) -> FolderSplit:
     """A shift in <wnid>/ folders; with `subset` (a function giving its wnids), labelled in and
     projected to those of its classes the model has."""
     classes = subset() if subset is not None else imagenet_wnids()
@@ -237,7 +237,7 @@ def _by_wnid(root: Path, model: tuple[str, ...], cfg: DataConfig, *, name: str, 
     return _split(name, *_listing(root, _numbered(kept)), cfg.image_size, project)
 
 
-def _imagenetv2(root: Path, model: tuple[str, ...], cfg: DataConfig) -> data.FolderSplit:
+def _imagenetv2(root: Path, model: tuple[str, ...], cfg: DataConfig) -> FolderSplit:
     """ImageNetV2 names its folders by 1000-class index; map each to the model's class by wnid."""
     what, wnids, position = "ImageNetV2", imagenet_wnids(), _numbered(model)
     label_of = {}
@@ -249,7 +249,7 @@ def _imagenetv2(root: Path, model: tuple[str, ...], cfg: DataConfig) -> data.Fol
     return _split("imagenetv2", *_listing(root, label_of), cfg.image_size)
 
 
-def _objectnet(root: Path, model: tuple[str, ...], cfg: DataConfig) -> data.FolderSplit:
+def _objectnet(root: Path, model: tuple[str, ...], cfg: DataConfig) -> FolderSplit:
     """The ObjectNet classes with an ImageNet counterpart; images of the other 200 are dropped."""
     _class_folders(root, "ObjectNet")
     wnids, position = imagenet_wnids(), _numbered(model)
@@ -275,7 +275,7 @@ _SHIFT_LOADERS = {  # name -> (folder under the data root, loader(root, model wn
 }
 
 
-def load_imagenet_task(cfg: DataConfig) -> data.TaskData:
+def load_imagenet_task(cfg: DataConfig) -> TaskData:
     """ImageNet train (less a seeded held-out slice), val as test, and the configured shifts.
 
     Only file listings are read here; images are decoded on demand by the splits' data sets.
@@ -295,4 +295,4 @@ def load_imagenet_task(cfg: DataConfig) -> data.TaskData:
         folder, load = _SHIFT_LOADERS[s]
         shifts[s] = load(root / folder, model, cfg)
     names = imagenet_classnames()
-    return data.TaskData(tuple(names[w] for w in model), train, heldout, test, shifts)
+    return TaskData(tuple(names[w] for w in model), train, heldout, test, shifts)

@@ -9,7 +9,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from pydantic import ValidationError
 
-from orchestrator import data, realdata
+from orchestrator import data, imagenet, splits
 from orchestrator.config import DataConfig
 
 SIZE = 16
@@ -23,7 +23,7 @@ ALL_SHIFTS = ("imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "image
 
 
 def wnid(i: int) -> str:
-    return realdata.imagenet_wnids()[i]
+    return imagenet.imagenet_wnids()[i]
 
 
 def write_images(folder, n: int, ext: str, seed: int, border: bool = False) -> None:
@@ -74,13 +74,13 @@ def config(root, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def task(root):
-    return realdata.load_imagenet_task(config(root))
+    return imagenet.load_imagenet_task(config(root))
 
 
 # --- the committed maps --------------------------------------------------------------------------
 
 def test_committed_maps_have_the_standard_counts():
-    w, r, a = realdata.imagenet_wnids(), realdata.imagenet_r_wnids(), realdata.imagenet_a_wnids()
+    w, r, a = imagenet.imagenet_wnids(), imagenet.imagenet_r_wnids(), imagenet.imagenet_a_wnids()
     assert len(w) == len(set(w)) == 1000 and list(w) == sorted(w)
     assert (w[0], w[1], w[-1]) == ("n01440764", "n01443537", "n15075141")
     assert len(r) == len(set(r)) == 200 and set(r) <= set(w)
@@ -89,7 +89,7 @@ def test_committed_maps_have_the_standard_counts():
     # the 1000-class indices published as CLASS_SUBLIST in mlfoundations/wise-ft
     assert [w.index(x) for x in r][:6] == [1, 2, 4, 6, 8, 9] and w.index(r[-1]) == 988
     assert [w.index(x) for x in a][:6] == [6, 11, 13, 15, 17, 22] and w.index(a[-1]) == 988
-    on = realdata.objectnet_classes()
+    on = imagenet.objectnet_classes()
     members = [i for idx in on.values() for i in idx]
     assert len(on) == 113 and len(members) == len(set(members)) == 125
     assert all(0 <= i < 1000 for i in members)
@@ -114,17 +114,17 @@ def test_heldout_is_a_seeded_disjoint_slice(root, task):
     tr, he = paths(task.train), paths(task.heldout)
     assert len(tr) + len(he) == 24 and len(he) == 6  # 25% of 8 classes x 3 images
     assert not set(tr) & set(he)
-    again = realdata.load_imagenet_task(config(root))
+    again = imagenet.load_imagenet_task(config(root))
     assert paths(again.heldout) == he and torch.equal(again.heldout.labels, task.heldout.labels)
-    other = realdata.load_imagenet_task(config(root, split_seed=1))
+    other = imagenet.load_imagenet_task(config(root, split_seed=1))
     assert set(paths(other.heldout)) != set(he)
 
 
 def test_split_is_independent_of_listing_order(root, task, monkeypatch):
-    listdir, scandir = realdata.os.listdir, realdata.os.scandir
-    monkeypatch.setattr(realdata.os, "listdir", lambda p: list(reversed(listdir(p))))
-    monkeypatch.setattr(realdata.os, "scandir", lambda p: list(reversed(list(scandir(p)))))
-    shuffled = realdata.load_imagenet_task(config(root))
+    listdir, scandir = imagenet.os.listdir, imagenet.os.scandir
+    monkeypatch.setattr(imagenet.os, "listdir", lambda p: list(reversed(listdir(p))))
+    monkeypatch.setattr(imagenet.os, "scandir", lambda p: list(reversed(list(scandir(p)))))
+    shuffled = imagenet.load_imagenet_task(config(root))
     assert paths(shuffled.heldout) == paths(task.heldout)
     assert paths(shuffled.train) == paths(task.train)
 
@@ -132,7 +132,7 @@ def test_split_is_independent_of_listing_order(root, task, monkeypatch):
 def test_val_is_the_test_split(root, task):
     assert task.test.labels.tolist() == [k for k in range(8) for _ in (0, 1)]  # 2 images a class
     assert all("/val/" in p.replace("\\", "/") for p in paths(task.test))
-    other = realdata.load_imagenet_task(config(root, test_fraction=0.5))  # ignored for ImageNet
+    other = imagenet.load_imagenet_task(config(root, test_fraction=0.5))  # ignored for ImageNet
     assert paths(other.test) == paths(task.test)
     assert task.test.project is None
 
@@ -170,12 +170,12 @@ def test_200_class_shifts_project_to_their_classes_the_model_has(task, name, kep
     assert out.shape == (5, len(kept)) and torch.equal(out, logits[:, list(kept)])
     # a label's projected logit is the model's logit of that very class
     for path, label in zip(paths(s), s.labels.tolist()):
-        assert realdata.imagenet_wnids()[IDX[kept[label]]] in path
+        assert imagenet.imagenet_wnids()[IDX[kept[label]]] in path
 
 
 def test_full_projection_matches_the_reference_sublists():
-    w = realdata.imagenet_wnids()
-    p = realdata.SubsetProjection(tuple(w.index(x) for x in realdata.imagenet_r_wnids()), 1000)
+    w = imagenet.imagenet_wnids()
+    p = imagenet.SubsetProjection(tuple(w.index(x) for x in imagenet.imagenet_r_wnids()), 1000)
     assert p(torch.zeros(2, 1000)).shape == (2, 200)
     with pytest.raises(ValueError, match="1000"):
         p(torch.zeros(2, 999))
@@ -199,8 +199,8 @@ def test_objectnet_crops_the_border(task):
 
 
 def test_full_objectnet_projection_has_113_classes():
-    groups = tuple(realdata.objectnet_classes().values())
-    out = realdata.MaxProjection(groups, 1000)(torch.randn(3, 1000))
+    groups = tuple(imagenet.objectnet_classes().values())
+    out = imagenet.MaxProjection(groups, 1000)(torch.randn(3, 1000))
     assert out.shape == (3, 113)
 
 
@@ -218,7 +218,7 @@ def test_projections_pickle(task):
 def test_batches_through_a_dataloader(task, workers):
     s = task.shifts["imagenet_r"]
     order = torch.arange(len(s)).flip(0)
-    got = list(s.batches(3, order=order, opts=data.LoaderOptions(workers=workers)))
+    got = list(s.batches(3, order=order, opts=splits.LoaderOptions(workers=workers)))
     x = torch.cat([b[0] for b in got])
     y = torch.cat([b[1] for b in got])
     assert x.shape == (len(s), 3, SIZE, SIZE) and torch.equal(y, s.labels[order])
@@ -229,7 +229,7 @@ def test_load_task_end_to_end(root):
     cfg = DataConfig(dataset="imagenet", root=str(root), image_size=SIZE,
                      shifts=("imagenet_r", "objectnet"))
     task = data.load_task(cfg)
-    assert isinstance(task.train, data.FolderSplit) and len(task.classnames) == 8
+    assert isinstance(task.train, splits.FolderSplit) and len(task.classnames) == 8
     assert list(task.reporting()) == ["test", "imagenet_r", "objectnet"]
     assert data.load_task(cfg) is task  # cached on the frozen config
 
@@ -239,33 +239,33 @@ def test_load_task_end_to_end(root):
 def test_missing_shift_folder_names_path_and_data_set(root, tmp_path):
     shutil.copytree(root / "imagenet", tmp_path / "imagenet")
     with pytest.raises(FileNotFoundError, match=r"ImageNet-A: expected folder .*imagenet-a"):
-        realdata.load_imagenet_task(config(tmp_path, shifts=("imagenet_a",)))
+        imagenet.load_imagenet_task(config(tmp_path, shifts=("imagenet_a",)))
     with pytest.raises(FileNotFoundError, match="ObjectNet"):
-        realdata.load_imagenet_task(config(tmp_path, shifts=("objectnet",)))
+        imagenet.load_imagenet_task(config(tmp_path, shifts=("objectnet",)))
 
 
 def test_missing_root_and_empty_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="data root"):
-        realdata.load_imagenet_task(config(tmp_path / "nowhere", shifts=()))
+        imagenet.load_imagenet_task(config(tmp_path / "nowhere", shifts=()))
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match="no class folders"):
-        realdata.load_imagenet_task(config(tmp_path, shifts=()))
+        imagenet.load_imagenet_task(config(tmp_path, shifts=()))
     with pytest.raises(ValueError, match="data.root"):
-        realdata.load_imagenet_task(DataConfig(dataset="imagenet", shifts=()))
+        imagenet.load_imagenet_task(DataConfig(dataset="imagenet", shifts=()))
 
 
 def test_unknown_wnid_names_the_folder(tmp_path):
     write_images(tmp_path / "imagenet" / "train" / wnid(0), 2, ".JPEG", seed=0)
     write_images(tmp_path / "imagenet" / "train" / "n99999999", 2, ".JPEG", seed=1)
     with pytest.raises(ValueError, match="n99999999"):
-        realdata.load_imagenet_task(config(tmp_path, shifts=()))
+        imagenet.load_imagenet_task(config(tmp_path, shifts=()))
 
 
 def test_shift_folder_outside_its_class_set_is_refused(root, tmp_path):
     shutil.copytree(root / "imagenet", tmp_path / "imagenet")
     write_images(tmp_path / "imagenet-r" / wnid(0), 1, ".jpg", seed=0)  # tench is not in ImageNet-R
     with pytest.raises(ValueError, match=wnid(0)):
-        realdata.load_imagenet_task(config(tmp_path, shifts=("imagenet_r",)))
+        imagenet.load_imagenet_task(config(tmp_path, shifts=("imagenet_r",)))
 
 
 def test_tiny_world_shifts_are_refused_for_imagenet(root):

@@ -1,0 +1,117 @@
+"""The one place that knows how to connect to Ray.
+
+`init_ray` joins the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), or else
+starts a local Ray that listens on loopback only: a laptop or CI machine running a sweep must
+not offer its Ray (which runs whatever code it is sent) to the network it sits on.
+
+Ray 2.x picks a new node's IP itself and, on Linux, takes the machine's network address even
+when told ``127.0.0.1`` (``ray start --node-ip-address`` and ``ray.init`` map "localhost" to it).
+The one public switch is the documented environment variable
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``: set to ``0``, Ray runs single-node on ``127.0.0.1``, as it
+does on macOS and Windows by default, and every server it starts binds there. Ray reads it once,
+when ``ray`` is first imported, so this module sets it on import, imports ``ray`` only inside
+functions, and must be imported before anything imports ``ray``; `init_ray` refuses to start a
+local Ray that would not be on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Callable
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_ONLY = {LOOPBACK_ENV: "0"}
+
+
+def _default_to_loopback() -> None:
+    """Keep Ray on loopback unless the user chose otherwise or names a cluster elsewhere.
+
+    Also with a ``RAY_ADDRESS`` on loopback: without the switch Ray rewrites 127.0.0.1 in it to
+    the network address too, where a loopback-only cluster does not answer. Not for any other
+    ``RAY_ADDRESS``: the switch would forbid a ``ray start --address`` run from here."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or is_loopback(_host(address)):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def _host(address: str) -> str:
+    """``[ray://|http://]host:port`` -> host."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an IP, possibly an IPv4-mapped IPv6 one) is a loopback address."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+_default_to_loopback()
+
+
+def init_ray(log: Callable[[str], None] = print) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local
+    Ray that listens on loopback only. A no-op when Ray is already initialized."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    else:
+        _start_local()
+    log(f"Ray: {'cluster at ' + address if address else 'local'}, resources {ray.cluster_resources()}")
+
+
+def _loopback_wanted() -> bool:
+    """False only when the user set the variable to allow a network-visible local Ray."""
+    return os.environ.get(LOOPBACK_ENV, "0").strip().lower() in ("0", "false")
+
+
+def _start_local() -> None:
+    """A new local Ray (never one found on the machine), checked to be on loopback."""
+    import ray
+
+    wanted = _loopback_wanted()
+    planned = ray.util.get_node_ip_address()  # the IP a new node would take, before starting it
+    if wanted and not is_loopback(planned):
+        raise RuntimeError(
+            f"a local Ray would listen on {planned}, not on loopback: ray was imported before "
+            f"orchestrator.cluster could set {LOOPBACK_ENV}=0. Import orchestrator before ray, "
+            f"or set {LOOPBACK_ENV}=0 in the environment.")
+    # "local": start our own, not attach to whatever `ray start` last left in the machine's temp dir
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+    gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if wanted and not is_loopback(gcs_host):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {gcs_host}, not on loopback")
+
+
+def run_with_progress(generator_fn: Callable, args: tuple, num_cpus: float, num_gpus: float,
+                      log: Callable[[str], None]):
+    """Run ``generator_fn(*args)`` as a Ray task with these resources; it yields ``("log", line)``
+    pairs, relayed to `log` as they come, then one ``("result", value)``, whose value is returned.
+    An error in the task is raised here."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, num_returns="streaming")(generator_fn)
+    for ref in task.remote(*args):
+        kind, value = ray.get(ref)
+        if kind == "log":
+            log(value)
+        else:
+            return value
+    raise RuntimeError(f"the Ray task {getattr(generator_fn, '__name__', generator_fn)} "
+                       "ended without a result")
+
+
+def shutdown() -> None:
+    """Disconnect from Ray, stopping the local Ray this process started (if any)."""
+    import ray
+
+    ray.shutdown()
