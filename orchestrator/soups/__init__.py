@@ -5,6 +5,7 @@ Ingredients are safetensors files (streamed chunk by chunk, never all in memory)
 `read_weights` is the one way a whole checkpoint is read into memory.
 """
 
+from . import greedy, learned, uniform  # noqa: F401 - each registers its recipe
 from .stream import read_header, read_weights, scan_file
 from .weights import save_weights, stream_weighted_sum, weighted_average
 

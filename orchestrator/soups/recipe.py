@@ -4,7 +4,8 @@ A recipe is one file under `orchestrator/soups/` that decorates one function wit
 the function takes a `RecipeInputs` and returns a `SoupResult`. The cook, the CLI's help and its
 validation know recipes only through this table, so a recipe defined anywhere (a plugin, a test
 module) is cooked and registered as soon as its module is imported. The built-in recipes
-register themselves when `orchestrator.soups` loads them (`load_builtins`).
+register themselves when the `orchestrator.soups` package is imported (its `__init__` imports
+them), so this module imports nothing of the package.
 
 (This is the table of *recipes*; MLflow's model registry, where soups are registered as model
 versions, is reached through `orchestrator.tracking` only.)
@@ -12,7 +13,6 @@ versions, is reached through `orchestrator.tracking` only.)
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-# Modules whose import registers the built-in recipes, in the cook's default order.
-BUILTIN_MODULES = ("uniform", "greedy", "learned")
+# The built-in recipes (each in the module of its name), in the cook's default order.
+BUILTIN = ("uniform", "greedy", "learned")
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,8 @@ def register(name: str, settings: Callable[[RecipeOptions], Mapping[str, Any]] |
     return deco
 
 
-def load_builtins() -> None:
-    """Import the built-in recipe modules (each registers itself)."""
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(f"{__package__}.{mod}")
-
-
 def get_recipe(name: str) -> Recipe:
     """The recipe registered as `name`; ValueError naming the known recipes otherwise."""
-    load_builtins()
     try:
         return RECIPES[name]
     except KeyError:
@@ -121,13 +114,12 @@ def get_recipe(name: str) -> Recipe:
 
 def recipe_names() -> list[str]:
     """Every registered recipe: the built-in ones first, in their default order, then the rest."""
-    load_builtins()
-    return [*BUILTIN_MODULES, *sorted(set(RECIPES) - set(BUILTIN_MODULES))]
+    return [*BUILTIN, *sorted(set(RECIPES) - set(BUILTIN))]
 
 
 def default_recipes() -> tuple[str, ...]:
     """The recipes a cook builds when none are named: the built-in ones."""
-    return BUILTIN_MODULES
+    return BUILTIN
 
 
 def option_defaults() -> dict[str, Any]:
