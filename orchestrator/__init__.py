@@ -1,3 +1,7 @@
 """The model-soup sweep orchestrator: sweep, track, cook and promote CLIP model soups."""
 
 __version__ = "0.1.0"
+
+# First: makes a local Ray loopback-only (a switch Ray reads once, when it is first imported);
+# cluster itself imports ray only inside its functions.
+from . import cluster  # noqa: E402,F401

@@ -82,8 +82,8 @@ def _start_local() -> None:
     if wanted and not is_loopback(planned):
         raise RuntimeError(
             f"a local Ray would listen on {planned}, not on loopback: ray was imported before "
-            f"orchestrator.cluster could set {LOOPBACK_ENV}=0. Import orchestrator before ray, "
-            f"or set {LOOPBACK_ENV}=0 in the environment.")
+            f"orchestrator.cluster could set {LOOPBACK_ENV}=0. Import orchestrator.cluster before "
+            f"ray, or set {LOOPBACK_ENV}=0 in the environment.")
     # "local": start our own, not attach to whatever `ray start` last left in the machine's temp dir
     ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
@@ -115,3 +115,15 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+
+
+def is_local() -> bool:
+    """Whether this process runs its own local Ray (no ``RAY_ADDRESS``): then nothing can add nodes."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The total resources (``CPU``, ``GPU``, ...) of each live node of the connected Ray."""
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]

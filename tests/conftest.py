@@ -25,6 +25,9 @@ os.environ.update({
     "MLFLOW_TRACKING_URI": "sqlite:///" + str(_SESSION_HOME / "unused-mlflow.db"),
 })
 os.environ.pop("RAY_ADDRESS", None)
+from orchestrator.cluster import LOOPBACK_ONLY  # noqa: E402 - imports no ray
+
+os.environ.update(LOOPBACK_ONLY)  # every local Ray the suite starts listens on 127.0.0.1 only
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = Path(__file__).resolve().parent / "spaces"

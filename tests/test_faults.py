@@ -77,6 +77,13 @@ def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic):
     assert sorted(v.tags["recipe"] for v in versions) == ["greedy", "learned", "uniform"]
 
 
+def _trial_logged(uri) -> bool:
+    try:
+        return bool(_runs(uri, "trial"))
+    except Exception:  # noqa: BLE001 - the experiment may not exist yet
+        return False
+
+
 def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
     tmp = hermetic["tmp"]
     server = MlflowServer(f"sqlite:///{tmp / 'server.db'}", tmp / "artifacts", tmp / "server.log").start()
@@ -85,16 +92,13 @@ def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
     proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "sweep.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if _runs(server.uri, "trial"):
-                    break
-            except Exception:  # noqa: BLE001 - the experiment may not exist yet
-                pass
+        deadline = time.time() + 600  # generous: a cold start of Ray and the first trial when busy
+        while not _trial_logged(server.uri) and time.time() < deadline and proc.poll() is None:
             time.sleep(1)
+        # else the outage below would not be mid-sweep and the test would prove nothing
+        assert proc.poll() is None and _trial_logged(server.uri), (tmp / "sweep.log").read_text()[-4000:]
         server.stop()  # mid-sweep: trials are logging epochs and checkpoints
-        time.sleep(5)
+        time.sleep(5)  # the outage itself, not a wait for readiness: start() waits for /health
         server.start()
         assert proc.wait(900) == 0, (tmp / "sweep.log").read_text()[-4000:]
     finally:

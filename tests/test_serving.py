@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -85,32 +84,27 @@ def test_champion_loads_in_a_fresh_process(store):
 
 
 def test_mlflow_models_serve_answers_invocations(store, tmp_path):
+    from servers import stop_session, wait_for_http
+
     images, labels = _examples(6)
     store["client"].set_registered_model_alias(MODEL, "champion", _by_heldout(store)[-1].version)
-    port = free_port()
-    server = subprocess.Popen([venv_bin("mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**store["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep
-                                   + os.environ["PATH"]},  # as with the venv activated: uvicorn
-                              stdout=open(tmp_path / "serve.log", "w"),
-                              stderr=subprocess.STDOUT)
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:  # its own session: stopping it stops its uvicorn workers too
+        server = subprocess.Popen([venv_bin("mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  env={**store["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep
+                                       + os.environ["PATH"]},  # as with the venv activated: uvicorn
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(1)
+        # /ping answers 200 once the model is loaded; generous: torch and the soup load slowly when busy
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, log, 600, "mlflow models serve")
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(b).decode()] for b in images]}}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
-        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        reply = json.loads(urllib.request.urlopen(req, timeout=300).read())
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_session(server)
     preds = reply["predictions"]
     print("served prediction:", json.dumps(preds[0]))
     assert len(preds) == 6 and sum(int(p["label"]) == y for p, y in zip(preds, labels)) >= 4

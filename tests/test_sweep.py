@@ -97,16 +97,23 @@ def _finished_trials(uri):
 
 
 def test_sigkilled_driver_resumes_without_duplicates(hermetic):
+    from servers import kill_owned, new_mark
+
     soup = venv_bin("soup")
     cmd = [soup, "sweep", str(SPACES / "tiny4.yaml"), "--name", "killed", "--storage-path", hermetic["storage"]]
-    proc = subprocess.Popen(cmd, env=hermetic["env"], start_new_session=True,
+    mark = new_mark()
+    proc = subprocess.Popen(cmd, env={**hermetic["env"], **dict([mark.split("=")])}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # generous: the first trial of a cold start on a loaded machine
     while _finished_trials(hermetic["uri"]) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(1)
     assert proc.poll() is None, "the sweep ended before it could be killed"
+    assert _finished_trials(hermetic["uri"]) >= 1, "no trial finished before the deadline"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
+    # Ray's workers live in process groups of their own: make sure none of the killed run is still
+    # logging to the store when the resume starts, and count what it left only then
+    kill_owned(mark, session=proc.pid)
     done_before = _finished_trials(hermetic["uri"])
     assert 1 <= done_before < 4
     res = run(cmd + ["--resume"], hermetic["env"], timeout=600)
@@ -120,25 +127,25 @@ def test_sigkilled_driver_resumes_without_duplicates(hermetic):
 
 
 def test_ray_job_submit_runs_the_sweep(hermetic):
-    from conftest import REPO, free_port
+    from conftest import REPO
+    from orchestrator.cluster import is_loopback
+    from servers import RayHead, listening_addresses
 
     env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    port, dash = free_port(), free_port()
-    ray_bin = venv_bin("ray")
-    start = run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                 "--include-dashboard=true", "--disable-usage-stats"], env, timeout=180)
-    assert start.returncode == 0, start.stderr[-3000:]
+    head = RayHead(hermetic["tmp"] / "ray-head.log", env).start()
     try:
-        submit = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+        submit = run([venv_bin("ray"), "job", "submit", "--address", head.dashboard,
                       "--working-dir", str(REPO),
                       "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{hermetic["uri"]}"}}}}',
                       "--", "soup", "sweep", "tests/spaces/tiny4.yaml", "--name", "job",
                       "--storage-path", hermetic["storage"]], env, timeout=900)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()  # "Job 'raysubmit_...' succeeded"
+        listening = listening_addresses(head.pids())
+        assert listening and all(is_loopback(ip) for ip, _ in listening), sorted(listening)
     finally:
-        run([ray_bin, "stop", "--force"], env, timeout=120)
+        head.stop()  # this head only: `ray stop` would stop every Ray on the machine
+    assert not head.pids(), "the head left processes behind"
     client, parents, trials = sweep_runs(hermetic["uri"])
     assert len(parents) == 1 and parents[0].data.tags["sweep_id"] == "job"
     assert sum(t.info.status == "FINISHED" for t in trials) == 4

@@ -38,7 +38,10 @@ def browser(tmp_path):
     driver.quit()
 
 
-def _wait_for(driver, texts, timeout=60):
+UI_WAIT_S = 300  # generous: the UI's JavaScript bundle loads slowly in Chromium on a loaded machine
+
+
+def _wait_for(driver, texts, timeout=UI_WAIT_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
         page = driver.page_source
@@ -48,6 +51,25 @@ def _wait_for(driver, texts, timeout=60):
     raise AssertionError(f"never showed {[t for t in texts if t not in driver.page_source]}")
 
 
+def _click_first(driver, css, timeout=UI_WAIT_S):
+    """Click the first element matching `css` once the page has rendered it; React may re-render
+    the table between finding the element and clicking it, so a stale element is looked up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        try:
+            if found:
+                found[0].click()
+                return
+        except StaleElementReferenceException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"never showed an element matching {css}")
+
+
 def _shots_dir(tmp_path) -> Path:
     out = Path(os.environ.get("SOUP_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)
@@ -55,14 +77,11 @@ def _shots_dir(tmp_path) -> Path:
 
 
 def test_experiment_page_lists_sweep_trials_and_soups(cooked, server, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-
     sweep = cooked["sweep"]
     browser.get(f"{server}/#/experiments/{sweep.experiment_id}/runs")
     _wait_for(browser, [">c4<", "matching runs"])
-    expanders = browser.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']")
-    assert expanders, "the sweep run shows no expander for its nested runs"
-    expanders[0].click()
+    # the expander of the sweep's nested runs may render after the run's name: wait for it too
+    _click_first(browser, "button[data-component-id*='runnamecellrenderer']")
     trials = cooked["client"].search_runs([sweep.experiment_id], "tags.`soup.role` = 'trial'")
     page = _wait_for(browser, ["uniform-soup", "greedy-soup", "learned-soup"]
                      + [t.info.run_name for t in trials])
