@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from .config import LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, with_overrides
+from .config import (LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, parse_yaml,
+                     with_overrides)
 from .tables import text_table
 
 
@@ -22,14 +21,16 @@ def _fail(command: str, err: Exception | str) -> int:
     return 2
 
 
-def _existing_store() -> None:
-    """Commands that read what a sweep left refuse a sqlite store that is not there, rather than
-    create an empty one (a mistyped MLFLOW_TRACKING_URI) and report that nothing is in it."""
-    from .tracking import resolve_uri
+def _store(write: bool, must_exist: bool = True) -> None:
+    """Refuse, before any work, an MLflow store the command cannot use: a sqlite store that is
+    not there where one is read (a mistyped MLFLOW_TRACKING_URI is not created empty), a path
+    that cannot be opened, or a read-only store where the command writes."""
+    from .tracking import StoreError, check_store, resolve_uri
 
-    uri = resolve_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"no MLflow store at {uri} (set MLFLOW_TRACKING_URI to the sweep's store)")
+    try:
+        check_store(resolve_uri(), write=write, must_exist=must_exist)
+    except StoreError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_yaml(value, f"--set {pair!r}")  # the same guarded loader as files
     return out
 
 
@@ -84,9 +85,14 @@ def cmd_pair(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from .sweep import SweepInterrupted, run_sweep
 
-    out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
+    _store(write=True, must_exist=False)  # a sweep starts a new store or logs to an existing one
+    try:
+        out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
+    except SweepInterrupted as err:
+        print(f"soup sweep: {err}", file=sys.stderr)
+        return 128 + signal.Signals[err.signal_name].value  # as a shell reports death by signal
     print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
           f"parent run {out.parent_run_id} in {out.tracking_uri}")
     print(f"cook it with: soup cook --sweep {out.sweep_id}")
@@ -114,10 +120,11 @@ def cmd_cook(args) -> int:
     from .cook import CookError, cook
 
     recipes = _recipes(args.recipes)
-    _existing_store()
+    _store(write=True)
     try:
         out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
-                   strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode)
+                   strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
+                   partial=args.partial)
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
@@ -145,7 +152,7 @@ def cmd_promote(args) -> int:
     from .promotion import PromotionError, promote
     from .tracking import Tracker
 
-    _existing_store()
+    _store(write=True)
     try:
         v = promote(Tracker(), args.model, args.version, args.alias, args.force, args.reason or "")
     except PromotionError as err:
@@ -158,7 +165,7 @@ def cmd_models(args) -> int:
     from .promotion import PromotionError, list_versions
     from .tracking import Tracker
 
-    _existing_store()
+    _store(write=False)
     try:
         print(text_table(list_versions(Tracker(), args.model)))
     except PromotionError as err:
@@ -218,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="learned soup's gradients: from the files, flat memory (streaming), or every "
                          "ingredient in bf16 on the device (stacked); default: the space's cook.learned_mode")
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
+    sp.add_argument("--partial", action="store_true",
+                    help="cook a sweep that has not finished (running, interrupted or failed) from "
+                         "the trials finished so far; its versions are tagged partial_sweep=true")
     sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
     sp = add("promote", cmd_promote, "Move a registry alias to a version, behind a held-out gate.")
@@ -258,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.fn(args)
         except ConfigError as err:
             return _fail(args.command, err)
+        except KeyboardInterrupt:
+            print(f"soup {args.command}: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT.value
 
 
 if __name__ == "__main__":

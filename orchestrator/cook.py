@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from . import cluster, models
+from . import cluster, concurrency, models
 from .config import ConfigError, SearchSpace, validate
 from .cook_build import (Built, CookError, TrialCheckpoint, build_and_evaluate, build_with_progress,
                          reference_state)
@@ -34,7 +34,7 @@ from .soups.stream import scan_file
 from .soups.weights import check_compatible, save_weights
 from .tables import markdown_table
 from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
-                       log_soup_model, read_artifact_text, register_soup, stale_soups)
+                       log_soup_model, read_artifact_text, register_soup)
 
 
 @dataclass
@@ -63,6 +63,7 @@ class CookContext:
     model_name: str
     options: RecipeOptions
     tmp: Path
+    partial: bool = False  # the sweep had not finished: its soups are tagged partial_sweep
 
 
 @dataclass
@@ -161,22 +162,21 @@ def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -
 
 def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
          tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
-         log: Callable[[str], None] = print, learned_mode: str | None = None) -> CookOutcome:
+         log: Callable[[str], None] = print, learned_mode: str | None = None,
+         partial: bool = False) -> CookOutcome:
     """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
 
     `recipes` default to the built-in ones; `learned_mode` overrides the space's
-    ``cook.learned_mode`` (``streaming`` or ``stacked``)."""
-    recipes = tuple(recipes or default_recipes())
-    try:
-        table = [get_recipe(r) for r in recipes]
-    except ValueError as err:
-        raise CookError(str(err)) from None
+    ``cook.learned_mode`` (``streaming`` or ``stacked``). A sweep that has not FINISHED (still
+    running, interrupted or failed) is cooked only with `partial`, and its soups say so.
+    """
+    table = _recipes(recipes)
     tracker = Tracker(tracking_uri)
     exp_id, parent = locate_sweep(tracker, sweep_id)
     if parent is None:
         raise CookError(f"no sweep {sweep_id!r} in {tracker.uri}")
-    space = validate(SearchSpace, yaml.safe_load(read_artifact_text(
-        tracker, parent.info.run_id, "space/resolved_config.yaml")), f"sweep {sweep_id} config")
+    _check_finished(parent, sweep_id, partial)
+    space = _sweep_space(tracker, parent, sweep_id)
     runs = tracker.trial_runs(exp_id, sweep_id, FINISHED)
     if not runs:
         raise CookError(f"sweep {sweep_id!r} has no FINISHED trial runs to cook")
@@ -187,14 +187,45 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         if not checkpoints:
             raise CookError(f"sweep {sweep_id!r}: every run was excluded: {excluded}")
         log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
-            f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(recipes)}")
+            f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(r.name for r in table)}")
         options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
         gpus = min(space.sweep.resources.gpu, 1.0) if use_ray else None
         built = _build_soups(space.base.model_dump(mode="json"), checkpoints, table, options, gpus,
                              tracker.uri, _flushed(log))
-        ctx = CookContext(tracker, exp_id, parent.info.run_id, sweep_id, space,
-                          [c.run_id for c in checkpoints], model_name, options, Path(tmp))
+        excluded.update(built.excluded)
+        ctx = CookContext(tracker, exp_id, parent.info.run_id, sweep_id, space, built.used,
+                          model_name, options, Path(tmp), parent.info.status != FINISHED)
         return _log_all(ctx, built, excluded, log)
+
+
+def _recipes(names: Sequence[str] | None) -> list:
+    try:
+        return [get_recipe(r) for r in (names or default_recipes())]
+    except ValueError as err:
+        raise CookError(str(err)) from None
+
+
+def _check_finished(parent, sweep_id: str, partial: bool) -> None:
+    """Refuse a sweep whose run has not FINISHED unless `partial`: its finished trials are only
+    some of the sweep's, and a soup of them must not pass for the sweep's soup."""
+    status = parent.info.status
+    if status == FINISHED or partial:
+        return
+    why = parent.data.tags.get("end_reason", "")
+    raise CookError(
+        f"sweep {sweep_id!r} has not finished (its run is {status}{': ' + why if why else ''}); "
+        f"finish it (soup sweep SPACE --name {sweep_id} --resume) or pass --partial to cook "
+        "the trials finished so far")
+
+
+def _sweep_space(tracker: Tracker, parent, sweep_id: str) -> SearchSpace:
+    """The space the sweep ran, from the copy logged with its run."""
+    try:
+        text = read_artifact_text(tracker, parent.info.run_id, "space/resolved_config.yaml")
+    except Exception as err:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        raise CookError(f"sweep {sweep_id!r}: its logged space (space/resolved_config.yaml) cannot "
+                        f"be read from its artifacts ({type(err).__name__}): were they deleted?") from None
+    return validate(SearchSpace, yaml.safe_load(text), f"sweep {sweep_id} config")
 
 
 def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> CookOutcome:
@@ -208,7 +239,7 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
         settings = get_recipe(recipe).settings(ctx.options)
         soup = SoupRecord(recipe, soup_key(recipe, ctx.run_ids, settings), settings, result,
                           by_name[f"{recipe} soup"])
-        run_id, version, reused = _log_and_register(ctx, soup, built, plot)
+        run_id, version, reused = _log_and_register(ctx, soup, built, plot, log)
         out.soup_runs[recipe], out.versions[recipe] = run_id, version
         if reused:
             out.reused.append(recipe)
@@ -225,34 +256,45 @@ def _columns(rows: list[dict]) -> list[str]:
     return [c for c in rows[0] if c != "kind"]
 
 
-def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Path
-                      ) -> tuple[str, str, bool]:
-    """(soup run id, registered version, whether both existed already) for one soup."""
+def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Path,
+                      log: Callable[[str], None]) -> tuple[str, str, bool]:
+    """(soup run id, registered version, whether both existed already) for one soup; another cook
+    logging the same soup meanwhile is waited for, or settled with (`concurrency`)."""
     from .serving import encode_image
 
+    what = f"{soup.recipe} soup"
+    concurrency.wait_for_other_cooks(ctx.tracker, ctx.experiment_id, ctx.model_name, soup.key, what, log)
     existing = find_soup(ctx.tracker, ctx.experiment_id, soup.key)
     version = find_version(ctx.tracker, ctx.model_name, soup.key)
     if existing is not None and version is not None:
         return existing.info.run_id, version.version, True
     if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
-        ctx.tracker.discard_stale(stale_soups(ctx.tracker, ctx.experiment_id, soup.key))
+        concurrency.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
     weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
                            {"recipe": soup.recipe})
     run_id = existing.info.run_id if existing else _log_soup_run(ctx, soup, weights, plot)
     config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
               "image_size": int(models.arch_config(ctx.space.base.model.arch)["vision_cfg"]["image_size"])}
     logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example))
-    tags = {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key, "soup_run_id": run_id,
-            **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
+    mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id))
+    return concurrency.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
+                              what, log)
+
+
+def _version_tags(ctx: CookContext, soup: SoupRecord, run_id: str) -> dict[str, Any]:
+    return {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key,
+            "soup_run_id": run_id, **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
+            **({"partial_sweep": "true"} if ctx.partial else {}),
             **{f"{k}_acc": f"{v:.4f}" for k, v in soup.row.items() if isinstance(v, float)}}
-    return run_id, register_soup(ctx.tracker, logged, ctx.model_name, run_id, tags).version, False
 
 
 def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path) -> str:
     tracker, ids, res = ctx.tracker, ctx.run_ids, soup.result
     rid = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
         "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
-        "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids)},
+        "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids),
+        concurrency.OWNER_TAG: concurrency.this_owner(),
+        **({"partial_sweep": "true"} if ctx.partial else {})},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(rid, {"recipe": soup.recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)})
     tracker.log_metrics(rid, {f"{k}_acc": v for k, v in soup.row.items()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,10 +49,12 @@ class Built:
     """What the build returns to the driver: the table rows, each ingredient's row, the soups."""
 
     rows: list[dict]
-    singles: list[dict]
-    soups: dict[str, SoupResult]
+    singles: list[dict]  # one row per ingredient the recipes were given, in `used` order
+    soups: dict[str, SoupResult]  # `kept` indices refer to `used`
     classnames: list[str]
     example: torch.Tensor  # one test image: the logged model's input example
+    used: list[str] = field(default_factory=list)  # run ids given to the recipes, in order
+    excluded: dict[str, str] = field(default_factory=dict)  # run id -> why the build excluded it
 
 
 def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
@@ -91,30 +93,69 @@ def summary_row(name: str, kind: str, accs: dict[str, float], shifts) -> dict:
     return {"name": name, "kind": kind, **accs, "shift_mean": evaluate.shift_mean(accs, shifts)}
 
 
-def _ensemble_rows(model, paths, checkpoints, task, scores) -> tuple[list[dict], list[dict]]:
-    """Every ingredient scored alone, and the two logit ensembles, one checkpoint at a time.
+def _measured_mismatch(logged: float, measured: float, n: int) -> str | None:
+    """Why an ingredient's logged held-out accuracy cannot be trusted, or None: the cook measures
+    it again, and a difference of more than one example's worth (1/n) is not rounding or a
+    different device's arithmetic, it is a wrong or replaced figure or checkpoint."""
+    if abs(logged - measured) * n <= 1 + 1e-6:
+        return None
+    return (f"logged held-out accuracy {logged:.2%} but measured {measured:.2%} on the same "
+            f"{n} examples: excluded, its figure or its checkpoint is not what the trial produced")
+
+
+def _why_excluded(checkpoints: list[TrialCheckpoint], i: int, heldout_logits: torch.Tensor,
+                  labels: torch.Tensor, taken: dict[str, int]) -> str | None:
+    """Why ingredient `i` must not be cooked (its logged figure is contradicted, or its bytes are
+    already taken), or None."""
+    measured = evaluate.accuracy_of(heldout_logits, labels)
+    why = _measured_mismatch(checkpoints[i].heldout_acc, measured, len(labels))
+    if not why and checkpoints[i].sha256 in taken:
+        first = checkpoints[taken[checkpoints[i].sha256]]
+        why = f"checkpoint byte-identical to run {first.run_id} ({first.name}): cooked once, as that run"
+    return why
+
+
+def _ensemble_rows(model, paths, checkpoints, task, scores, log):
+    """Every ingredient scored alone, and the two logit ensembles, one checkpoint at a time;
+    returns (rows of the ingredients, ensemble rows, {index: why excluded}).
 
     Ingredients are taken best first, so the greedy ensemble decides on each as it comes; only
-    running logit sums are kept (all, and the greedy ensemble's), never every model's logits.
+    running logit sums are kept (all, and the greedy ensemble's), never every model's logits. An
+    ingredient whose measured held-out accuracy contradicts its logged one is excluded here,
+    before it is offered to any ensemble or recipe, and so is a checkpoint byte-identical to one
+    already taken (two runs holding the same file would weigh double): the better-ranked copy
+    whose figure holds is cooked, once.
     """
     splits = {"heldout": task.heldout, **task.reporting()}
     singles: list[dict | None] = [None] * len(paths)
+    excluded: dict[int, str] = {}
+    taken: dict[str, int] = {}  # sha256 -> the ingredient cooked for those bytes
     total: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
     greedy = GreedyEnsemble(task.heldout.labels)
     for i in rank_best_first(scores, len(paths)):
         model.load_state_dict(read_weights(paths[i]))
-        per = {k: evaluate.logits(model, s).float() for k, s in splits.items()}
+        held = evaluate.logits(model, task.heldout).float()
+        why = _why_excluded(checkpoints, i, held, task.heldout.labels, taken)
+        if why:
+            excluded[i] = why
+            log(f"excluded run {checkpoints[i].run_id} ({checkpoints[i].name}): {why}")
+            continue
+        taken[checkpoints[i].sha256] = i
+        per = {k: held if k == "heldout" else evaluate.logits(model, s).float() for k, s in splits.items()}
         singles[i] = summary_row(checkpoints[i].name, "ingredient",
                                  {k: evaluate.accuracy_of(per[k], s.labels) for k, s in splits.items()},
                                  task.shifts)
         for sums in (total, kept) if greedy.offer(i, per["heldout"]) else (total,):
             for k, lg in per.items():
                 sums[k] = lg if k not in sums else sums[k] + lg
+    if not total:
+        raise CookError("every ingredient was excluded: " + "; ".join(
+            f"run {checkpoints[i].run_id}: {why}" for i, why in excluded.items()))
     rows = [summary_row(name, "baseline",
                         {k: evaluate.accuracy_of(sums[k], s.labels) for k, s in splits.items()},
                         task.shifts) for name, sums in (("ensemble", total), ("greedy ensemble", kept))]
-    return singles, rows
+    return singles, rows, excluded
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -141,18 +182,22 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, recipes, options: RecipeOpti
     model = models.build_classifier(cfg.model, task.classnames)
     rows = [summary_row("zero-shot", "baseline", _accs(model, task), task.shifts)]
     scores = [c.heldout_acc for c in checkpoints]
-    singles, ensembles = _ensemble_rows(model, paths, checkpoints, task, scores)
+    singles, ensembles, excluded = _ensemble_rows(model, paths, checkpoints, task, scores, log)
+    use = [i for i in range(len(checkpoints)) if i not in excluded]
+    singles = [singles[i] for i in use]
     best = max(range(len(singles)), key=lambda i: singles[i]["heldout"])
     rows += [{**singles[best], "name": "best individual", "kind": "baseline"}] + ensembles
-    inputs = RecipeInputs(paths, [c.run_id for c in checkpoints], scores, model, task.heldout,
-                          options, log)
+    used = [checkpoints[i].run_id for i in use]
+    inputs = RecipeInputs([paths[i] for i in use], used, [scores[i] for i in use], model,
+                          task.heldout, options, log)
     soups = {}
     for recipe in recipes:
         soup = recipe.build(inputs)
         model.load_state_dict(soup.state_dict)
         rows.append(summary_row(f"{recipe.name} soup", "soup", _accs(model, task), task.shifts))
         soups[recipe.name] = soup
-    return Built(rows, singles, soups, list(task.classnames), task.test.tensors(1)[0][0])
+    return Built(rows, singles, soups, list(task.classnames), task.test.tensors(1)[0][0], used,
+                 {checkpoints[i].run_id: why for i, why in excluded.items()})
 
 
 def build_with_progress(base_cfg, checkpoints, recipes, options, tracking_uri

@@ -8,8 +8,11 @@ the sweep's parent run, so MLflow alone tells the story of the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +26,7 @@ from . import cluster
 from .config import ConfigError, Distribution, FinetuneConfig, SearchSpace, load_yaml, validate, with_overrides
 from .hashing import json_sha256, text_sha256
 from .models import describe_arch, pretrained_ref
-from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten, searchable
+from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten, locate_sweep, searchable
 
 METRIC = "heldout_acc"
 
@@ -262,15 +265,9 @@ def _sweep_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
 def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, space: SearchSpace,
                  space_path: Path, tags: dict) -> str:
     parent = tracker.find_sweep(exp_id, sweep_id)
-    if resume:
-        if parent is None:
-            raise ConfigError(f"--resume: no sweep {sweep_id!r} in experiment "
-                              f"{space.tracking.experiment_name!r} at {tracker.uri}")
-        tracker.client.update_run(parent.info.run_id, status=RUNNING)
+    if parent is not None:  # resuming (`_check_unique` refused any other case)
+        tracker.reopen_run(parent.info.run_id)
         return parent.info.run_id
-    if parent is not None:
-        raise ConfigError(f"sweep {sweep_id!r} already exists; pass --resume to continue it "
-                          "or --name to start another")
     run_id = tracker.create_run(exp_id, sweep_id, {**tags, "soup.role": "sweep", "sweep_id": sweep_id})
     tracker.log_artifact(run_id, space_path, "space")
     tracker.log_text(run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False),
@@ -292,45 +289,190 @@ def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
         raise ConfigError(f"{space_path}: key 'base.model.pretrained': {err}") from None
 
 
-def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = False,
-              storage_path: str | None = None, tracking_uri: str | None = None,
-              log: Callable[[str], None] = print) -> SweepOutcome:
-    """Run (or, with `resume`, continue) the sweep described by a search-space YAML."""
-    space_path = Path(space_path)
-    space = load_yaml(SearchSpace, space_path)  # every input check comes before MLflow and Ray
+class SweepInterrupted(RuntimeError):
+    """The sweep was stopped by a signal; its run is KILLED with the reason, and resumable."""
+
+    def __init__(self, sweep_id: str, signal_name: str, space_path: Path):
+        super().__init__(f"sweep {sweep_id} interrupted by {signal_name}; continue it with: "
+                         f"soup sweep {space_path} --name {sweep_id} --resume")
+        self.signal_name = signal_name
+
+
+MAX_SWEEP_ID = 100  # it names Tune's folder, whose trial folders add their own long names
+
+
+def _sweep_id(space_path: Path, name: str | None, resume: bool) -> str:
+    """The sweep id: `name`, or the space's name and the time; checked before anything starts."""
     if resume and not name:
         raise ConfigError("--resume needs --name: the sweep id printed when the sweep started")
     sweep_id = name or f"{space_path.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if not sweep_id.strip() or not searchable(sweep_id):
         raise ConfigError(f"sweep id {sweep_id!r}: must be non-empty, without quotes or backslashes "
                           "(it is matched in MLflow searches)")
+    bad = [c for c in sweep_id if c in "/" or not c.isprintable()]
+    if len(sweep_id) > MAX_SWEEP_ID or bad or sweep_id in (".", ".."):
+        raise ConfigError(f"sweep id {sweep_id[:40]!r}{'...' if len(sweep_id) > 40 else ''}: must be "
+                          f"at most {MAX_SWEEP_ID} printable characters without '/' (it names a folder); "
+                          f"it has {len(sweep_id)}")
+    return sweep_id
+
+
+def _check_unique(tracker: Tracker, sweep_id: str, space: SearchSpace, resume: bool) -> None:
+    """A sweep id names one sweep in the whole store: a new sweep may not reuse it in any
+    experiment, and ``--resume`` needs it, in the space's experiment (so `soup cook --sweep ID`
+    never has to choose)."""
+    exp_id, parent = locate_sweep(tracker, sweep_id)
+    exp = tracker.client.get_experiment(exp_id).name if parent is not None else None
+    wanted = space.tracking.experiment_name
+    if parent is not None and exp != wanted:
+        raise ConfigError(f"sweep id {sweep_id!r} is taken by a sweep in experiment {exp!r} of "
+                          f"{tracker.uri}; sweep ids are unique in a store: choose another --name")
+    if resume and parent is None:
+        raise ConfigError(f"--resume: no sweep {sweep_id!r} in experiment {wanted!r} at {tracker.uri}")
+    if not resume and parent is not None:
+        raise ConfigError(f"sweep {sweep_id!r} already exists; pass --resume to continue it "
+                          "or --name to start another")
+
+
+def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]) -> None:
+    """Refuse a trial that no node of this Ray could ever run, before anything is logged.
+
+    A local Ray is all there is. A cluster (``RAY_ADDRESS``) may add nodes: with
+    ``sweep.autoscale: true`` the sweep starts and waits for them; without, it is refused."""
+    res = space.sweep.resources
+    nodes = cluster.node_resources()
+    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+        return
+    biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    what = (f"a trial asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest node of this "
+            f"Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
+    if cluster.is_local():
+        raise ConfigError(f"{space_path}: key 'sweep.resources': {what}: it could never run")
+    if not space.sweep.autoscale:
+        raise ConfigError(f"{space_path}: key 'sweep.resources': {what}; set sweep.autoscale: true "
+                          "if the cluster adds nodes on demand")
+    log(f"{what}: waiting for the cluster to add a node (sweep.autoscale)")
+
+
+def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = False,
+              storage_path: str | None = None, tracking_uri: str | None = None,
+              log: Callable[[str], None] = print) -> SweepOutcome:
+    """Run (or, with `resume`, continue) the sweep described by a search-space YAML.
+
+    Every check (the space, the id, its uniqueness, whether a trial fits the cluster) comes
+    before anything is logged. SIGINT or SIGTERM stops the sweep the way Tune stops on Ctrl-C (its
+    state saved for ``--resume``): the sweep run ends KILLED with the reason, no trial run is left
+    RUNNING, and `SweepInterrupted` is raised.
+    """
+    space_path = Path(space_path)
+    space = load_yaml(SearchSpace, space_path)
+    sweep_id = _sweep_id(space_path, name, resume)
     tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
-    exp_id = tracker.experiment_id(space.tracking.experiment_name)
+    _check_unique(tracker, sweep_id, space, resume)
+    cluster.init_ray(log)
+    _check_fits(space, space_path, log)
+    with stop_signals():
+        exp_id = tracker.experiment_id(space.tracking.experiment_name)
+        try:
+            return _sweep(tracker, exp_id, sweep_id, space, space_path, tags, storage_path, resume, log)
+        except BaseException as err:
+            _end_sweep(tracker, exp_id, sweep_id, err)
+            raise
+
+
+def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, space_path: Path,
+           tags: dict, storage_path: str | None, resume: bool, log) -> SweepOutcome:
     parent = _open_parent(tracker, exp_id, sweep_id, resume, space, space_path, tags)
     storage = _storage(space, storage_path)
     log(f"sweep {sweep_id}: MLflow {tracker.uri}, experiment {space.tracking.experiment_name!r}, "
         f"parent run {parent}; Tune state in {storage}/{sweep_id}")
     ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base.model_dump(mode="json"), tags)
-    res = space.sweep.resources
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": res.cpu, "gpu": res.gpu})
-    cluster.init_ray(log)
-    exp_path = f"{storage}/{sweep_id}"
-    if resume and tune.Tuner.can_restore(exp_path):
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
-                           run_config=tune.RunConfig(
-                               name=sweep_id, storage_path=storage, callbacks=[EndTrialRuns(ctx)],
-                               failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
-    try:
-        tuner.fit()
-    except BaseException:
-        tracker.end_run(parent, FAILED)
-        raise
+    _tuner(space, ctx, storage, resume).fit()
+    if _STOP.get("signal"):  # Tune stopped on it and saved its state: resumable
+        raise SweepInterrupted(sweep_id, _STOP["signal"], space_path)
     finished = len(tracker.trial_runs(exp_id, sweep_id, FINISHED))
     failed = len(tracker.trial_runs(exp_id, sweep_id, FAILED))
     tracker.log_metrics(parent, {"trials_finished": finished, "trials_failed": failed})
     tracker.end_run(parent, FINISHED)
     return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage)
+
+
+def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
+    res = space.sweep.resources
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    {"cpu": res.cpu, "gpu": res.gpu})
+    exp_path = f"{storage}/{ctx.sweep_id}"
+    if resume and tune.Tuner.can_restore(exp_path):
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
+    return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
+                      run_config=tune.RunConfig(
+                          name=ctx.sweep_id, storage_path=storage,
+                          callbacks=[EndTrialRuns(ctx), StopSignals()],
+                          failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
+
+
+def _end_sweep(tracker: Tracker, exp_id: str, sweep_id: str, err: BaseException) -> None:
+    """After an error or a stop signal: the sweep run ends KILLED (a signal) or FAILED (an error)
+    with the reason as its ``end_reason`` tag, and no trial run is left RUNNING."""
+    stopped = _STOP.get("signal")
+    status = KILLED if stopped or isinstance(err, KeyboardInterrupt) else FAILED
+    reason = f"interrupted by {stopped or 'KeyboardInterrupt'}" if status == KILLED \
+        else f"{type(err).__name__}: {err}"[:5000]
+    for run in tracker.trial_runs(exp_id, sweep_id, RUNNING):
+        tracker.set_tags(run.info.run_id, {"end_reason": f"sweep {reason}"})
+        tracker.end_run(run.info.run_id, KILLED)
+    parent = tracker.find_sweep(exp_id, sweep_id)
+    if parent is not None and parent.info.status != FINISHED:
+        tracker.set_tags(parent.info.run_id, {"end_reason": reason})
+        tracker.end_run(parent.info.run_id, status)
+
+
+# --- stop signals -----------------------------------------------------------------------------
+
+_STOP: dict[str, str] = {}  # the stop signal this driver received, if any (one sweep at a time)
+
+
+def _note_and_interrupt(signum, frame) -> None:
+    _STOP.setdefault("signal", signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM interrupt the sweep (noted in `_STOP`); the process's own handlers are
+    put back afterwards (Tune leaves its SIGINT handler installed). Main thread only: elsewhere
+    signals cannot be handled, and the process's defaults apply."""
+    _STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, _note_and_interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+class StopSignals(tune.Callback):
+    """Driver-side, while Tune runs: SIGINT and SIGTERM both take Tune's own Ctrl-C path (stop the
+    trials, save the experiment state so that a restore continues them), and are noted in
+    `_STOP`. Stateless, so that the copy Tune restores with a resumed sweep behaves the same."""
+
+    def setup(self, **info) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_stop = signal.getsignal(signal.SIGINT)  # Tune installs it before setting up callbacks
+
+        def on_signal(signum, frame) -> None:
+            _STOP.setdefault("signal", signal.Signals(signum).name)
+            if callable(tune_stop) and tune_stop is not _note_and_interrupt:
+                tune_stop(signal.SIGINT, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)

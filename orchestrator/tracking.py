@@ -129,6 +129,12 @@ class Tracker:
     def end_run(self, run_id: str, status: str = FINISHED) -> None:
         retry(lambda: self.client.set_terminated(run_id, status))
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a resumed sweep), dropping its ``end_reason`` tag."""
+        retry(lambda: self.client.update_run(run_id, status=RUNNING))
+        if "end_reason" in self.client.get_run(run_id).data.tags:
+            retry(lambda: self.client.delete_tag(run_id, "end_reason"))
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
@@ -178,7 +184,15 @@ class Tracker:
                     self.end_run(run.info.run_id, KILLED)
                 retry(lambda: self.client.delete_run(run.info.run_id))
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run (it moves to MLflow's deleted lifecycle stage)."""
+        retry(lambda: self.client.delete_run(run_id))
+
     # -- model registry -------------------------------------------------------------------------
+    def delete_version(self, name: str, version: str | int) -> None:
+        """Delete one version of registered model `name`."""
+        retry(lambda: self.client.delete_model_version(name, str(version)))
+
     def registered_model(self, name: str):
         """The registered model `name`, or None."""
         return self._or_none(lambda: self.client.get_registered_model(name))
@@ -359,3 +373,101 @@ def find_version(tracker: Tracker, model_name: str, soup_key: str):
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
     return next((v for v in versions if v.tags.get("soup_key") == soup_key), None)
+
+
+# --- the store checked before a command works --------------------------------------------------
+
+class StoreError(ValueError):
+    """An MLflow store that a command cannot use; the message names the URI and why."""
+
+
+def check_store(uri: str, write: bool = True, must_exist: bool = True) -> None:
+    """Refuse a local sqlite store that cannot be used, before a command does any work.
+
+    `must_exist`: the store is read, not started (a mistyped URI is not created empty). `write`:
+    the command logs to it, so a read-only file or folder is refused now, rather than after the
+    work, as a retried error on every write. Writability is tried, not guessed from permission
+    bits (which do not bind root): a write transaction is begun and rolled back. A locked store is
+    in use by a writer, so it is accepted. Other stores (a tracking server, a database server)
+    report their own problems on the first call.
+    """
+    path = _sqlite_file(uri)
+    if path is None:
+        return
+    if path.is_dir():
+        raise StoreError(f"MLflow store {uri} cannot be opened: {path} is a folder, not a sqlite file")
+    if not path.exists():
+        if must_exist:
+            raise StoreError(f"no MLflow store at {uri} (set MLFLOW_TRACKING_URI to the sweep's store)")
+        _check_new_store_folder(uri, path.parent, write)
+        return
+    _check_sqlite(uri, path, write)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI (without its query), or None for other stores."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    name = uri[len(prefix):].partition("?")[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+def _check_new_store_folder(uri: str, folder: Path, write: bool) -> None:
+    """A store that MLflow will create needs an existing folder it can create files in."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise StoreError(f"MLflow store {uri} cannot be opened: {existing} is a file, not a folder")
+    if existing != folder:
+        raise StoreError(f"MLflow store {uri} cannot be opened: folder {folder} does not exist")
+    if write:
+        try:  # what sqlite will do to create the store (the probe file is removed at once)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise StoreError(f"MLflow store {uri} cannot be created: folder {folder} is not "
+                             f"writable ({err.strerror or err})") from None
+
+
+def _check_sqlite(uri: str, path: Path, write: bool) -> None:
+    """Open the file as sqlite (and, with `write`, begin a write and roll it back)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=5,
+                               isolation_level=None)
+    except sqlite3.Error as err:
+        raise StoreError(f"MLflow store {uri} cannot be opened: {err}") from None
+    try:
+        _sqlite_step(uri, "cannot be opened", lambda: conn.execute("PRAGMA schema_version").fetchone())
+        if write:
+            _sqlite_step(uri, "is read-only", lambda: _begin_and_roll_back(conn), path.parent)
+    finally:
+        conn.close()
+
+
+def _begin_and_roll_back(conn) -> None:
+    """A real write (a table created in a transaction that is rolled back): sqlite reports a
+    read-only file at the BEGIN and a read-only folder when it creates its journal there."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE soup_write_probe (x)")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _sqlite_step(uri: str, failure: str, step: Callable[[], Any], folder: Path | None = None) -> None:
+    """Run one sqlite step; its error, other than a lock held by a writer, is a `StoreError`."""
+    import sqlite3
+
+    try:
+        step()
+    except sqlite3.Error as err:
+        code = getattr(err, "sqlite_errorname", "")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return  # another process is writing to it: it is a usable store
+        why = str(err)
+        if folder is not None and code.startswith("SQLITE_CANTOPEN"):
+            why = f"its folder {folder} is not writable (sqlite keeps its journal there)"
+        raise StoreError(f"MLflow store {uri} {failure}: {why}") from None

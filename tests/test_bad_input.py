@@ -29,16 +29,29 @@ where it was.
 | -    | unknown soup recipe                                    | test_bad_input_cook_unknown_recipe                     |
 | -    | MLFLOW_TRACKING_URI names a sqlite store not there     | test_bad_input_store_that_does_not_exist               |
 | -    | the installed `soup` script prints the same one line   | test_bad_input_console_script_prints_one_line          |
+| h    | search space not UTF-8                                 | test_bad_input_space_not_utf8                          |
+| h    | a folder given as the search space                     | test_bad_input_space_is_a_folder                       |
+| h    | YAML bomb, endless alias, file over 1 MB               | test_bad_input_space_yaml_bomb_or_huge_file            |
+| h    | empty search space (or finetune config)                | test_bad_input_space_empty_file                        |
+| i    | MLFLOW_TRACKING_URI: a store that cannot be opened     | test_bad_input_sweep_store_cannot_be_opened            |
+| i    | read-only store (file or folder)                       | test_bad_input_store_is_read_only                      |
+| j    | a version's accuracy tag that is not a number          | test_bad_input_accuracy_tag_that_is_not_a_number       |
+| j    | a model name with a quote                              | test_bad_input_model_name_with_a_quote                 |
 
 Cases b-e and g share one module-scoped world (marked slow and integration): a real 2-trial
 sweep in its own sqlite store, bad runs added beside its trials, two hand-made sweeps (for b and
-c), and one in-process ``soup cook --no-ray`` over all of it. Cases a and f need no sweep.
+c), and one in-process ``soup cook --no-ray`` over all of it. Cases a and f need no sweep; nor
+do h-j: i and j use a registry made by hand (three versions, no training), copied per test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
 import subprocess
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -107,9 +120,13 @@ def write_space(tmp: Path, change: dict | str) -> Path:
 def sweep_is_refused(hermetic, capsys, change: dict | str, *fragments: str) -> str:
     """`soup sweep` on the changed space: exit 2, one line naming the file (and `fragments`),
     no Ray started, no Tune state, no experiment and no run in the test's MLflow store."""
+    return space_is_refused(hermetic, capsys, write_space(hermetic["tmp"], change), *fragments)
+
+
+def space_is_refused(hermetic, capsys, space: Path, *fragments: str) -> str:
+    """`soup sweep SPACE`, for any file (or folder) `space`: refused as `sweep_is_refused` says."""
     import ray
 
-    space = write_space(hermetic["tmp"], change)
     code = main(["sweep", str(space), "--storage-path", hermetic["storage"]])
     out, err = capsys.readouterr()
     line = one_error_line(err, "sweep")
@@ -519,3 +536,239 @@ def test_bad_input_store_that_does_not_exist(tmp_path, monkeypatch, capsys, argv
     out, err = capsys.readouterr()
     assert out == "" and f"no MLflow store at sqlite:///{db}" in one_error_line(err, argv[0])
     assert not db.exists() and not db.parent.exists()
+
+
+# --- h: files that are no usable config, refused before MLflow and Ray -------------------------
+
+def test_bad_input_space_not_utf8(hermetic, capsys):
+    space = hermetic["tmp"] / "latin1.yaml"
+    text = "# soup sweep latin1.yaml\ntracking:\n  experiment_name: café\n"
+    space.write_bytes(text.encode("latin-1"))  # as an editor set to Latin-1 saves it
+    space_is_refused(hermetic, capsys, space,
+                     f"not UTF-8 text (byte 0xe9 at offset {text.index('é')}); save it as UTF-8")
+
+
+def test_bad_input_space_is_a_folder(hermetic, capsys):
+    space = hermetic["tmp"] / "spaces"
+    space.mkdir()
+    space_is_refused(hermetic, capsys, space, "is a folder, not a YAML file")
+
+
+def billion_laughs(levels: int = 9) -> tuple[str, int]:
+    """A few hundred bytes of nested aliases, and the YAML nodes they expand to (10**levels
+    strings, gigabytes once built)."""
+    lines, node = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'], 11
+    total = 1 + 1 + node  # the top mapping, the first key, its sequence
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+        node = 1 + 10 * node
+        total += 1 + node
+    return "\n".join(lines) + "\n", total
+
+
+@pytest.mark.parametrize("text, why", [
+    (billion_laughs()[0], f"refused: its aliases expand it to {billion_laughs()[1]:,} YAML nodes "
+                          "(limit 100,000)"),
+    ("search: &s\n  train.lr: *s\n", "refused: an alias refers to its own anchor (an endless structure)"),
+    ("#" * (1 << 20) + "\n", "refused: larger than 1 MB (a config is a few KB)"),
+], ids=["billion-laughs", "endless", "over-1MB"])
+def test_bad_input_space_yaml_bomb_or_huge_file(hermetic, capsys, monkeypatch, text, why):
+    """Refused from the file's size, or from the node graph before any object is built."""
+    from orchestrator.config import ConfigError, parse_yaml
+
+    space = hermetic["tmp"] / "bomb.yaml"
+    space.write_text(text)
+    with monkeypatch.context() as mp:  # proof that the expansion is never built
+        mp.setattr(yaml.SafeLoader, "construct_document", lambda *a: pytest.fail("bomb was built"))
+        space_is_refused(hermetic, capsys, space, why)
+        if len(text) < 1000:  # the same guard for a value given on the command line
+            assert main(["finetune", "--set", f"train.lr={text}"]) == 2
+            assert why in one_error_line(capsys.readouterr().err, "finetune")
+            with pytest.raises(ConfigError, match="refused"):
+                parse_yaml(text, "text")
+
+
+@pytest.mark.parametrize("text", ["", "# soup sweep empty.yaml\n\n# nothing yet\n", "~\n"],
+                         ids=["empty", "only-comments", "null"])
+def test_bad_input_space_empty_file(hermetic, capsys, text):
+    """An empty space is not the default sweep; an empty `--config` is not the defaults either
+    (leave `--config` out, or write `{}`, to mean them)."""
+    from orchestrator.config import FinetuneConfig, load_yaml
+
+    space = hermetic["tmp"] / "empty.yaml"
+    space.write_text(text)
+    why = "no settings in it (the file is empty, only comments, or null)"
+    space_is_refused(hermetic, capsys, space, why)
+    assert main(["finetune", "--config", str(space)]) == 2
+    assert one_error_line(capsys.readouterr().err, "finetune") == f"soup finetune: error: {space}: {why}"
+    space.write_text("{}\n")
+    assert load_yaml(FinetuneConfig, space) == FinetuneConfig()
+
+
+# --- i: a store that cannot be opened or written, refused before any work ----------------------
+
+@pytest.mark.parametrize("where, why", [
+    ("no-such-folder/mlflow.db", "cannot be opened: folder {tmp}/no-such-folder does not exist"),
+    ("a-file/mlflow.db", "cannot be opened: {tmp}/a-file is a file, not a folder"),
+    ("a-folder", "cannot be opened: {tmp}/a-folder is a folder, not a sqlite file"),
+    ("not-sqlite.db", "cannot be opened: file is not a database"),
+], ids=["missing-folder", "under-a-file", "a-folder", "not-sqlite"])
+def test_bad_input_sweep_store_cannot_be_opened(hermetic, capsys, monkeypatch, where, why):
+    """`soup sweep` starts a store where none is, but not in a folder that is not there (or is a
+    file), and not over a folder or a file that is not sqlite; nothing is created."""
+    import ray
+
+    tmp = hermetic["tmp"]
+    (tmp / "a-file").write_text("a file, not a folder\n")
+    (tmp / "a-folder").mkdir()
+    (tmp / "not-sqlite.db").write_text("not a database\n" * 100)
+    uri = f"sqlite:///{tmp / where}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    space = write_space(tmp, {})
+    before = sorted(tmp.rglob("*"))
+    code = main(["sweep", str(space), "--storage-path", hermetic["storage"]])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert one_error_line(err, "sweep") == f"soup sweep: error: MLflow store {uri} {why.format(tmp=tmp)}"
+    assert not ray.is_initialized()
+    assert sorted(tmp.rglob("*")) == before, "a refused sweep created files or folders"
+
+
+HAND = "hand-soup"  # the registered model of the hand-made registry
+
+
+@pytest.fixture(scope="module")
+def registry_template(tmp_path_factory) -> Path:
+    """A store with one registered model made by hand, no sweep: versions 1-3 with held-out
+    accuracy 0.90, 0.80, 0.95; version 1 is 'champion'."""
+    db = tmp_path_factory.mktemp("registry") / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model(HAND)
+    for acc in ("0.90", "0.80", "0.95"):
+        client.create_model_version(HAND, str(db.parent / "model"), tags={
+            "recipe": "uniform", "heldout_acc": acc, "test_acc": "0.50", "shift_mean_acc": "0.40"})
+    client.set_registered_model_alias(HAND, "champion", "1")
+    return db
+
+
+@pytest.fixture
+def registry(registry_template, tmp_path, monkeypatch):
+    """This test's own copy of the hand-made registry, named by MLFLOW_TRACKING_URI."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(registry_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return {"db": db, "uri": uri, "client": MlflowClient(uri, registry_uri=uri), "tmp": tmp_path}
+
+
+def _unwritable(path: Path) -> bool:
+    try:
+        if path.is_dir():
+            tempfile.TemporaryFile(dir=path).close()
+        else:
+            path.open("ab").close()
+    except PermissionError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def writes_denied(path: Path):
+    """`path` (a file or a folder) made unwritable for this process, root included: permission
+    bits do not bind root, the immutable attribute (`chattr +i`) does. Skips where it cannot be
+    set (no CAP_LINUX_IMMUTABLE, or a file system without it)."""
+    root, mode = os.geteuid() == 0, path.stat().st_mode
+    try:
+        if root:
+            if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)],
+                                                            capture_output=True).returncode:
+                pytest.skip("as root, only `chattr +i` denies writes, and it cannot be set here")
+        else:
+            path.chmod(mode & ~0o222)
+        if not _unwritable(path):
+            pytest.skip(f"could not make {path} unwritable for this process")
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        else:
+            path.chmod(mode)
+
+
+def refused(client: MlflowClient, capsys, argv: list[str], *fragments: str) -> str:
+    """`soup ARGV`: exit 2, one stderr line holding `fragments`, the store as it was."""
+    before = snapshot(client)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    line = one_error_line(err, argv[0])
+    assert code == 2 and out == ""
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert snapshot(client) == before, f"a refused `soup {argv[0]}` changed what MLflow holds"
+    return line
+
+
+@pytest.mark.parametrize("command, denied", [
+    (command, denied) for command in ("sweep", "cook", "promote") for denied in ("file", "folder")
+] + [("sweep", "folder-of-a-new-store")])
+def test_bad_input_store_is_read_only(registry, capsys, command, denied):
+    """A store the command would write to, read-only: one line before any work (no Ray, no
+    build), not retried write errors after it. Listing, which only reads, still works."""
+    import ray
+
+    db, tmp, uri = registry["db"], registry["tmp"], registry["uri"]
+    if denied == "folder-of-a-new-store":
+        db.unlink()
+    argv = {"sweep": ["sweep", str(write_space(tmp, {})), "--storage-path", str(tmp / "ray_results")],
+            "cook": ["cook", "--sweep", "any", "--no-ray"],
+            "promote": ["promote", HAND, "--version", "3"]}[command]
+    why = {"file": "is read-only: attempt to write a readonly database",
+           "folder": f"is read-only: its folder {db.parent} is not writable (sqlite keeps its journal there)",
+           "folder-of-a-new-store": f"cannot be created: folder {db.parent} is not writable ("}[denied]
+    before = snapshot(registry["client"]) if db.exists() else None
+    files = sorted(db.parent.iterdir())
+    with writes_denied(db if denied == "file" else db.parent):
+        code, out, err = _cli(argv)
+        if command == "promote":
+            assert _cli(["models", HAND])[0] == 0, "a read-only store can still be listed"
+    assert code == 2 and out == ""
+    assert one_error_line(err, command).startswith(f"soup {command}: error: MLflow store {uri} {why}")
+    assert not ray.is_initialized() and not (tmp / "ray_results").exists()
+    assert sorted(db.parent.iterdir()) == files, "a refused command left files beside the store"
+    assert (snapshot(registry["client"]) if db.exists() else None) == before
+
+
+# --- j: what a person may have typed into the registry -----------------------------------------
+
+def _listing(capsys) -> dict[str, list[str]]:
+    """`soup models HAND`'s rows by version: version, recipe, held-out, test, shift, aliases."""
+    assert main(["models", HAND]) == 0
+    return {row.split()[0]: row.split() for row in capsys.readouterr().out.splitlines()[2:]}
+
+
+def test_bad_input_accuracy_tag_that_is_not_a_number(registry, capsys):
+    """A held-out figure edited to 'n/a' shows as '-'; the gate refuses that version, and refuses
+    to compare with a holder whose figure it is, unless --force."""
+    client = registry["client"]
+    client.set_model_version_tag(HAND, "2", "heldout_acc", "n/a")  # as a person may, in the UI
+    rows = _listing(capsys)
+    assert rows["2"][2:5] == ["-", "50.0%", "40.0%"] and rows["1"][2] == "90.0%"
+    refused(client, capsys, ["promote", HAND, "--version", "2"],
+            "refused: version 2 has held-out accuracy 'n/a' (tag heldout_acc), not a number; "
+            "pass --force to override")
+    client.set_model_version_tag(HAND, "1", "heldout_acc", "n/a")  # now the champion's own figure
+    assert _listing(capsys)["1"][2] == "-"
+    refused(client, capsys, ["promote", HAND, "--version", "3"],
+            "refused: 'champion' (version 1) has held-out accuracy 'n/a' (tag heldout_acc), not a "
+            "number, so version 3 cannot be compared with it; pass --force to override")
+    assert main(["promote", HAND, "--version", "3", "--force", "--reason", "v1's figure was lost"]) == 0
+    assert str(client.get_model_version_by_alias(HAND, "champion").version) == "3"
+
+
+@pytest.mark.parametrize("name", ["it's", 'a "soup"', "a\\b"], ids=["quote", "double-quote", "backslash"])
+def test_bad_input_model_name_with_a_quote(registry, capsys, name):
+    refused(registry["client"], capsys, ["models", name], f"model name {name!r} cannot be looked up: "
+            "MLflow's search has no escape for quotes or backslashes")
+    refused(registry["client"], capsys, ["promote", name, "--version", "1"], f"no registered model {name!r}")

@@ -1,0 +1,212 @@
+"""Trust (issue: reliability): the cook believes only what it measures, a sweep id means one
+sweep, two cooks at once register each soup once, an unfinished sweep is cooked only on request,
+and a sweep that could never be scheduled is refused before anything is logged."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import SPACES, venv_bin
+from orchestrator.config import ConfigError
+from orchestrator.cook import CookError, cook
+from orchestrator.hashing import file_sha256
+from orchestrator.soups.stream import read_weights
+from orchestrator.soups.weights import save_weights
+from orchestrator.tracking import CHECKPOINT_PATH, Tracker
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SWEEP, MODEL = "tr3", "tiny4-soup"
+QUIET = lambda s: None  # noqa: E731
+# Where a store keeps absolute paths to its own artifacts (so that a copy points at its copies).
+PATH_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
+                "logged_models": ("artifact_location",), "model_versions": ("source", "storage_location")}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A real three-trial sweep of the tiny world in its own store, not cooked."""
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("trust") / "store"
+    root.mkdir()
+    space = root.parent / "tiny3.yaml"
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    out = run_sweep(space, name=SWEEP, storage_path=str(root.parent / "ray_results"), tracking_uri=uri)
+    ray.shutdown()
+    assert out.finished == 3
+    return {"root": root, "space": space}
+
+
+def copy_store(swept, dst: Path) -> str:
+    """A private copy of the swept store (database and artifacts): tests may change it freely."""
+    shutil.copytree(swept["root"], dst)
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        for table, columns in PATH_COLUMNS.items():
+            for col in columns:
+                db.execute(f"UPDATE {table} SET {col} = replace({col}, ?, ?)",
+                           (str(swept["root"]), str(dst)))
+    return f"sqlite:///{dst / 'mlflow.db'}"
+
+
+def _trials(uri):
+    tracker = Tracker(uri)
+    exp = tracker.client.get_experiment_by_name("tiny4").experiment_id
+    return tracker, exp, tracker.trial_runs(exp, SWEEP, "FINISHED")
+
+
+def _add_trial(tracker, exp, like, name, weights, heldout):
+    """A FINISHED trial run of the sweep as `soup sweep` logs one, holding `weights` (a state
+    dict, or a checkpoint file whose bytes are logged as they are)."""
+    tags = {k: v for k, v in like.data.tags.items() if not k.startswith("mlflow.")}
+    rid = tracker.create_run(exp, name, {**tags, "trial_key": name},
+                             parent_run_id=like.data.tags["mlflow.parentRunId"])
+    path = Path(tracker.uri[len("sqlite:///"):]).parent / name / "model.safetensors"
+    if isinstance(weights, Path):
+        path.parent.mkdir(parents=True)
+        shutil.copyfile(weights, path)
+    else:
+        save_weights(weights, path)
+    tracker.log_artifact(rid, path, "checkpoint")
+    tracker.set_tags(rid, {"checkpoint_sha256": file_sha256(path)})
+    tracker.log_metrics(rid, {"heldout_acc": heldout})
+    tracker.end_run(rid)
+    return rid
+
+
+def test_a_logged_figure_the_cook_cannot_measure_is_excluded(swept, tmp_path):
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, exp, runs = _trials(uri)
+    best = runs[0]
+    state = read_weights(tracker.download(best.info.run_id, CHECKPOINT_PATH, tmp_path / "best"))
+    untrained = {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in state.items()}
+    faked = _add_trial(tracker, exp, best, "replaced-checkpoint", untrained, 1.0)
+    overwritten = runs[-1].info.run_id  # a real run whose figure was overwritten afterwards
+    tracker.log_metrics(overwritten, {"heldout_acc": 1.0}, step=99)
+    messages = []
+    out = cook(SWEEP, recipes=("greedy",), tracking_uri=uri, use_ray=False, log=messages.append)
+    for rid in (faked, overwritten):
+        assert "logged held-out accuracy 100.00% but measured" in out.excluded[rid], out.excluded
+        assert any(rid in m and "measured" in m for m in messages)
+    kept = tracker.client.get_model_version(MODEL, out.versions["greedy"]).tags["ingredients"]
+    assert faked not in kept and overwritten not in kept and best.info.run_id in kept
+    greedy = next(r for r in out.rows if r["name"] == "greedy soup")
+    assert greedy["heldout"] >= next(r for r in out.rows if r["name"] == "best individual")["heldout"]
+
+
+def test_byte_identical_checkpoints_are_cooked_once(swept, tmp_path):
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, exp, runs = _trials(uri)
+    best = runs[0]
+    checkpoint = tracker.download(best.info.run_id, CHECKPOINT_PATH, tmp_path / "best")
+    twin = _add_trial(tracker, exp, best, "twin", checkpoint, best.data.metrics["heldout_acc"])
+    messages = []
+    out = cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=messages.append)
+    (dup,) = [rid for rid in (twin, best.info.run_id) if rid in out.excluded]
+    other = best.info.run_id if dup == twin else twin
+    assert f"byte-identical to run {other}" in out.excluded[dup]
+    version = tracker.client.get_model_version(MODEL, out.versions["uniform"])
+    assert version.tags["ingredients"].split(",").count(other) == 1 and dup not in version.tags["ingredients"]
+    assert len(version.tags["ingredients"].split(",")) == 3  # three trials, one of them twice
+
+
+def test_a_sweep_id_names_one_sweep_in_the_whole_store(swept, tmp_path):
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    uri = copy_store(swept, tmp_path / "s")
+    other = tmp_path / "other.yaml"
+    other.write_text(swept["space"].read_text().replace("experiment_name: tiny4", "experiment_name: other"))
+    client = MlflowClient(uri)
+    before = [e.name for e in client.search_experiments()]
+    with pytest.raises(ConfigError, match=f"sweep id '{SWEEP}' is taken by a sweep in experiment 'tiny4'"):
+        run_sweep(other, name=SWEEP, storage_path=str(tmp_path / "ray"), tracking_uri=uri)
+    with pytest.raises(ConfigError, match="taken by a sweep in experiment 'tiny4'"):
+        run_sweep(other, name=SWEEP, resume=True, storage_path=str(tmp_path / "ray"), tracking_uri=uri)
+    assert [e.name for e in client.search_experiments()] == before and not ray.is_initialized()
+
+
+def test_a_sweep_that_could_never_be_scheduled_is_refused_before_anything_is_logged(hermetic):
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    space = hermetic["tmp"] / "huge.yaml"
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("resources: {cpu: 1}",
+                                                                  "resources: {cpu: 64, gpu: 0}"))
+    try:
+        with pytest.raises(ConfigError, match=r"key 'sweep.resources': a trial asks for 64 CPU and 0 GPU, "
+                                              r"but the largest node of this Ray has \d+ CPU"):
+            run_sweep(space, name="huge", storage_path=hermetic["storage"])
+    finally:
+        ray.shutdown()
+    assert MlflowClient(hermetic["uri"]).get_experiment_by_name("tiny4") is None
+
+
+def test_an_unfinished_sweep_is_cooked_only_with_partial(swept, tmp_path):
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, exp, runs = _trials(uri)
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    tracker.client.update_run(parent, status="RUNNING")  # as while its trials still train
+    before = len(tracker.client.search_registered_models())
+    with pytest.raises(CookError, match=f"sweep '{SWEEP}' has not finished .*RUNNING.*--partial"):
+        cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=QUIET)
+    assert len(tracker.client.search_registered_models()) == before
+    out = cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=QUIET, partial=True)
+    version = tracker.client.get_model_version(MODEL, out.versions["uniform"])
+    assert version.tags["partial_sweep"] == "true"
+    assert tracker.client.get_run(out.soup_runs["uniform"]).data.tags["partial_sweep"] == "true"
+
+
+def test_a_store_whose_artifacts_were_deleted_is_one_error_line(swept, tmp_path, capsys, monkeypatch):
+    from orchestrator.cli import main
+
+    uri = copy_store(swept, tmp_path / "s")
+    shutil.rmtree(tmp_path / "s" / "mlartifacts")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["cook", "--sweep", SWEEP, "--no-ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read from its artifacts" in err[0], err
+    assert not MlflowClient(uri).search_registered_models()
+
+
+@pytest.mark.parametrize("ray_task", [False, True], ids=["in-process", "ray"])
+def test_two_cooks_at_once_register_each_soup_once(swept, tmp_path, ray_task):
+    uri = copy_store(swept, tmp_path / "s")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    cmd = [venv_bin("soup"), "cook", "--sweep", SWEEP, "--recipes", "uniform,greedy"]
+    cmd += [] if ray_task else ["--no-ray"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    # the second to log waited for the first, withdrew a duplicate version, or found it done
+    assert any(m in "".join(outs) for m in ("another cook", "already cooked")), outs
+    client = MlflowClient(uri)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert sorted(v.tags["recipe"] for v in versions) == ["greedy", "uniform"], outs
+    exp = client.get_experiment_by_name("tiny4").experiment_id
+    soups = client.search_runs([exp], "tags.`soup.role` = 'soup'")
+    assert sorted(r.data.tags["recipe"] for r in soups) == ["greedy", "uniform"]
+    assert all(r.info.status == "FINISHED" for r in soups)
+    assert {v.run_id for v in versions} == {r.info.run_id for r in soups}
+
+
+def test_a_sweep_id_too_long_for_a_folder_is_refused_before_anything_starts(hermetic):
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match="must be at most 100 printable characters without '/'.*it has 300"):
+        run_sweep(SPACES / "tiny4.yaml", name="s" * 300, storage_path=hermetic["storage"])
+    assert not ray.is_initialized() and not Path(hermetic["storage"]).exists()
+    assert not Path(hermetic["uri"][len("sqlite:///"):]).exists()
