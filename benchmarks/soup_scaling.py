@@ -268,7 +268,7 @@ def _uniform_table(runs: dict[str, list[dict]], ckpt: float, base_torch: float, 
 
 def bench_learned(paths: list[Path], sizes: list[int]) -> None:
     ckpt = paths[0].stat().st_size / MB
-    print(f"\n== Learned soup, streaming mode (2 steps, 2 images of 224 px, ViT-B/32) ==")
+    print("\n== Learned soup, streaming mode (2 steps, 2 images of 224 px, ViT-B/32) ==")
     print(f"{'N':>3s} {'wall s':>7s} {'peak RSS MiB':>12s} {'/ ckpt':>7s} {'peak before the soup MiB':>25s}")
     peaks = {}
     for n in sizes:

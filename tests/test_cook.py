@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-from conftest import SPACES
 from orchestrator.cook import CookError, cook
 from orchestrator.soups.stream import read_weights
 from orchestrator.soups.weights import save_weights, weighted_average

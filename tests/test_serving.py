@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, run, venv_bin
+from conftest import free_port, venv_bin
 from orchestrator.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
