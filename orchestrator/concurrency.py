@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .tracking import Tracker, find_version, quoted, stale_soups
+from .tracking import Tracker, find_version, soup_runs, stale_soups
 
 OWNER_TAG = "cook_owner"
 # A cook on another host cannot be checked; its unfinished run counts as in progress this long
@@ -63,8 +63,7 @@ def _in_progress(tracker: Tracker, experiment_id: str, key: str, registered: boo
     """Soup runs with this key that another live cook is still logging (unfinished, or finished
     but not yet registered when `registered` is False)."""
     me = this_owner()
-    runs = stale_soups(tracker, experiment_id, key) if registered else tracker.search(
-        experiment_id, f"tags.`soup.role` = 'soup' and tags.soup_key = {quoted(key)}")
+    runs = (stale_soups if registered else soup_runs)(tracker, experiment_id, key)
     return [r for r in runs if r.data.tags.get(OWNER_TAG, "") != me
             and _alive(r.data.tags.get(OWNER_TAG, ""), r.info.start_time)]
 

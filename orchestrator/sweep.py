@@ -309,7 +309,7 @@ def _sweep_id(space_path: Path, name: str | None, resume: bool) -> str:
     if not sweep_id.strip() or not searchable(sweep_id):
         raise ConfigError(f"sweep id {sweep_id!r}: must be non-empty, without quotes or backslashes "
                           "(it is matched in MLflow searches)")
-    bad = [c for c in sweep_id if c in "/" or not c.isprintable()]
+    bad = [c for c in sweep_id if c == "/" or not c.isprintable()]
     if len(sweep_id) > MAX_SWEEP_ID or bad or sweep_id in (".", ".."):
         raise ConfigError(f"sweep id {sweep_id[:40]!r}{'...' if len(sweep_id) > 40 else ''}: must be "
                           f"at most {MAX_SWEEP_ID} printable characters without '/' (it names a folder); "

@@ -280,17 +280,21 @@ def locate_sweep(tracker: Tracker, sweep_id: str):
     return runs[0].info.experiment_id, runs[0]
 
 
+def soup_runs(tracker: Tracker, experiment_id: str, soup_key: str, status: str | None = None) -> list:
+    """Soup runs with this key (recipe, settings and ingredients), of `status` if given."""
+    f = f"tags.`{ROLE}` = 'soup' and tags.soup_key = {quoted(soup_key)}"
+    return tracker.search(experiment_id, f + (f" and attributes.status = {quoted(status)}" if status else ""))
+
+
 def find_soup(tracker: Tracker, experiment_id: str, soup_key: str):
-    """A FINISHED soup run with this key (recipe + ingredients), or None."""
-    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = {quoted(soup_key)} "
-                                         f"and attributes.status = 'FINISHED'")
+    """A FINISHED soup run with this key, or None."""
+    runs = soup_runs(tracker, experiment_id, soup_key, FINISHED)
     return runs[0] if runs else None
 
 
 def stale_soups(tracker: Tracker, experiment_id: str, soup_key: str) -> list:
-    """Unfinished soup runs with this key: left by a cook that was killed while logging."""
-    runs = tracker.search(experiment_id, f"tags.`{ROLE}` = 'soup' and tags.soup_key = {quoted(soup_key)}")
-    return [r for r in runs if r.info.status != FINISHED]
+    """Unfinished soup runs with this key: being logged, or left by a cook killed while logging."""
+    return [r for r in soup_runs(tracker, experiment_id, soup_key) if r.info.status != FINISHED]
 
 
 def read_artifact_text(tracker: Tracker, run_id: str, path: str) -> str:
