@@ -56,10 +56,20 @@ def hermetic(tmp_path, monkeypatch):
         ray.shutdown()
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (held together while chosen, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def venv_bin(name: str) -> str:

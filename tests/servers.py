@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import free_port, venv_bin
+from conftest import free_port, free_ports, venv_bin
 from orchestrator.cluster import LOOPBACK_ONLY
 
 PG_WAIT_S = 300  # generous: a loaded CI machine can take minutes to start or stop a server
@@ -128,21 +128,31 @@ class MlflowServer:
 
 # --- process plumbing shared by the servers ---------------------------------------------------
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
-    """Poll `url` until it answers 200; fail early, with the log, if `proc` exits first."""
-    deadline = time.monotonic() + timeout
+def poll_until(check, proc: subprocess.Popen, log: Path, deadline: float, what: str):
+    """`check()` until it returns something true (an OSError counts as not yet: refused or reset
+    while a server starts); fail early, with the log, if `proc` exits, or at `deadline`
+    (`time.monotonic()`)."""
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited ({proc.returncode}): {_tail(log)}")
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before {what}: {_tail(log)}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:  # refused, reset, timed out, or an HTTP error while it starts
-            pass
+            result = check()
+        except OSError:
+            result = None
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not answering {url} after {timeout:.0f}s: {_tail(log)}")
+            raise TimeoutError(f"still waiting for {what} at the deadline: {_tail(log)}")
         time.sleep(0.5)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Poll `url` until it answers 200 (see `poll_until`)."""
+    def answers() -> bool:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+
+    poll_until(answers, proc, log, time.monotonic() + timeout, f"{what} answering {url}")
 
 
 def stop_session(proc: subprocess.Popen, grace: float = 60) -> None:
@@ -273,18 +283,6 @@ def _proc_net_ip(hexip: str, family: int) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (held together while chosen, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # --- Ray ----------------------------------------------------------------------------------------
 
 class RayHead:
@@ -363,20 +361,7 @@ class RayHead:
         self._poll(deadline, "the no-op probe job", lambda: self._probe_done(client, probe))
 
     def _poll(self, deadline: float, what: str, check):
-        """`check()` until it returns something true; fail if `ray start` exits or time runs out."""
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited ({self.proc.returncode}) before {what}: "
-                                   f"{_tail(self.log)}")
-            try:
-                result = check()
-            except OSError:  # refused or reset while the servers start (requests' errors included)
-                result = None
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray head: still waiting for {what} at the deadline: {_tail(self.log)}")
-            time.sleep(0.5)
+        return poll_until(check, self.proc, self.log, deadline, f"Ray head: {what}")
 
     def _job_client(self):
         from ray.job_submission import JobSubmissionClient
