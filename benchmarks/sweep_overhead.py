@@ -1,13 +1,24 @@
-"""Benchmark: orchestration overhead of the tiny sweep.
+"""Benchmark: orchestration overhead of the tiny sweep, and where it goes.
 
-Runs search_spaces/tiny_digits.yaml on a local Ray into a temporary MLflow store and prints the
-sweep's wall time against the ideal: the sum of the trials' own training time divided by the
-concurrency. The ratio is what Ray, MLflow logging, process start-up and evaluation cost on top.
+Runs a search space (default search_spaces/tiny_digits.yaml) on a local Ray into a temporary
+MLflow store and prints the sweep's wall time against the ideal: the sum of the trials' own
+training time divided by the number of trials that can run at once. The ratio is what Ray,
+MLflow logging, process start-up, data building and evaluation cost on top; the breakdown
+sums each phase over the trials (from the ``time_*_s`` metrics each trial logs).
 
-    .venv/bin/python benchmarks/sweep_overhead.py [SPACE.yaml]
+    .venv/bin/python benchmarks/sweep_overhead.py [SPACE.yaml] [--workers N] [--before REV]
+
+``--workers N`` runs every trial on N Ray Train workers (DDP over Gloo here). ``--before REV``
+first runs the same sweep with the code of git revision REV (exported to a temporary folder), so
+that both ratios are measured side by side on the same machine in one run.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,36 +26,107 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PHASES = ("worker_start", "data", "model", "heldout_per_epoch", "final_evaluation", "log_result")
 
 
-def main() -> None:
-    space = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "search_spaces" / "tiny_digits.yaml"
+def _hermetic(tmp: str) -> None:
+    home = Path(tmp) / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    os.environ.update({"HOME": str(home), "RAY_AUTH_MODE": "token",
+                       "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token"),
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+                       "RAY_USAGE_STATS_ENABLED": "0",
+                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # a local Ray on loopback only
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def measure(space: Path, workers: int | None) -> dict:
+    """Run the sweep here (the code on sys.path) and return its figures."""
     with tempfile.TemporaryDirectory(prefix="soup-bench-") as tmp:
-        home = Path(tmp) / "home"
-        (home / ".ray").mkdir(parents=True)
-        (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
-        os.environ.update({"HOME": str(home), "RAY_AUTH_MODE": "token",
-                           "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token"),
-                           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-                           "RAY_USAGE_STATS_ENABLED": "0"})
-        os.environ.pop("RAY_ADDRESS", None)
+        _hermetic(tmp)
+        import yaml
+
+        text = yaml.safe_load(space.read_text())
+        if workers:
+            text.setdefault("sweep", {}).setdefault("resources", {})["workers"] = workers
+        path = Path(tmp) / space.name
+        path.write_text(yaml.safe_dump(text))
         import ray
 
-        from orchestrator.config import SearchSpace, load_yaml
         from orchestrator.sweep import run_sweep
         from orchestrator.tracking import Tracker
 
         t0 = time.perf_counter()
-        out = run_sweep(space, name="bench", storage_path=f"{tmp}/ray_results")
+        out = run_sweep(path, name="bench", storage_path=f"{tmp}/ray_results")
         wall = time.perf_counter() - t0
+        cpus = ray.cluster_resources().get("CPU", 1)
         ray.shutdown()
         runs = Tracker().trial_runs(out.experiment_id, out.sweep_id, "FINISHED")
-        train = sum(r.data.metrics["train_seconds"] for r in runs)
-        conc = load_yaml(SearchSpace, space).sweep.max_concurrent_trials
-        ideal = train / conc
-        print(f"trials finished: {len(runs)}  concurrency: {conc}")
-        print(f"sum of trial training time: {train:.1f}s  ideal wall (sum / concurrency): {ideal:.1f}s")
-        print(f"sweep wall time: {wall:.1f}s  overhead ratio (wall / ideal): {wall / ideal:.2f}")
+        res = text.get("sweep", {}).get("resources", {})
+        per_trial = res.get("workers", 1) * res.get("cpu", 1)
+        conc = max(1, min(text.get("sweep", {}).get("max_concurrent_trials", 2), int(cpus // per_trial)))
+        phases = {p: sum(r.data.metrics.get(f"time_{p}_s", float("nan")) for r in runs) for p in PHASES}
+        return {"trials": len(runs), "concurrency": conc, "wall": wall,
+                "train": sum(r.data.metrics["train_seconds"] for r in runs), "phases": phases}
+
+
+def report(label: str, m: dict) -> None:
+    ideal = m["train"] / m["concurrency"]
+    print(f"[{label}] trials finished: {m['trials']}  concurrency: {m['concurrency']}")
+    print(f"[{label}] sum of trial training time: {m['train']:.1f}s  ideal wall: {ideal:.1f}s  "
+          f"sweep wall: {m['wall']:.1f}s  overhead ratio (wall / ideal): {m['wall'] / ideal:.2f}")
+    phases = {k: v for k, v in m.get("phases", {}).items() if v == v}  # drop NaN (not logged)
+    if phases:
+        parts = "  ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        rest = m["wall"] * m["concurrency"] - m["train"] - sum(phases.values())
+        print(f"[{label}] summed over trials: training {m['train']:.1f}s  {parts}  "
+              f"rest (Tune scheduling, trial start and end, idle slots) {rest:.1f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("space", nargs="?", default=str(REPO / "search_spaces" / "tiny_digits.yaml"))
+    ap.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
+    ap.add_argument("--before", help="a git revision to measure first, side by side")
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: a child run writes its figures
+    args = ap.parse_args()
+    space = Path(args.space).resolve()
+    if args.json:
+        Path(args.json).write_text(json.dumps(measure(space, args.workers)))
+        return
+    if args.before:
+        with tempfile.TemporaryDirectory(prefix="soup-before-") as old:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+            out = Path(old) / "figures.json"
+            env = {**os.environ, "PYTHONPATH": old, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+            cmd = [sys.executable, str(Path(old) / "benchmarks" / "sweep_overhead.py"), str(space)]
+            run = subprocess.run(cmd, env=env, cwd=old, capture_output=True, text=True)
+            before = _parse_old(run.stdout) if run.returncode == 0 else None
+            if before is None:
+                sys.exit(f"the {args.before} run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+            del out
+        report(f"before {args.before}", before)
+    m = measure(space, args.workers)
+    report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
+    if args.before:
+        print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
+              f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")
+
+
+def _parse_old(stdout: str) -> dict | None:
+    """Figures from the printed lines of an older version of this benchmark."""
+    import re
+
+    trials = re.search(r"trials finished: (\d+)\s+concurrency: (\d+)", stdout)
+    train = re.search(r"sum of trial training time: ([\d.]+)s", stdout)
+    wall = re.search(r"sweep wall time: ([\d.]+)s", stdout)
+    if not (trials and train and wall):
+        return None
+    return {"trials": int(trials[1]), "concurrency": int(trials[2]), "train": float(train[1]),
+            "wall": float(wall[1])}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
-from .splits import LoaderOptions
+from .splits import LoaderOptions, to_float_images
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -39,14 +39,25 @@ class Accel:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Move an image batch, non-blocking from pinned memory, channels-last if chosen."""
-        x = x.to(self.device, non_blocking=self.loader.pin_memory)
+        """Move an image batch, non-blocking from pinned memory, as float in [0, 1], channels-last
+        if chosen.
+
+        A uint8 batch (folder splits) crosses as uint8 and is converted on the device: a quarter
+        of the bytes over the bus; the conversion is one cheap kernel there.
+        """
+        x = images_on(x, self.device, non_blocking=self.loader.pin_memory)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put the model on the device (channels-last when chosen)."""
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def images_on(x: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """An image batch on `device` as float in [0, 1]: moved first (uint8 is 4x smaller than
+    float32), then converted there. For code that has a device but no `Accel`."""
+    return to_float_images(x.to(device, non_blocking=non_blocking))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -48,6 +48,9 @@ class ModelConfig(Frozen):
     arch: str = TINY_ARCH
     pretrained: str | None = TINY_PRETRAINED
     head_init: Literal["zeroshot", "linear_probe"] = "zeroshot"
+    # linear_probe: the number of training images the probe is fitted on, drawn class-stratified
+    # (every class present) and held as features, not images
+    probe_images: int = Field(50_000, ge=1, le=10_000_000)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
 
     @model_validator(mode="after")
@@ -104,7 +107,13 @@ class TrainConfig(Frozen):
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
     epochs: int = Field(8, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536)  # the global batch, split across a trial's workers
+    # images per forward pass on one worker; the worker accumulates gradients over
+    # batch_size / workers / micro_batch_size passes (None: one pass per step)
+    micro_batch_size: int | None = Field(None, ge=1, le=65536)
+    grad_checkpointing: bool = False  # recompute the tower's activations in backward (large towers)
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # a checkpoint also every N steps
+    log_every_steps: int = Field(10, ge=1)  # train_loss, lr and images/s every N steps
     warmup_steps: int = Field(20, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup_alpha: float = Field(0.0, ge=0.0, le=10.0)
@@ -347,10 +356,19 @@ class Distribution(Frozen):
 
 
 class Resources(Frozen):
-    """Resources of one trial; fractional GPUs pack several trials on one device."""
+    """Resources of one trial: its number of training workers (DDP processes) and what each
+    worker reserves; fractional GPUs pack several one-worker trials on one device."""
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1, le=4096)
+    cpu: float = Field(1.0, gt=0)  # per worker
+    gpu: float = Field(0.0, ge=0)  # per worker
+
+    @model_validator(mode="after")
+    def _whole_gpus_when_distributed(self) -> "Resources":
+        if self.workers > 1 and self.gpu and self.gpu != int(self.gpu):
+            raise FieldError("gpu", f"a trial of {self.workers} workers needs whole GPUs per worker "
+                                    f"(got {self.gpu:g}): DDP puts one process on each device")
+        return self
 
 
 class SweepSettings(Frozen):
@@ -410,9 +428,38 @@ class SearchSpace(Frozen):
             problem = _searched_value_problem(self.base, key, dist)
             if problem:
                 raise FieldError(f"search.{key}", problem)
+        problem = _batch_split_problem(self)
+        if problem:
+            raise FieldError(*problem)
         if self.sweep.search_alg == "grid" and any(d.kind != "grid" for d in self.search.values()):
             raise FieldError("sweep.search_alg", "search_alg 'grid' needs every searched key to be a grid")
         return self
+
+
+def batch_split(batch_size: int, workers: int, micro_batch_size: int | None) -> tuple[int, int]:
+    """(images per worker per step, micro-batches per step) of a global batch; ValueError when
+    the global batch does not split evenly (every worker must see the same number of images)."""
+    if batch_size % workers:
+        raise ValueError(f"train.batch_size {batch_size} does not split evenly across {workers} workers")
+    per_worker = batch_size // workers
+    micro = micro_batch_size or per_worker
+    if per_worker % micro:
+        raise ValueError(f"train.micro_batch_size {micro} does not divide the {per_worker} images "
+                         f"each of the {workers} workers takes per step (batch_size {batch_size})")
+    return per_worker, per_worker // micro
+
+
+def _batch_split_problem(space: "SearchSpace") -> tuple[str, str] | None:
+    """(key, why) when some batch size the space can draw does not split across its workers."""
+    sizes = [("base.train.batch_size", space.base.train.batch_size)]
+    if "train.batch_size" in space.search:
+        sizes = [("search.train.batch_size", v) for _, v in _candidates(space.search["train.batch_size"])]
+    for key, size in sizes:
+        try:
+            batch_split(size, space.sweep.resources.workers, space.base.train.micro_batch_size)
+        except ValueError as err:
+            return key, f"{err} (sweep.resources.workers {space.sweep.resources.workers})"
+    return None
 
 
 def _candidates(d: Distribution) -> list[tuple[str, Any]]:

@@ -13,7 +13,7 @@ SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny_digits.yam
 
 
 def hermetic_env(workdir: Path) -> dict[str, str]:
-    """Environment for a self-contained run: MLflow store and Ray token inside `workdir`.
+    """Environment for a self-contained run: MLflow store, Ray token and caches inside `workdir`.
 
     Must be applied before Ray is imported: Ray reads its auth mode and token once per process.
     """
@@ -21,7 +21,8 @@ def hermetic_env(workdir: Path) -> dict[str, str]:
     if not token.exists():
         token.write_text(uuid.uuid4().hex)
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+            "XDG_CACHE_HOME": str(workdir / "cache")}  # the built tiny world, shared by the trials
 
 
 def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,

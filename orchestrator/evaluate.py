@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .accel import CPU, Accel
+from .accel import CPU, Accel, images_on
 from .splits import Split
 
 StateDict = Mapping[str, torch.Tensor]
@@ -82,7 +82,10 @@ class HeldoutCounter:
 
 
 def heldout_counter(model: nn.Module, split: Split, chunk_size: int = 64) -> HeldoutCounter:
-    """A `HeldoutCounter` that loads each state into `model` and scores `split` in chunks."""
+    """A `HeldoutCounter` that loads each state into `model` and scores `split` in chunks.
+
+    Batches go to the model's device as float in [0, 1] (folder splits yield uint8).
+    """
     device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -90,6 +93,6 @@ def heldout_counter(model: nn.Module, split: Split, chunk_size: int = 64) -> Hel
         model.load_state_dict(state)
         with eval_mode(model):
             for x, y in split.batches(chunk_size):
-                yield int((model(x.to(device)).argmax(1).cpu() == y).sum()), len(y)
+                yield int((model(images_on(x, device)).argmax(1).cpu() == y).sum()), len(y)
 
     return HeldoutCounter(len(split), correct)

@@ -113,20 +113,6 @@ def classifier_from_clip(clip: nn.Module, tokenizer, classnames, templates) -> I
     return ImageClassifier(clip.visual, head, pp["mean"], pp["std"])
 
 
-@torch.no_grad()
-def set_linear_probe_head(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
-                          batch_size: int = 256) -> None:
-    """Replace the head by a logistic-regression probe fitted on frozen features."""
-    from sklearn.linear_model import LogisticRegression
-
-    model.eval()
-    feats = torch.cat([model.features(images[i:i + batch_size])
-                       for i in range(0, len(images), batch_size)]).numpy()
-    probe = LogisticRegression(max_iter=2000, C=10.0).fit(feats, labels.numpy())
-    model.head.weight.copy_(torch.tensor(probe.coef_, dtype=torch.float32))
-    model.head.bias.copy_(torch.tensor(probe.intercept_, dtype=torch.float32))
-
-
 def describe_arch(arch: str) -> str:
     """A compact, stable JSON string of an architecture, for tags and compatibility checks."""
     return json.dumps(arch_config(arch), sort_keys=True, separators=(",", ":"))

@@ -1,14 +1,17 @@
 """What every split offers, and the two kinds there are: held in memory, or read from folders.
 
-A split is a named set of images with integer labels. Images are float tensors in [0, 1] of shape
-(N, 3, H, W); normalisation belongs to the model, so that a served soup takes plain pixels. Code
-that reads a split uses only the `Split` protocol and never needs to know which kind it holds.
+A split is a named set of images with integer labels, of shape (N, 3, H, W): float in [0, 1] in
+memory, uint8 as read from folders (a quarter of the bytes through the loader; `Accel.to_device`
+makes them floats on the device), and float from `tensors` whatever the kind. Normalisation belongs
+to the model, so that a served soup takes plain pixels. Code that reads a split uses only the
+`Split` protocol and never needs to know which kind it holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -44,14 +47,30 @@ class Split(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) batches in `order` (default: as stored), augmented image by image."""
+                augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, opts: LoaderOptions = LoaderOptions(),
+                sizes: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) batches in `order` (default: as stored), augmented image by image:
+        ``augment(image, index)`` gets each image with its index in the split, so that a seeded
+        augmentation depends on the image and not on which worker or batch it lands in.
+        `sizes`, when given, are the batches' sizes in turn (summing to the length of `order`),
+        instead of `batch_size` each."""
         ...
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `limit` images and labels as tensors (all of them by default)."""
         ...
+
+
+def _slices(n: int, batch_size: int, sizes: Sequence[int] | None) -> list[tuple[int, int]]:
+    """(start, length) of each batch over `n` items: `sizes` in turn, else `batch_size` each."""
+    if sizes is None:
+        return [(i, min(batch_size, n - i)) for i in range(0, n, batch_size)]
+    if sum(sizes) != n or any(k <= 0 for k in sizes):
+        raise ValueError(f"batch sizes must be positive and sum to {n} (got {len(sizes)} summing to {sum(sizes)})")
+    starts = [0]
+    for k in sizes[:-1]:
+        starts.append(starts[-1] + k)
+    return list(zip(starts, sizes))
 
 
 @dataclass(frozen=True)
@@ -67,22 +86,37 @@ class TensorSplit:
         return len(self.labels)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, opts: LoaderOptions = LoaderOptions(),
+                sizes: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) batches in `order` (default: as stored), augmented image by image."""
         order = torch.arange(len(self)) if order is None else order
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        for i, n in _slices(len(order), batch_size, sizes):
+            idx = order[i:i + n]
             x = self.images[idx]
-            yield (x if augment is None else torch.stack([augment(img) for img in x])), self.labels[idx]
+            if augment is not None:
+                x = torch.stack([augment(img, int(k)) for img, k in zip(x, idx)])
+            yield x, self.labels[idx]
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `limit` images and labels as tensors (all of them by default)."""
         return self.images[:limit], self.labels[:limit]
 
 
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0..255) as float32 in [0, 1]; float images unchanged.
+
+    The one definition of that conversion, shared by `FolderSplit.tensors` and `Accel.to_device`
+    (which applies it after the move, so only uint8 bytes cross to the device).
+    """
+    return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x
+
+
 class _Augmented(torch.utils.data.Dataset):
-    """A data set whose images pass through `augment` (in the loader's worker processes)."""
+    """A data set whose images pass through `augment` (in the loader's worker processes).
+
+    For a `FolderSplit` the image `augment` gets is uint8 (3, H, W), as its data set yields it:
+    augmenting before the float conversion keeps the workers' output a quarter of the size.
+    """
 
     def __init__(self, dataset, augment: Callable | None):
         self.dataset, self.augment = dataset, augment
@@ -92,15 +126,17 @@ class _Augmented(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         x, y = self.dataset[i]
-        return (x if self.augment is None else self.augment(x)), y
+        return (x if self.augment is None else self.augment(x, i)), y
 
 
 @dataclass(frozen=True)
 class FolderSplit:
     """A split read from image files on demand (ImageNet and its shifts).
 
-    `dataset[i]` is ``(float image in [0, 1] of shape (3, H, W), label)``; `labels` holds every
-    label up front (known from the folder listing) so accuracy needs no second pass.
+    `dataset[i]` is ``(uint8 image of shape (3, H, W), label)`` and `batches` yields uint8 image
+    batches: the float conversion happens on the device (`Accel.to_device`), so the loader moves a
+    quarter of the bytes. `tensors` returns float in [0, 1] like every split's. `labels` holds
+    every label up front (known from the folder listing) so accuracy needs no second pass.
     """
 
     name: str
@@ -112,20 +148,23 @@ class FolderSplit:
         return len(self.labels)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                augment: Callable | None = None, opts: LoaderOptions = LoaderOptions()
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches through a DataLoader: `order` as its sampler, augmentation in the workers."""
+                augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, opts: LoaderOptions = LoaderOptions(),
+                sizes: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 batches through one DataLoader (pinned when `opts.pin_memory`): `order` and
+        `sizes` as its batch sampler, augmentation in the workers; consumers convert with
+        `Accel.to_device`."""
         ds = _Augmented(self.dataset, augment)
-        sampler = None if order is None else order.tolist()
+        order = list(range(len(self))) if order is None else order.tolist()
+        batches = [order[i:i + n] for i, n in _slices(len(order), batch_size, sizes)]
         yield from torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, num_workers=opts.workers,
+            ds, batch_sampler=batches, num_workers=opts.workers,
             pin_memory=opts.pin_memory, persistent_workers=False)
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `limit` images and labels, read into memory."""
+        """The first `limit` images (float in [0, 1], as from every split) and labels, in memory."""
         n = len(self) if limit is None else min(limit, len(self))
         xs = [self.dataset[i][0] for i in range(n)]
-        return torch.stack(xs), self.labels[:n]
+        return to_float_images(torch.stack(xs)), self.labels[:n]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 `run_sweep` is the driver behind ``soup sweep``. It runs on a local Ray by default, on an existing
 cluster when ``RAY_ADDRESS`` is set, and unchanged as ``ray job submit -- soup sweep ...``.
-Each trial fine-tunes with `finetune.finetune` and logs itself to MLflow as a run nested under
-the sweep's parent run, so MLflow alone tells the story of the sweep.
+Each trial is a Ray Train run of `finetune.finetune` on ``sweep.resources.workers`` workers
+(`trial`), and logs itself to MLflow as a run nested under the sweep's parent run, so MLflow
+alone tells the story of the sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import datetime as dt
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,13 +24,34 @@ from ray import tune
 from ray.tune.search.sample import Domain, Sampler
 
 from . import cluster
-from .config import ConfigError, Distribution, FinetuneConfig, SearchSpace, load_yaml, validate, with_overrides
-from .hashing import json_sha256, text_sha256
+from .config import (
+    ConfigError,
+    Distribution,
+    FinetuneConfig,
+    SearchSpace,
+    load_yaml,
+    with_overrides,
+)
+from .hashing import text_sha256
 from .models import describe_arch, pretrained_ref
-from .tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker, flatten, locate_sweep, searchable
-
-METRIC = "heldout_acc"
-
+from .tracking import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    RUNNING,
+    Tracker,
+    flatten,
+    locate_sweep,
+    searchable,
+)
+from .trial import (  # noqa: F401
+    METRIC,
+    EndTrialRuns,
+    TrialContext,
+    TrialProgress,
+    run_trial,
+    trial_key,
+)
 
 # --- search space -----------------------------------------------------------------------------
 
@@ -122,92 +144,6 @@ def sample_configs(space: SearchSpace, n: int, seed: int = 0) -> list[FinetuneCo
         for _, params in generate_variants(param_space(space), random_state=rng):
             out.append(with_overrides(space.base, params, "sampled params"))
     return out[:n]
-
-
-# --- the trainable ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial needs to know; small, so Tune can ship it to workers."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    sweep_id: str
-    base: dict
-    tags: dict = field(default_factory=dict)
-
-
-def trial_key(trial_id: str, params: dict[str, Any]) -> str:
-    """A trial's identity across retries and resumes: its index in the sweep and its params.
-
-    Tune keeps trial ids across `Tuner.restore`, but a sweep restarted from scratch (its Tune
-    state lost) draws the same params in the same order under new ids; this key matches both.
-    """
-    digest = json_sha256(params, sort_keys=True, default=str)
-    return f"{trial_id.rsplit('_', 1)[-1]}-{digest[:12]}"
-
-
-def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
-    """One trial: fine-tune with `params` over the base config, logging to a nested MLflow run."""
-    import torch
-
-    from .finetune import finetune
-    from .tracking import log_trial_result
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    cfg = with_overrides(validate(FinetuneConfig, ctx.base), params, "trial params")
-    tracker = Tracker(ctx.tracking_uri)
-    trial_id = tune.get_context().get_trial_id()
-    key = trial_key(trial_id, params)
-    existing = tracker.find_trial(ctx.experiment_id, ctx.sweep_id, key)
-    finished = [r for r in existing if r.info.status == FINISHED]
-    if finished:  # logged in full by an earlier attempt that died before Tune heard of it
-        tune.report({**finished[0].data.metrics, "epoch": cfg.train.epochs})
-        return
-    tracker.discard_stale(existing)
-    run_id = tracker.create_run(
-        ctx.experiment_id, tune.get_context().get_trial_name(),
-        {**ctx.tags, "soup.role": "trial", "sweep_id": ctx.sweep_id, "trial_id": trial_id,
-         "trial_key": key},
-        parent_run_id=ctx.parent_run_id)
-    tracker.log_params(run_id, flatten(cfg.model_dump()))
-
-    def on_epoch(row: dict) -> None:
-        tracker.log_metrics(run_id, {"train_loss": row["train_loss"], METRIC: row[METRIC],
-                                     "lr": row["lr"]}, step=row["epoch"])
-        tune.report(row)
-
-    try:
-        result = finetune(cfg, on_epoch=on_epoch)
-        log_trial_result(tracker, run_id, result)
-    except Exception as err:
-        tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"[:5000]})
-        tracker.end_run(run_id, FAILED)
-        raise
-    tracker.end_run(run_id, FINISHED)
-    tune.report({**result.metrics(), "epoch": cfg.train.epochs})
-
-
-class EndTrialRuns(tune.Callback):
-    """Driver-side: a trial whose worker died or was stopped early leaves no RUNNING run behind."""
-
-    def __init__(self, ctx: TrialContext):
-        self.ctx = ctx
-
-    def _end(self, trial, status: str, reason: str) -> None:
-        tracker = Tracker(self.ctx.tracking_uri)
-        key = trial_key(trial.trial_id, trial.config)
-        for run in tracker.find_trial(self.ctx.experiment_id, self.ctx.sweep_id, key):
-            if run.info.status == RUNNING:
-                tracker.set_tags(run.info.run_id, {"end_reason": reason})
-                tracker.end_run(run.info.run_id, status)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, FAILED, "trial errored")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, KILLED, "stopped early by the scheduler")
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -335,17 +271,25 @@ def _check_unique(tracker: Tracker, sweep_id: str, space: SearchSpace, resume: b
 
 
 def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]) -> None:
-    """Refuse a trial that no node of this Ray could ever run, before anything is logged.
+    """Refuse a trial that this Ray could never run, before anything is logged: one worker's
+    bundle (CPUs, GPUs) must fit a node, and on a local Ray all the trial's workers must fit it.
 
     A local Ray is all there is. A cluster (``RAY_ADDRESS``) may add nodes: with
     ``sweep.autoscale: true`` the sweep starts and waits for them; without, it is refused."""
     res = space.sweep.resources
     nodes = cluster.node_resources()
-    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+    fits = [n for n in nodes if n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu]
+    total_cpu, total_gpu = res.workers * res.cpu, res.workers * res.gpu
+    if fits and (not cluster.is_local() or (sum(n.get("CPU", 0) for n in nodes) >= total_cpu
+                                             and sum(n.get("GPU", 0) for n in nodes) >= total_gpu)):
         return
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-    what = (f"a trial asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest node of this "
-            f"Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
+    if fits:  # local, one worker fits but not all of them
+        what = (f"a trial of {res.workers} workers asks for {total_cpu:g} CPU and {total_gpu:g} GPU, "
+                f"but this local Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
+    else:
+        what = (f"a trial worker asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest node of "
+                f"this Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
     if cluster.is_local():
         raise ConfigError(f"{space_path}: key 'sweep.resources': {what}: it could never run")
     if not space.sweep.autoscale:
@@ -387,7 +331,10 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     storage = _storage(space, storage_path)
     log(f"sweep {sweep_id}: MLflow {tracker.uri}, experiment {space.tracking.experiment_name!r}, "
         f"parent run {parent}; Tune state in {storage}/{sweep_id}")
-    ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base.model_dump(mode="json"), tags)
+    res = space.sweep.resources
+    ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base.model_dump(mode="json"), tags,
+                       storage=storage, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
+                       max_failures=space.sweep.max_failures)
     _tuner(space, ctx, storage, resume).fit()
     if _STOP.get("signal"):  # Tune stopped on it and saved its state: resumable
         raise SweepInterrupted(sweep_id, _STOP["signal"], space_path)
@@ -398,17 +345,20 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage)
 
 
+# The Tune trial function only drives its TorchTrainer, whose workers reserve the CPUs and GPUs;
+# Tune needs a non-empty bundle, so the driver reserves a token amount of memory and no CPU.
+DRIVER_BUNDLE = {"cpu": 0, "memory": 64 * 2**20}
+
+
 def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
-    res = space.sweep.resources
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": res.cpu, "gpu": res.gpu})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_BUNDLE)
     exp_path = f"{storage}/{ctx.sweep_id}"
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
     return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
                       run_config=tune.RunConfig(
                           name=ctx.sweep_id, storage_path=storage,
-                          callbacks=[EndTrialRuns(ctx), StopSignals()],
+                          callbacks=[EndTrialRuns(ctx), TrialProgress(), StopSignals()],
                           failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
 
 

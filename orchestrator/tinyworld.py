@@ -9,16 +9,20 @@ seed.
 
 from __future__ import annotations
 
+import os
 import string
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 
 from .config import DataConfig
+from .hashing import text_sha256
 from .splits import TaskData, TensorSplit
 
 IMAGE_SIZE = 32
@@ -153,7 +157,46 @@ def make_shift(name: str, test: TensorSplit, seed: int) -> TensorSplit:
 
 
 def load_digits_task(cfg: DataConfig) -> TaskData:
-    """Build the digits task: fixed train / held-out / test splits and the configured shifts."""
+    """The digits task: fixed train / held-out / test splits and the configured shifts.
+
+    Building it takes seconds (upsampling the digits, rendering the glyph shift), which every
+    sweep trial would pay again in its fresh worker process; so the built tensors are kept in a
+    safetensors file in the user's cache folder, named by the digest of this module's source and
+    of the data config (a changed recipe or config is a different file). A file that cannot be
+    read is rebuilt."""
+    path = _cache_path(cfg)
+    try:
+        return _task_from(load_file(str(path)), cfg)
+    except Exception:  # noqa: BLE001 - absent, partial or stale: build it
+        pass
+    task = _build_digits_task(cfg)
+    tensors = {f"{n}.{k}": v.clone() for n, sp in {"train": task.train, "heldout": task.heldout,
+                                                         "test": task.test, **task.shifts}.items()
+               for k, v in (("images", sp.images), ("labels", sp.labels))}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)  # atomic: a concurrent trial reads the old file or the new one
+    except OSError:
+        pass  # a read-only cache folder only costs the rebuild
+    return task
+
+
+def _cache_path(cfg: DataConfig) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-soup"
+    key = text_sha256(Path(__file__).read_text() + cfg.model_dump_json())[:24]
+    return root / f"tinyworld-{key}.safetensors"
+
+
+def _task_from(t: dict[str, torch.Tensor], cfg: DataConfig) -> TaskData:
+    def split(name: str) -> TensorSplit:
+        return TensorSplit(name, t[f"{name}.images"], t[f"{name}.labels"])
+    return TaskData(DIGITS, split("train"), split("heldout"), split("test"),
+                    {s: split(s) for s in cfg.shifts})
+
+
+def _build_digits_task(cfg: DataConfig) -> TaskData:
     x, y = _digits()
     tr, he, te = _stratified_split(y, cfg)
     test = TensorSplit("test", x[te], y[te])

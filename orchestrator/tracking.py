@@ -12,6 +12,7 @@ no fluent "active run" can be relied on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -234,13 +235,18 @@ class Tracker:
             self.log_artifact(run_id, local, str(Path(artifact_file).parent))
 
 
-def log_trial_result(tracker: Tracker, run_id: str, result) -> None:
-    """Log a fine-tuning result: final metrics, the checkpoint with its sha256, and all logits."""
+def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = None) -> None:
+    """Log a fine-tuning result: final metrics at `step` (default: the epoch count), the checkpoint
+    with its sha256, and all logits. Held-out accuracy is left out when the run logged it per
+    epoch: the last epoch's point is the final value."""
     from safetensors.torch import save_file
 
     from .hashing import file_sha256
 
-    tracker.log_metrics(run_id, result.metrics(), step=result.config.train.epochs)
+    final = result.metrics()
+    if result.curves:
+        final.pop("heldout_acc")
+    tracker.log_metrics(run_id, final, step=result.config.train.epochs if step is None else step)
     tracker.log_metrics(run_id, {"train_seconds": result.train_seconds})
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / Path(CHECKPOINT_PATH).name
@@ -255,6 +261,23 @@ def log_trial_result(tracker: Tracker, run_id: str, result) -> None:
         cols["label"] += labels.tolist()
         cols["logits"] += logits.float().tolist()
     tracker.log_table(run_id, cols, LOGITS_PATH)
+
+
+@contextlib.contextmanager
+def system_metrics(tracker: Tracker, run_id: str, node_id: str | None = None, interval: float = 5.0):
+    """MLflow's own system-metrics monitor on `run_id` while the block runs: CPU, memory, disk,
+    network, and GPU utilisation and memory when there is a GPU (``system/...`` metrics, charted
+    beside the loss). `node_id` names the machine when a run spans several. Resumes its step
+    count after an earlier attempt's, so a resumed trial appends instead of overwriting."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                   node_id=node_id, tracking_uri=tracker.uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def read_parquet(path: str | Path) -> dict[str, list]:

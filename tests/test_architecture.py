@@ -19,7 +19,7 @@ PACKAGE = "orchestrator"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # upstream top-level package -> the only modules allowed to import it
 OWNERS = {"mlflow": {"orchestrator.tracking", "orchestrator.serving"},
-          "ray": {"orchestrator.sweep", "orchestrator.cluster"}}
+          "ray": {"orchestrator.sweep", "orchestrator.trial", "orchestrator.cluster"}}
 GUARDED = ("ray", "mlflow", "torch", "open_clip")  # whose private names must not be used
 
 

@@ -70,6 +70,24 @@ def _package_imports(module: str) -> set[str]:
 def test_data_modules_import_one_way():
     # splits <- tinyworld, imagenet <- data: neither world reaches the other or the table
     assert _package_imports("splits") <= {"config"}
-    assert _package_imports("tinyworld") <= {"config", "splits"}
+    assert _package_imports("tinyworld") <= {"config", "splits", "hashing"}
     assert _package_imports("imagenet") <= {"config", "splits"}
     assert _package_imports("data") == {"config", "imagenet", "splits", "tinyworld"}
+
+
+def test_the_built_tiny_world_is_cached_and_read_back_identical(tmp_path, monkeypatch):
+    from orchestrator import tinyworld
+    from orchestrator.config import DataConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = DataConfig(split_seed=3)
+    built = tinyworld.load_digits_task(cfg)
+    (cached,) = (tmp_path / "model-soup").glob("tinyworld-*.safetensors")
+    again = tinyworld.load_digits_task(cfg)
+    for name, split in {"train": built.train, "heldout": built.heldout, "test": built.test, **built.shifts}.items():
+        other = again.shifts[name] if name in built.shifts else getattr(again, name)
+        assert other.name == split.name
+        assert torch.equal(other.images, split.images) and torch.equal(other.labels, split.labels)
+    cached.write_bytes(b"not safetensors")  # a damaged file is rebuilt, not trusted
+    assert torch.equal(tinyworld.load_digits_task(cfg).train.images, built.train.images)
+    assert len(list((tmp_path / "model-soup").glob("tinyworld-*"))) == 1

@@ -8,9 +8,11 @@ import configparser
 import contextlib
 import io
 import json
+import math
 import re
 import shlex
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -20,7 +22,7 @@ import ray
 import yaml
 
 from orchestrator.cli import _parser
-from orchestrator.config import ConfigError, SearchSpace, load_yaml
+from orchestrator.config import ConfigError, Resources, SearchSpace, load_yaml
 from orchestrator.soups.recipe import recipe_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,6 +360,8 @@ def check_cluster_launcher(rel: str):
     for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         assert "ray start" not in cmd or "RAY_AUTH_MODE=token ray start" in cmd, cmd
     assert "~/.ray/auth_token" in cfg["file_mounts"], "nodes need the token"
+    for space in SPACES:
+        check_trials_fit(launcher_nodes(cfg), space, rel)
 
 
 def check_readme(rel: str):
@@ -367,6 +371,144 @@ def check_readme(rel: str):
         assert needle in text, f"{rel} should say {needle!r}"
     for port in ["5000", "5432", "9000", "9001", "6379", "8265", "10001"]:
         assert f"| {port} |" in text, f"{rel}: port {port} missing from the exposure table"
+
+
+# --- trials on the GPU workers ----------------------------------------------------------------
+# A trial is `workers` Ray Train workers, each reserving `cpu` CPUs and `gpu` GPUs. It should fit
+# one worker type whole (its gradient all-reduce then stays inside a node), with a spare CPU for
+# the trial's coordinating processes: the Tune trial function and Ray Train's controller reserve
+# no CPU (sweep.DRIVER_BUNDLE; Train V2's controller) but run on some node all the same, and
+# Train V1's ScalingConfig would reserve 1 CPU for its trainer. The cluster at its largest
+# should run `max_concurrent_trials` of them. Heads are left out (here they advertise no CPUs).
+
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+COORDINATOR_CPU = 1
+CLOUD_STORAGE = ("s3://", "gs://", "abfss://", "az://")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of worker node: what it advertises to Ray, and how many of it there may be."""
+    name: str
+    cpu: float
+    gpu: float
+    min_nodes: int
+    max_nodes: int
+
+
+def trials_per_node(res: Resources, node: NodeType) -> int:
+    """Whole trials of `res` that one node holds (workers, their CPUs and GPUs, a coordinator)."""
+    fits = [math.floor(node.cpu / (res.workers * res.cpu + COORDINATOR_CPU) + 1e-9)]
+    if res.gpu:
+        fits.append(math.floor(node.gpu / (res.workers * res.gpu) + 1e-9))
+    return min(fits)
+
+
+def launcher_nodes(cfg: dict) -> list[NodeType]:
+    return [NodeType(name, t["resources"].get("CPU", 0), t["resources"].get("GPU", 0),
+                     t.get("min_workers", 0), t["max_workers"])
+            for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+
+
+def _quantity(q) -> float:
+    """A Kubernetes CPU or count quantity: 8, "8", "500m"."""
+    s = str(q)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def group_nodes(spec: dict) -> list[NodeType]:
+    """Worker groups as Ray sees them: rayStartParams override the container limits."""
+    out = []
+    for g in spec["workerGroupSpecs"]:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        params = g.get("rayStartParams") or {}
+        cpu = _quantity(params.get("num-cpus", limits.get("cpu", 0)))
+        gpu = _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        out.append(NodeType(g["groupName"], cpu, gpu, g["minReplicas"], g["maxReplicas"]))
+    return out
+
+
+def check_trials_fit(nodes: list[NodeType], space_path: Path, where: str) -> SearchSpace:
+    space = load_yaml(SearchSpace, space_path)
+    res, name = space.sweep.resources, space_path.name
+    per_node = {n.name: trials_per_node(res, n) for n in nodes}
+    need = (f"{res.workers} worker(s) x {{cpu: {res.cpu:g}, gpu: {res.gpu:g}}} "
+            f"+ {COORDINATOR_CPU} CPU for the trial")
+    assert any(per_node.values()), (
+        f"{where}: no worker type holds a whole trial of {name} ({need}); "
+        f"types: {[(n.name, n.cpu, n.gpu) for n in nodes]}")
+    capacity = sum(per_node[n.name] * n.max_nodes for n in nodes)
+    assert capacity >= space.sweep.max_concurrent_trials, (
+        f"{where}: at most {capacity} trials of {name} at once, but its max_concurrent_trials is "
+        f"{space.sweep.max_concurrent_trials}")
+    return space
+
+
+def check_sweep_launch(args, nodes: list[NodeType], mounts: set[str], where: str):
+    """A sweep that deploy/ launches: its trials fit the cluster, it may wait for the autoscaler
+    when no node that fits runs yet, and its checkpoints go where every node can reach them."""
+    space = check_trials_fit(nodes, REPO / args.space, where)
+    res = space.sweep.resources
+    running = any(n.min_nodes and trials_per_node(res, n) for n in nodes)
+    assert running or space.sweep.autoscale, (
+        f"{where}: {args.space}: the cluster starts with no node that fits a trial, and "
+        "`soup sweep` refuses that unless sweep.autoscale is true")
+    storage = args.storage_path or space.sweep.storage_path
+    assert storage, f"{where}: {args.space} keeps checkpoints in ~/ray_results of each node"
+    shared = storage.startswith(CLOUD_STORAGE) or any(
+        storage == m or storage.startswith(m.rstrip("/") + "/") for m in mounts)
+    assert shared, (f"{where}: storage {storage!r} is neither object storage nor a volume "
+                    f"mounted read-write on every pod ({sorted(mounts) or 'none'})")
+
+
+def shared_mounts(spec: dict) -> set[str]:
+    """Paths of PersistentVolumeClaims that the head and every worker group mount read-write."""
+    def mounts(template: dict) -> set[str]:
+        pod = template["spec"]
+        claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v
+                  and not v["persistentVolumeClaim"].get("readOnly")}
+        return {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])
+                if m["name"] in claims and not m.get("readOnly")}
+    groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    return set.intersection(*(mounts(g["template"]) for g in groups))
+
+
+def _check_gpu_group(group: dict, where: str):
+    """GPUs are whole and requested as limited; a multi-GPU pod has a memory-backed /dev/shm
+    (NCCL's shared-memory transport and the DataLoader workers; a container gets 64 MiB)."""
+    pod = group["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    gpus = res["limits"].get("nvidia.com/gpu", 0)
+    assert isinstance(gpus, int), f"{where}: nvidia.com/gpu must be a whole number, got {gpus!r}"
+    assert res.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus, \
+        f"{where}: nvidia.com/gpu requests and limits must be equal"
+    if gpus > 1:
+        memory = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
+        shm = [m for m in pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm and shm[0]["name"] in memory, f"{where}: {gpus} GPUs need a memory-backed /dev/shm"
+
+
+def test_trial_fit_arithmetic():
+    # Guards the guard: a fit check that always passes would make the cluster checks vacuous.
+    l14, b32 = Resources(workers=4, cpu=8, gpu=1), Resources(workers=1, cpu=8, gpu=1)
+    one, eight = NodeType("one", 16, 1, 0, 8), NodeType("eight", 96, 8, 0, 2)
+    assert trials_per_node(l14, one) == 0 and trials_per_node(l14, eight) == 2
+    assert trials_per_node(b32, one) == 1 and trials_per_node(b32, NodeType("x", 8, 1, 0, 1)) == 0
+    assert trials_per_node(Resources(workers=1, cpu=1, gpu=0.5), NodeType("y", 4, 1, 0, 1)) == 2
+    assert trials_per_node(Resources(workers=1, cpu=1), NodeType("cpu", 4, 0, 0, 1)) == 2
+    with pytest.raises(AssertionError, match="no worker type holds a whole trial"):
+        check_trials_fit([one], REPO / "search_spaces" / "clip_vit_l14_imagenet.yaml", "test")
+
+
+def test_readme_sweeps_fit_the_launcher_and_keep_checkpoints_on_shared_storage():
+    nodes = launcher_nodes(_docs("ray/cluster.yaml")[0])
+    sweeps = [check_soup_command(argv, "README.md") for where, argv in _all_soup_commands()
+              if where == "README.md" and argv[:1] == ["sweep"]]
+    assert {a.space for a in sweeps} >= {"search_spaces/clip_vit_b32_imagenet.yaml",
+                                         "search_spaces/clip_vit_l14_imagenet.yaml"}
+    for args in sweeps:
+        check_sweep_launch(args, nodes, set(), f"README.md: soup sweep {args.space}")
+
 
 
 # --- KubeRay ----------------------------------------------------------------------------------
@@ -417,14 +559,19 @@ def check_ray_cluster_spec(spec: dict, where: str):
     gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0) for g in groups
             for c in g["template"]["spec"]["containers"]]
     assert any(n >= 1 for n in gpus), f"{where}: no worker group requests nvidia.com/gpu"
+    for g in groups:
+        _check_gpu_group(g, f"{where} {g['groupName']}")
 
 
 def check_ray_job(doc: dict, where: str):
     spec = doc["spec"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "soup", f"{where}: entrypoint must run the soup CLI: {spec['entrypoint']}"
-    check_soup_command(argv[1:], where)
+    args = check_soup_command(argv[1:], where)
     assert spec.get("rayClusterSpec") or spec.get("clusterSelector"), f"{where}: no cluster"
+    if args.command == "sweep" and spec.get("rayClusterSpec"):
+        cluster = spec["rayClusterSpec"]
+        check_sweep_launch(args, group_nodes(cluster), shared_mounts(cluster), where)
     if spec.get("rayClusterSpec"):
         assert spec["shutdownAfterJobFinishes"] is True, f"{where}: its cluster must go when the job ends"
         assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
@@ -441,7 +588,14 @@ def check_config_map(doc: dict, where: str):
     assert doc["data"]["MLFLOW_TRACKING_URI"].startswith(("http://", "https://"))
 
 
-KINDS = {"RayCluster": lambda d, w: check_ray_cluster_spec(d["spec"], w), "RayJob": check_ray_job,
+def check_standing_cluster(doc: dict, where: str):
+    """A RayCluster for `ray job submit`: any shipped space may be submitted to it."""
+    check_ray_cluster_spec(doc["spec"], where)
+    for space in SPACES:
+        check_trials_fit(group_nodes(doc["spec"]), space, where)
+
+
+KINDS = {"RayCluster": check_standing_cluster, "RayJob": check_ray_job,
          "Secret": check_secret, "ConfigMap": check_config_map}
 
 
@@ -471,6 +625,8 @@ CHECKS = {
     "kuberay/raycluster.yaml": check_kuberay,
     "kuberay/rayjob-sweep.yaml": check_kuberay,
     "kuberay/rayjob-cook.yaml": check_kuberay,
+    "kuberay/rayjob-sweep-vitl14.yaml": check_kuberay,
+    "kuberay/rayjob-cook-vitl14.yaml": check_kuberay,
     "kuberay/secrets.example.yaml": check_kuberay,
     "kuberay/config.yaml": check_kuberay,
 }

@@ -137,12 +137,14 @@ def test_val_is_the_test_split(root, task):
     assert task.test.project is None
 
 
-def test_images_are_resized_centre_cropped_floats(task):
+def test_images_are_resized_centre_cropped_uint8(task):
     for split in (task.train, task.test, task.shifts["imagenet_r"]):
         x, y = split.dataset[0]
-        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
-        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8  # float only on the device
         assert isinstance(y, int) and y == split.labels[0]
+        images, labels = split.tensors(2)  # tensors() stays float in [0, 1] for its callers
+        assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+        assert torch.equal(images[0], x.float() / 255) and torch.equal(labels, split.labels[:2])
 
 
 # --- the shifts ----------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def test_objectnet_max_projection_and_dropped_classes(task):
 
 def test_objectnet_crops_the_border(task):
     x, _ = task.shifts["objectnet"].dataset[0]
-    assert x[0].max() < 0.05 and x[1].min() > 0.7  # no red frame left, only the green picture
+    assert x[0].max() < 13 and x[1].min() > 178  # no red frame left, only the green picture
 
 
 def test_full_objectnet_projection_has_113_classes():
@@ -222,6 +224,7 @@ def test_batches_through_a_dataloader(task, workers):
     x = torch.cat([b[0] for b in got])
     y = torch.cat([b[1] for b in got])
     assert x.shape == (len(s), 3, SIZE, SIZE) and torch.equal(y, s.labels[order])
+    assert x.dtype == torch.uint8
     assert torch.equal(x[0], s.dataset[len(s) - 1][0])
 
 

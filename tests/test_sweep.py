@@ -40,9 +40,14 @@ def check_trial(client, trial, parent_id, tmp_path):
         assert 0.0 <= metrics[m] <= 1.0, m
     assert math.isclose(metrics["shift_mean_acc"], sum(metrics[f"shift_{s}_acc"] for s in SHIFTS) / 5,
                         rel_tol=1e-6)
-    history = client.get_metric_history(trial.info.run_id, "train_loss")
-    assert [m.step for m in history] == list(range(1, int(params["train.epochs"]) + 1))
-    assert client.get_metric_history(trial.info.run_id, "heldout_acc")
+    # MLflow step = global step: train_loss every train.log_every_steps and at each epoch's end,
+    # heldout_acc and epoch once per epoch at its last step
+    epochs = sorted(client.get_metric_history(trial.info.run_id, "epoch"), key=lambda m: m.step)
+    assert [m.value for m in epochs] == list(range(1, int(params["train.epochs"]) + 1))
+    steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "train_loss"))
+    assert len(steps) == len(set(steps)) and {m.step for m in epochs} <= set(steps)
+    held = client.get_metric_history(trial.info.run_id, "heldout_acc")
+    assert sorted(m.step for m in held) == [m.step for m in epochs]
     ckpt = client.download_artifacts(trial.info.run_id, "checkpoint/model.safetensors", str(tmp_path))
     with open(ckpt, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == tags["checkpoint_sha256"]

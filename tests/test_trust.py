@@ -135,17 +135,20 @@ def test_a_sweep_id_names_one_sweep_in_the_whole_store(swept, tmp_path):
     assert [e.name for e in client.search_experiments()] == before and not ray.is_initialized()
 
 
-def test_a_sweep_that_could_never_be_scheduled_is_refused_before_anything_is_logged(hermetic):
+@pytest.mark.parametrize("resources, message", [
+    ("{cpu: 64, gpu: 0}", r"a trial worker asks for 64 CPU and 0 GPU, but the largest node of this Ray has \d+ CPU"),
+    ("{workers: 64, cpu: 1}", r"a trial of 64 workers asks for 64 CPU and 0 GPU, but this local Ray has \d+ CPU"),
+])
+def test_a_sweep_that_could_never_be_scheduled_is_refused_before_anything_is_logged(hermetic, resources, message):
     import ray
 
     from orchestrator.sweep import run_sweep
 
     space = hermetic["tmp"] / "huge.yaml"
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("resources: {cpu: 1}",
-                                                                  "resources: {cpu: 64, gpu: 0}"))
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("resources: {cpu: 1}", f"resources: {resources}")
+                     .replace("batch_size: 128", "batch_size: 128\n    micro_batch_size: 2"))
     try:
-        with pytest.raises(ConfigError, match=r"key 'sweep.resources': a trial asks for 64 CPU and 0 GPU, "
-                                              r"but the largest node of this Ray has \d+ CPU"):
+        with pytest.raises(ConfigError, match=r"key 'sweep.resources': " + message):
             run_sweep(space, name="huge", storage_path=hermetic["storage"])
     finally:
         ray.shutdown()

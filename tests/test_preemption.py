@@ -1,0 +1,277 @@
+"""Preemption and scale, on CPU with the code paths a GPU cluster runs.
+
+- A training worker SIGKILLed during epoch 3 of 5: Ray Train restarts the worker group from the
+  epoch-2 checkpoint, in the same MLflow run, which ends with each epoch logged once and a final
+  checkpoint bit-identical to an uninterrupted run's.
+- The sweep's driver SIGKILLed (with its local Ray) during epoch 3: ``soup sweep --resume``
+  continues the trial from its epoch-2 checkpoint, not from epoch 1.
+- Two Gloo workers with the same global batch and seed train what one worker trains.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import run, venv_bin
+from servers import kill_owned, new_mark, owned_pids
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# 5 epochs of about 60 steps (batch 16), mixup, smoothing and augmentation on: every random
+# stream and the optimizer's state must survive the resume for the weights to come out identical.
+SPACE = """
+base:
+  train: {{epochs: 5, batch_size: 16, warmup_steps: 10, lr: 3.0e-4, log_every_steps: 4,
+          augment: light, label_smoothing: 0.1, mixup_alpha: 0.4, seed: 7}}
+search:
+  train.weight_decay: {{choice: [0.05]}}
+sweep:
+  num_samples: 1
+  max_concurrent_trials: 1
+  resources: {{workers: {workers}, cpu: 1}}
+  max_failures: 2
+tracking:
+  experiment_name: {experiment}
+"""
+
+
+def _space(tmp: Path, experiment: str, workers: int = 1, **train) -> str:
+    text = SPACE.format(workers=workers, experiment=experiment)
+    for k, v in train.items():
+        text = text.replace("seed: 7}", f"seed: 7, {k}: {v}}}")
+    path = tmp / f"{experiment}-{workers}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _trials(uri: str, experiment: str, view=ViewType.ACTIVE_ONLY):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`soup.role` = 'trial'", run_view_type=view)
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _committed(storage: str, sweep: str) -> str | None:
+    """The latest checkpoint Ray Train has committed for the sweep's trial (its controller
+    registers a reported checkpoint when it next polls the workers; only then would a restart
+    resume from it), read from the run's snapshot on storage."""
+    for snap in Path(storage, sweep).glob("train-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # being rewritten
+            return None
+        return latest.get("checkpoint_dir_name")
+    return None
+
+
+def _in_epoch_3(uri: str, experiment: str, storage: str) -> bool:
+    """True once the epoch-2 checkpoint is committed and the trial has logged a step of epoch 3."""
+    if _committed(storage, experiment) != "epoch0002-end":
+        return False
+    runs = _trials(uri, experiment)
+    if not runs:
+        return False
+    run_id = runs[0].info.run_id
+    epochs = _history(uri, run_id, "epoch")
+    if not any(v == 2 for _, v in epochs):
+        return False
+    end_of_2 = next(s for s, v in epochs if v == 2)
+    return any(s > end_of_2 for s, _ in _history(uri, run_id, "train_loss"))
+
+
+def _weights(uri: str, run_id: str, tmp: Path) -> dict[str, torch.Tensor]:
+    folder = MlflowClient(uri).download_artifacts(run_id, "checkpoint", str(tmp))
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _start_sweep(space: str, name: str, hermetic, mark: str) -> subprocess.Popen:
+    cmd = [venv_bin("soup"), "sweep", space, "--name", name, "--storage-path", hermetic["storage"]]
+    log = open(hermetic["tmp"] / f"{name}.log", "w")
+    return subprocess.Popen(cmd, env={**hermetic["env"], **dict([mark.split("=")])}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_epoch_3(proc, hermetic, experiment: str, name: str) -> None:
+    deadline = time.time() + 600  # generous: a cold start of Ray on a loaded machine
+    storage = hermetic["storage"]
+    while not _in_epoch_3(hermetic["uri"], experiment, storage) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    log = (hermetic["tmp"] / f"{name}.log").read_text()[-4000:]
+    assert proc.poll() is None, "the sweep ended before the kill:\n" + log
+    assert _in_epoch_3(hermetic["uri"], experiment, storage), "epoch 3 never started:\n" + log
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root` in the process tree (Ray's workers are children of the
+    raylet that the sweep's local Ray started), read from /proc."""
+    parent = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat", "rb") as f:
+                    parent[int(e)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _ray_processes(mark: str, session: int, *titles: bytes) -> list[int]:
+    """The sweep's Ray processes whose title (``ray::<actor class>...``) names one of `titles`."""
+    out = []
+    for pid in owned_pids(mark, session) | _descendants(session):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if any(t in cmdline for t in titles):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _train_workers(mark: str, session: int) -> list[int]:
+    return _ray_processes(mark, session, b"RayTrainWorker")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The sha256 and weights of the final checkpoint of the same trial, never interrupted."""
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("clean")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    run_sweep(_space(tmp, "clean"), name="clean", storage_path=str(tmp / "ray_results"), tracking_uri=uri)
+    ray.shutdown()
+    (trial,) = _trials(uri, "clean")
+    assert trial.info.status == "FINISHED"
+    return {"sha256": trial.data.tags["checkpoint_sha256"], "weights": _weights(uri, trial.info.run_id, tmp),
+            "heldout": trial.data.metrics["heldout_acc"], "run": trial, "uri": uri}
+
+
+def _check_one_run_each_epoch_once(uri: str, experiment: str, resumed_at: int):
+    every = _trials(uri, experiment, ViewType.ALL)
+    assert len(every) == 1, "the trial's run was replaced, not continued"
+    (trial,) = every
+    assert trial.info.status == "FINISHED"
+    run_id = trial.info.run_id
+    epochs = _history(uri, run_id, "epoch")
+    assert [v for _, v in epochs] == [1, 2, 3, 4, 5], epochs
+    assert len(_history(uri, run_id, "heldout_acc")) == 5
+    steps = [s for s, _ in _history(uri, run_id, "train_loss")]
+    assert len(steps) == len(set(steps)), "a training step was logged twice"
+    assert [v for _, v in _history(uri, run_id, "attempt_start_epoch")] == [1, resumed_at]
+    assert trial.data.tags["resumed_from"] == "epoch0002-end"
+    assert any(k.startswith("system/cpu") for k in trial.data.metrics), "no system metrics"
+    return trial
+
+
+def test_worker_killed_mid_epoch_resumes_bit_identical_in_the_same_run(hermetic, uninterrupted):
+    mark = new_mark()
+    proc = _start_sweep(_space(hermetic["tmp"], "workerkill"), "workerkill", hermetic, mark)
+    try:
+        _wait_for_epoch_3(proc, hermetic, "workerkill", "workerkill")
+        workers = _train_workers(mark, proc.pid)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)  # a worker OOM-killed, or its node reclaimed
+        assert proc.wait(600) == 0, (hermetic["tmp"] / "workerkill.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_owned(mark, session=proc.pid)
+    trial = _check_one_run_each_epoch_once(hermetic["uri"], "workerkill", resumed_at=3)
+    assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+
+
+def test_node_lost_mid_epoch_resumes_from_the_checkpoint(hermetic, uninterrupted):
+    """Everything of the trial dies at once, as when the node that ran it is lost: the Tune trial
+    (the TorchTrainer's driver), the Train controller and the worker. Tune retries the trial
+    (sweep.max_failures), whose new driver finds the run and the committed checkpoint by name.
+    One machine stands in for the cluster: Ray refuses a second node on loopback-only Ray."""
+    mark = new_mark()
+    proc = _start_sweep(_space(hermetic["tmp"], "nodelost"), "nodelost", hermetic, mark)
+    try:
+        _wait_for_epoch_3(proc, hermetic, "nodelost", "nodelost")
+        trial = _ray_processes(mark, proc.pid, b"ImplicitFunc", b"TrainController", b"RayTrainWorker")
+        assert len(trial) >= 3, trial
+        for pid in trial:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(600) == 0, (hermetic["tmp"] / "nodelost.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_owned(mark, session=proc.pid)
+    trial = _check_one_run_each_epoch_once(hermetic["uri"], "nodelost", resumed_at=3)
+    assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+
+
+def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, uninterrupted):
+    mark = new_mark()
+    space = _space(hermetic["tmp"], "driverkill")
+    proc = _start_sweep(space, "driverkill", hermetic, mark)
+    try:
+        _wait_for_epoch_3(proc, hermetic, "driverkill", "driverkill")
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    finally:
+        kill_owned(mark, session=proc.pid)  # nothing of the killed sweep logs on behind the resume
+    (trial,) = _trials(hermetic["uri"], "driverkill")
+    assert "epoch0002-end" in trial.data.tags.get("checkpoint", ""), trial.data.tags
+    cmd = [venv_bin("soup"), "sweep", space, "--name", "driverkill", "--storage-path", hermetic["storage"],
+           "--resume"]
+    res = run(cmd, hermetic["env"], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    trial = _check_one_run_each_epoch_once(hermetic["uri"], "driverkill", resumed_at=3)
+    assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+
+
+def test_two_gloo_workers_train_what_one_worker_trains(hermetic, uninterrupted):
+    """Same global batch, seed and data, split over two DDP processes. The sharded gradient equals
+    the whole batch's up to float summation order, which AdamW turns into differences of up to
+    about lr per step on weights whose gradient is near zero (its update is m / sqrt(v)). So the
+    yardstick is the same reordering on one process: accumulating two micro-batches of 8."""
+    from orchestrator.config import SearchSpace, load_yaml, with_overrides
+    from orchestrator.finetune import finetune
+    from orchestrator.sweep import run_sweep
+
+    out = run_sweep(_space(hermetic["tmp"], "two", workers=2), name="two", storage_path=hermetic["storage"])
+    assert out.finished == 1
+    (trial,) = _trials(hermetic["uri"], "two")
+    assert trial.data.tags["workers"] == "2"
+    two = _weights(hermetic["uri"], trial.info.run_id, hermetic["tmp"])
+    one = uninterrupted["weights"]
+    assert two.keys() == one.keys()
+    diff = max((two[k].float() - one[k].float()).abs().max().item() for k in one)
+
+    base = load_yaml(SearchSpace, _space(hermetic["tmp"], "ref")).base
+    cfg = with_overrides(base, {"train.weight_decay": 0.05})
+    micro = finetune(with_overrides(cfg, {"train.micro_batch_size": 8})).state_dict
+    reorder = max((micro[k].float() - one[k].float()).abs().max().item() for k in one)
+    print(f"2 workers vs 1: largest absolute weight difference {diff:.3g} (one process accumulating "
+          f"2 micro-batches: {reorder:.3g}); held-out accuracy {trial.data.metrics['heldout_acc']:.4f} "
+          f"(2 workers) vs {uninterrupted['heldout']:.4f} (1 worker)")
+    assert diff <= 2 * reorder + 1e-6
+    assert abs(trial.data.metrics["heldout_acc"] - uninterrupted["heldout"]) <= 2 / 269
+    first = [_history(hermetic["uri"], trial.info.run_id, "train_loss")[0],
+             _history(uninterrupted["uri"], uninterrupted["run"].info.run_id, "train_loss")[0]]
+    assert first[0][0] == first[1][0] and first[0][1] == pytest.approx(first[1][1], rel=1e-4), first
