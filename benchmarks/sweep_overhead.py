@@ -10,7 +10,10 @@ sums each phase over the trials (from the ``time_*_s`` metrics each trial logs).
 
 ``--workers N`` runs every trial on N Ray Train workers (DDP over Gloo here). ``--before REV``
 first runs the same sweep with the code of git revision REV (exported to a temporary folder), so
-that both ratios are measured side by side on the same machine in one run.
+that both ratios are measured side by side on the same machine in one run. ``--floor`` also
+measures Ray Train's own start-up: trials of the same shape whose worker function does nothing,
+timed from the Tune trial's start to the worker function's first line (the floor under our
+``worker_start``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,39 @@ def measure(space: Path, workers: int | None) -> dict:
                 "train": sum(r.data.metrics["train_seconds"] for r in runs), "phases": phases}
 
 
+def floor(trials: int, workers: int) -> float:
+    """Mean seconds from a Tune trial's start to its TorchTrainer's worker function, for a worker
+    function that does nothing (Ray Train's own start-up on this machine), trials one at a time."""
+    with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
+        _hermetic(tmp)
+        from orchestrator import cluster  # before ray: the local Ray stays on loopback
+
+        import ray.train
+        from ray import tune
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from orchestrator.sweep import DRIVER_BUNDLE
+
+        def worker(config):
+            ray.train.report({"waited": time.time() - config["t0"]})
+
+        def driver(config):
+            TorchTrainer(worker, train_loop_config={"t0": time.time()},
+                         scaling_config=ray.train.ScalingConfig(num_workers=workers),
+                         run_config=ray.train.RunConfig(storage_path=f"{tmp}/train",
+                                                        name=tune.get_context().get_trial_id(),
+                                                        callbacks=[TuneReportCallback()])).fit()
+
+        cluster.init_ray(lambda line: None)
+        grid = tune.Tuner(tune.with_resources(driver, DRIVER_BUNDLE),
+                          param_space={"i": tune.grid_search(list(range(trials)))},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                          run_config=tune.RunConfig(storage_path=f"{tmp}/tune", verbose=0)).fit()
+        ray.shutdown()
+        return sum(r.metrics["waited"] for r in grid) / trials
+
+
 def report(label: str, m: dict) -> None:
     ideal = m["train"] / m["concurrency"]
     print(f"[{label}] trials finished: {m['trials']}  concurrency: {m['concurrency']}")
@@ -89,6 +125,7 @@ def main() -> None:
     ap.add_argument("space", nargs="?", default=str(REPO / "search_spaces" / "tiny_digits.yaml"))
     ap.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
     ap.add_argument("--before", help="a git revision to measure first, side by side")
+    ap.add_argument("--floor", action="store_true", help="also measure Ray Train's start-up alone")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: a child run writes its figures
     args = ap.parse_args()
     space = Path(args.space).resolve()
@@ -111,6 +148,12 @@ def main() -> None:
         report(f"before {args.before}", before)
     m = measure(space, args.workers)
     report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
+    if args.floor:
+        start = floor(2, args.workers or 1)
+        per_trial = m["phases"]["worker_start"] / max(1, m["trials"])
+        print(f"Ray Train's floor: {start:.1f}s from a trial's start to an empty worker function "
+              f"(our trials: {per_trial:.1f}s to theirs, imports and data included, run "
+              f"{m['concurrency']} at a time)")
     if args.before:
         print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
               f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")

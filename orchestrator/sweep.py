@@ -44,14 +44,7 @@ from .tracking import (
     locate_sweep,
     searchable,
 )
-from .trial import (  # noqa: F401
-    METRIC,
-    EndTrialRuns,
-    TrialContext,
-    TrialProgress,
-    run_trial,
-    trial_key,
-)
+from .trial import METRIC, EndTrialRuns, TrialContext, TrialProgress, run_trial
 
 # --- search space -----------------------------------------------------------------------------
 

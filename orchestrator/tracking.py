@@ -172,7 +172,7 @@ class Tracker:
         return self.search(experiment_id, f, order_by=["metrics.heldout_acc DESC"])
 
     def find_trial(self, experiment_id: str, sweep_id: str, trial_key: str):
-        """Runs of one trial, matched by its key (see `sweep.trial_key`)."""
+        """Runs of one trial, matched by its key (see `trial.trial_key`)."""
         f = (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)} "
              f"and tags.trial_key = {quoted(trial_key)}")
         return self.search(experiment_id, f)

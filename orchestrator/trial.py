@@ -177,6 +177,8 @@ class TrialProgress(tune.Callback):
         self.log(f"trial {trial.trial_id} started: {_short(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "test_acc" in result:  # the final report: the finish line follows
+            return
         if "heldout_acc" in result and "epoch" in result:
             self.log(f"trial {trial.trial_id}: epoch {result['epoch']:g}, step {result.get('step', 0):g}, "
                      f"held-out {result['heldout_acc']:.3f}")

@@ -148,10 +148,6 @@ def _ray_processes(mark: str, session: int, *titles: bytes) -> list[int]:
     return out
 
 
-def _train_workers(mark: str, session: int) -> list[int]:
-    return _ray_processes(mark, session, b"RayTrainWorker")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The sha256 and weights of the final checkpoint of the same trial, never interrupted."""
@@ -186,21 +182,30 @@ def _check_one_run_each_epoch_once(uri: str, experiment: str, resumed_at: int):
     return trial
 
 
-def test_worker_killed_mid_epoch_resumes_bit_identical_in_the_same_run(hermetic, uninterrupted):
+def _kill_in_epoch_3_and_check(hermetic, uninterrupted, name: str, titles: tuple[bytes, ...], count):
+    """Run the trial, SIGKILL its processes titled `titles` in epoch 3 (`count(n)` says whether
+    n found is right), let the sweep finish, and check that it continued its run from epoch 3
+    to the uninterrupted run's weights."""
     mark = new_mark()
-    proc = _start_sweep(_space(hermetic["tmp"], "workerkill"), "workerkill", hermetic, mark)
+    proc = _start_sweep(_space(hermetic["tmp"], name), name, hermetic, mark)
     try:
-        _wait_for_epoch_3(proc, hermetic, "workerkill", "workerkill")
-        workers = _train_workers(mark, proc.pid)
-        assert len(workers) == 1, workers
-        os.kill(workers[0], signal.SIGKILL)  # a worker OOM-killed, or its node reclaimed
-        assert proc.wait(600) == 0, (hermetic["tmp"] / "workerkill.log").read_text()[-4000:]
+        _wait_for_epoch_3(proc, hermetic, name, name)
+        victims = _ray_processes(mark, proc.pid, *titles)
+        assert count(len(victims)), victims
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(600) == 0, (hermetic["tmp"] / f"{name}.log").read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         kill_owned(mark, session=proc.pid)
-    trial = _check_one_run_each_epoch_once(hermetic["uri"], "workerkill", resumed_at=3)
+    trial = _check_one_run_each_epoch_once(hermetic["uri"], name, resumed_at=3)
     assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+
+
+def test_worker_killed_mid_epoch_resumes_bit_identical_in_the_same_run(hermetic, uninterrupted):
+    """A worker OOM-killed, or its process lost: Ray Train restarts the worker group."""
+    _kill_in_epoch_3_and_check(hermetic, uninterrupted, "workerkill", (b"RayTrainWorker",), lambda n: n == 1)
 
 
 def test_node_lost_mid_epoch_resumes_from_the_checkpoint(hermetic, uninterrupted):
@@ -208,21 +213,8 @@ def test_node_lost_mid_epoch_resumes_from_the_checkpoint(hermetic, uninterrupted
     (the TorchTrainer's driver), the Train controller and the worker. Tune retries the trial
     (sweep.max_failures), whose new driver finds the run and the committed checkpoint by name.
     One machine stands in for the cluster: Ray refuses a second node on loopback-only Ray."""
-    mark = new_mark()
-    proc = _start_sweep(_space(hermetic["tmp"], "nodelost"), "nodelost", hermetic, mark)
-    try:
-        _wait_for_epoch_3(proc, hermetic, "nodelost", "nodelost")
-        trial = _ray_processes(mark, proc.pid, b"ImplicitFunc", b"TrainController", b"RayTrainWorker")
-        assert len(trial) >= 3, trial
-        for pid in trial:
-            os.kill(pid, signal.SIGKILL)
-        assert proc.wait(600) == 0, (hermetic["tmp"] / "nodelost.log").read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        kill_owned(mark, session=proc.pid)
-    trial = _check_one_run_each_epoch_once(hermetic["uri"], "nodelost", resumed_at=3)
-    assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+    _kill_in_epoch_3_and_check(hermetic, uninterrupted, "nodelost",
+                               (b"ImplicitFunc", b"TrainController", b"RayTrainWorker"), lambda n: n >= 3)
 
 
 def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, uninterrupted):
