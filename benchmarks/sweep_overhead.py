@@ -10,7 +10,8 @@ sums each phase over the trials (from the ``time_*_s`` metrics each trial logs).
 
 ``--workers N`` runs every trial on N Ray Train workers (DDP over Gloo here). ``--before REV``
 first runs the same sweep with the code of git revision REV (exported to a temporary folder), so
-that both ratios are measured side by side on the same machine in one run. ``--floor`` also
+that both ratios are measured side by side on the same machine in one run. ``--floor`` (or
+``--floor-only``) also
 measures Ray Train's own start-up: trials of the same shape whose worker function does nothing,
 timed from the Tune trial's start to the worker function's first line (the floor under our
 ``worker_start``).
@@ -32,12 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("worker_start", "data", "model", "heldout_per_epoch", "final_evaluation", "log_result")
 
 
+_TOKEN = Path(tempfile.mkdtemp(prefix="soup-bench-token-")) / "auth_token"  # Ray reads it once a process
+
+
 def _hermetic(tmp: str) -> None:
     home = Path(tmp) / "home"
     (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    if not _TOKEN.exists():
+        _TOKEN.write_text(uuid.uuid4().hex)
     os.environ.update({"HOME": str(home), "RAY_AUTH_MODE": "token",
-                       "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token"),
+                       "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
                        "RAY_USAGE_STATS_ENABLED": "0",
                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # a local Ray on loopback only
@@ -126,9 +131,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
     ap.add_argument("--before", help="a git revision to measure first, side by side")
     ap.add_argument("--floor", action="store_true", help="also measure Ray Train's start-up alone")
+    ap.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: a child run writes its figures
     args = ap.parse_args()
     space = Path(args.space).resolve()
+    if args.floor_only:
+        print(f"Ray Train's floor: {floor(2, args.workers or 1):.1f}s from a trial's start to an empty "
+              "worker function")
+        return
     if args.json:
         Path(args.json).write_text(json.dumps(measure(space, args.workers)))
         return
