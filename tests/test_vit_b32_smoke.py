@@ -76,7 +76,8 @@ def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
     client = MlflowClient(hermetic["uri"])
     trials = client.search_runs([out.experiment_id], "tags.`soup.role` = 'trial'")
     for t in trials:  # 12 training images, 3 held out: 9 to train on, in 2 steps of 5 and 4
-        assert [m.step for m in client.get_metric_history(t.info.run_id, "train_loss")] == [1]
+        # MLflow step = global step: train_loss logged at the epoch's end, step 2
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "train_loss")] == [2]
         assert t.data.params["model.arch"] == "ViT-B-32"
     res = cook("vitb32", recipes=("uniform", "greedy", "learned"), tracking_uri=hermetic["uri"])
     ray.shutdown()
