@@ -9,7 +9,10 @@ then prints, in one run:
    and two threads, and every file memory-mapped and summed: the fastest of these is the floor
    on a warm page cache) and against the reference approach (every state dict loaded with
    safetensors.torch.load_file, then averaged).
-2. Learned soup, streaming mode: peak RSS at N = 4, 8 and 16 (two steps on two 224 px images).
+2. Learned soup, streaming mode: peak RSS at N = 4, 8 and 16 (two steps on two 224 px images),
+   with one coefficient per ingredient (`learned`) and per ingredient per tensor
+   (`learned-layerwise`); then Model Stock (`model-stock`, from the ingredients' shared base) at
+   the same N. Each prints peak(16) / peak(4): memory must stay flat in N.
 3. Greedy soup on the tiny world (real one-epoch fine-tunes): held-out examples evaluated with
    and without early rejection.
 
@@ -17,6 +20,9 @@ Every measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is that me
 wall times exclude interpreter start-up and imports. Sizes in MiB. Files are deleted afterwards.
 
     .venv/bin/python benchmarks/soup_scaling.py [--n 16] [--repeats 3] [--cache both] [--quick]
+        [--only uniform|learned|learned-layerwise|model-stock|scaling|greedy ...]
+
+(`--only scaling` runs the three N-scaling sections of part 2 and nothing else.)
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ def _w_reference(args) -> dict:
     return {"wall": time.perf_counter() - t}
 
 
-def _w_learned(args) -> dict:
+def _learned(args, per_layer: bool) -> dict:
     import torch
 
     from orchestrator.soups.learned import learned_soup
@@ -142,13 +148,33 @@ def _w_learned(args) -> dict:
     images, labels = torch.rand(2, 3, 224, 224, generator=g), torch.tensor([3, 7])
     before = _peak_mb()
     t = time.perf_counter()
-    learned_soup(args.files, model, images, labels, steps=2, batch_size=2, lr=0.05,
-                 mode="streaming", log=lambda s: None)
+    learned_soup(args.files, model, images, labels, per_layer=per_layer, steps=2, batch_size=2,
+                 lr=0.05, mode="streaming", log=lambda s: None)
     return {"wall": time.perf_counter() - t, "before": before}
 
 
+def _w_learned(args) -> dict:
+    return _learned(args, per_layer=False)
+
+
+def _w_learned_layerwise(args) -> dict:
+    return _learned(args, per_layer=True)
+
+
+def _w_model_stock(args) -> dict:
+    """Model Stock from the files and their base: its two streamed passes and the mix."""
+    from orchestrator.soups.model_stock import model_stock_soup
+
+    before = _peak_mb()
+    t = time.perf_counter()
+    res = model_stock_soup(args.files, args.base, log=lambda s: None)
+    ts = list(res.stats["t"].values())
+    return {"wall": time.perf_counter() - t, "before": before, "t_min": min(ts), "t_max": max(ts)}
+
+
 WORKERS = {"baseline": _w_baseline, "raw": _w_raw, "raw2": _w_raw_threads, "rawmm": _w_raw_mmap, "ours": _w_ours,
-           "reference": _w_reference, "learned": _w_learned}
+           "reference": _w_reference, "learned": _w_learned, "learned-layerwise": _w_learned_layerwise,
+           "model-stock": _w_model_stock}
 
 
 def _vit_classifier():
@@ -173,7 +199,8 @@ def _spawn(worker: str, files=(), **extra) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--files", *map(str, files)]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if res.returncode != 0:
         raise RuntimeError(f"{worker} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -183,12 +210,14 @@ def _spawn(worker: str, files=(), **extra) -> dict:
 
 def make_ingredients(n: int, tmp: Path) -> list[Path]:
     """N ViT-B/32 classifier checkpoints: one random base plus a scaled shared perturbation each
-    (realistic layout and sizes; the values only need to differ)."""
+    (realistic layout and sizes; the values only need to differ). The base is written too, as
+    `base_file(tmp)`: Model Stock's pretrained weights."""
     import torch
 
     from orchestrator.soups.weights import save_weights
 
     base = {k: v.detach().contiguous() for k, v in _vit_classifier().state_dict().items()}
+    save_weights(base, base_file(tmp))
     g = torch.Generator().manual_seed(1)
     noise = {k: torch.randn(v.shape, generator=g) * 1e-3 if v.is_floating_point() else None
              for k, v in base.items()}
@@ -198,6 +227,11 @@ def make_ingredients(n: int, tmp: Path) -> list[Path]:
         paths.append(save_weights(state, tmp / f"ingredient-{i:02d}.safetensors"))
         del state
     return paths
+
+
+def base_file(tmp: Path) -> Path:
+    """Where `make_ingredients` writes the base every ingredient perturbs."""
+    return tmp / "base.safetensors"
 
 
 def _evict(paths) -> None:
@@ -266,15 +300,28 @@ def _uniform_table(runs: dict[str, list[dict]], ckpt: float, base_torch: float, 
           f"{peak['ours (in memory)'] / ckpt:.2f}x absolute, {wall['ours (in memory)'] / raw:.2f}x raw)")
 
 
-def bench_learned(paths: list[Path], sizes: list[int]) -> None:
+SCALING = {  # part 2's sections: worker -> title
+    "learned": "Learned soup, streaming mode (2 steps, 2 images of 224 px, ViT-B/32)",
+    "learned-layerwise": "Learned-layerwise soup (one coefficient per ingredient per tensor), streaming "
+                         "mode (2 steps, 2 images of 224 px, ViT-B/32)",
+    "model-stock": "Model Stock soup (two streamed passes over the ingredients, no held-out passes; the "
+                   "synthetic updates are parallel, so t = 1: the cost does not depend on the values)",
+}
+
+
+def bench_learned(paths: list[Path], sizes: list[int], worker: str = "learned") -> None:
+    """Peak RSS of one recipe at each N in `sizes` (each in a fresh process), and the ratio of
+    the largest N's to the smallest's."""
     ckpt = paths[0].stat().st_size / MB
-    print("\n== Learned soup, streaming mode (2 steps, 2 images of 224 px, ViT-B/32) ==")
+    extra = {"base": base_file(paths[0].parent)} if worker == "model-stock" else {}
+    print(f"\n== {SCALING[worker]} ==")
     print(f"{'N':>3s} {'wall s':>7s} {'peak RSS MiB':>12s} {'/ ckpt':>7s} {'peak before the soup MiB':>25s}")
     peaks = {}
     for n in sizes:
-        r = _spawn("learned", paths[:n])
+        r = _spawn(worker, paths[:n], **extra)
         peaks[n] = r["peak_mb"]
-        print(f"{n:3d} {r['wall']:7.2f} {r['peak_mb']:12.0f} {r['peak_mb'] / ckpt:7.2f} {r['before']:25.0f}")
+        print(f"{n:3d} {r['wall']:7.2f} {r['peak_mb']:12.0f} {r['peak_mb'] / ckpt:7.2f} {r['before']:25.0f}"
+              + (f"   t from {r['t_min']:.3f} to {r['t_max']:.3f}" if "t_min" in r else ""))
     lo, hi = min(sizes), max(sizes)
     ratio = peaks[hi] / peaks[lo]
     print(f"acceptance (peak at N={hi} <= 1.2x peak at N={lo}): {ratio:.3f}x "
@@ -322,7 +369,7 @@ def bench_greedy(tmp: Path, n: int) -> None:
 
 
 def _ingredients(n: int, tmp: Path) -> list[Path]:
-    need = (n + 1) * 340 * MB
+    need = (n + 2) * 340 * MB  # the ingredients, their base and a soup
     free = shutil.disk_usage(tmp).free
     if free < need * 1.1:
         sys.exit(f"need about {need / 2**30:.1f} GiB free in {tmp.parent}, have {free / 2**30:.1f}")
@@ -338,30 +385,34 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per uniform method; the min is shown")
     p.add_argument("--quick", action="store_true", help="one repeat, no reference, 4 tiny fine-tunes")
     p.add_argument("--greedy-n", type=int, default=6, help="tiny-world fine-tunes for the greedy soup")
-    p.add_argument("--only", choices=["uniform", "learned", "greedy"], action="append",
-                   help="run only these parts (repeatable; default: all)")
+    p.add_argument("--only", choices=["uniform", *SCALING, "scaling", "greedy"], action="append",
+                   help="run only these parts (repeatable; default: all; scaling: the three "
+                        "N-scaling sections: learned, learned-layerwise, model-stock)")
     p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
                    help="uniform soup with the files in the page cache, evicted before every run, or both")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--imports", default="torch", help=argparse.SUPPRESS)
+    p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return _worker_main(args)
     repeats = 1 if args.quick else args.repeats
     n_learned = [s for s in (4, 8, 16) if s <= args.n] or [args.n]
-    parts = set(args.only or ["uniform", "learned", "greedy"])
+    parts = set(args.only or ["uniform", "scaling", "greedy"])
+    if "scaling" in parts:
+        parts |= set(SCALING)
     tmp = Path(tempfile.mkdtemp(prefix="soup-scaling-"))
     try:
         print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
-        if parts & {"uniform", "learned"}:
+        if parts & {"uniform", *SCALING}:
             paths = _ingredients(args.n, tmp)
         if "uniform" in parts:
             for cold in {"warm": [False], "cold": [True], "both": [False, True]}[args.cache]:
                 bench_uniform(paths, tmp, repeats, reference=not args.quick, cold=cold)
-        if "learned" in parts:
-            bench_learned(paths, n_learned)
+        for worker in (w for w in SCALING if w in parts):
+            bench_learned(paths, n_learned, worker)
         if "greedy" in parts:
             bench_greedy(tmp, 4 if args.quick else args.greedy_n)
         print(f"\nload average at end {os.getloadavg()[0]:.2f}")

@@ -1,13 +1,14 @@
 """Soup recipes and weights I/O: the recipe table (`recipe`), one file per recipe (`uniform`,
-`greedy`, `learned`), the logit ensembles, and streaming safetensors reads and weighted sums.
+`greedy`, `learned` with `learned-layerwise`, `model_stock`), the logit ensembles, and
+streaming safetensors reads and weighted sums.
 
 Ingredients are safetensors files (streamed chunk by chunk, never all in memory) or state dicts.
 `read_weights` is the one way a whole checkpoint is read into memory.
 """
 
-from . import greedy, learned, uniform  # noqa: F401 - each registers its recipe
+from . import greedy, learned, model_stock, uniform  # noqa: F401 - each registers its recipe(s)
 from .stream import read_header, read_weights, scan_file
 from .weights import save_weights, stream_weighted_sum, weighted_average
 
-__all__ = ["save_weights", "weighted_average", "stream_weighted_sum", "read_header",
-           "read_weights", "scan_file"]
+__all__ = ["read_header", "read_weights", "save_weights", "scan_file", "stream_weighted_sum",
+           "weighted_average"]

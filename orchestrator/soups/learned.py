@@ -18,7 +18,7 @@ Three ways to get the gradient, one result (up to rounding):
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,13 @@ from torch.func import functional_call
 from ..evaluate import eval_mode
 from .recipe import RecipeInputs, RecipeOptions, SoupResult, register
 from .stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
-from .weights import StateDict, check_compatible, float_keys, stream_dots, stream_weighted_sum
+from .weights import (
+    StateDict,
+    check_compatible,
+    float_keys,
+    stream_dots,
+    stream_weighted_sum,
+)
 
 MODES = ("streaming", "stacked", "memory")
 # Held-out images the cooked learned soup fits its coefficients on, read into memory (ImageNet's
@@ -106,9 +112,19 @@ def _settings(options: RecipeOptions) -> dict:
 @register("learned", _settings)
 def cook_learned(inputs: RecipeInputs) -> SoupResult:
     """Learned soup: one mixing coefficient per ingredient, fitted on the held-out loss."""
+    return _cook(inputs, per_layer=False)
+
+
+@register("learned-layerwise", _settings)
+def cook_learned_layerwise(inputs: RecipeInputs) -> SoupResult:
+    """Learned soup by layer: one coefficient per ingredient per parameter tensor, fitted on the held-out loss."""
+    return _cook(inputs, per_layer=True)
+
+
+def _cook(inputs: RecipeInputs, per_layer: bool) -> SoupResult:
     images, labels = inputs.heldout.tensors(limit=HELDOUT_LIMIT)
-    return learned_soup(inputs.ingredients, inputs.model, images, labels, names=inputs.names,
-                        log=inputs.log, mode=inputs.options.learned_mode)
+    return learned_soup(inputs.ingredients, inputs.model, images, labels, per_layer=per_layer,
+                        names=inputs.names, log=inputs.log, mode=inputs.options.learned_mode)
 
 
 def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_images: torch.Tensor,
@@ -123,7 +139,8 @@ def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_im
     holds N ingredients in `stack_dtype` on the model's device, ``memory`` is the in-memory
     reference. `model` supplies the architecture only; its own weights are neither used nor
     changed. The returned state dict is exactly the weighted sum given by the returned
-    coefficients (built by streaming, in float32).
+    coefficients (built by streaming, in float32). The result's recipe is ``learned``, or
+    ``learned-layerwise`` with `per_layer` (then coefficients map each float tensor to its own).
     """
     if mode not in MODES:
         raise ValueError(f"unknown learned-soup mode {mode!r}; known: {', '.join(MODES)}")
@@ -280,6 +297,7 @@ def _result(ingredients, model, mixing, keys, per_layer, history, images, labels
     state = stream_weighted_sum(ingredients, coefficients)
     with eval_mode(model):
         loss, acc = heldout_loss_and_acc(model, state, images, labels)
-    log(f"learned soup ({'per layer' if per_layer else 'global'}, {mode}): held-out loss {loss:.4f}, "
-        f"accuracy {acc:.2%} after {len(history)} steps")
-    return SoupResult("learned", state, coefficients, list(range(len(ingredients))), history, acc)
+    # The recipe's name leads the line: the cook's progress lines are told apart by it.
+    name = "learned-layerwise" if per_layer else "learned"
+    log(f"{name} soup ({mode}): held-out loss {loss:.4f}, accuracy {acc:.2%} after {len(history)} steps")
+    return SoupResult(name, state, coefficients, list(range(len(ingredients))), history, acc)

@@ -13,15 +13,16 @@ versions, is reached through `orchestrator.tracking` only.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 # The built-in recipes (each in the module of its name), in the cook's default order.
-BUILTIN = ("uniform", "greedy", "learned")
+BUILTIN = ("uniform", "greedy", "learned", "learned-layerwise", "model-stock")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RecipeInputs:
     the cook) and scored by `scores` (their individual held-out accuracies, for ranking).
     `model` gives the architecture and device (its own weights are not an ingredient);
     `heldout` is the selection split (anything with ``batches``, ``tensors`` and ``labels``).
+    `base` is the weights every ingredient was fine-tuned from (the pretrained classifier with
+    its initial head: a safetensors path or a state dict); None when unknown.
     """
 
     ingredients: Sequence[Any]
@@ -55,6 +58,7 @@ class RecipeInputs:
     heldout: Any
     options: RecipeOptions = RecipeOptions()
     log: Callable[[str], None] = print
+    base: Any = None
 
 
 @dataclass
