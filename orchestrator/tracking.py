@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import mlflow
-import pyarrow as pa
-import pyarrow.parquet as pq
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -30,7 +28,6 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 _PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
 CHECKPOINT_PATH = "checkpoint/model.safetensors"
-LOGITS_PATH = "logits/logits.parquet"
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
@@ -227,21 +224,17 @@ class Tracker:
         except mlflow.exceptions.MlflowException:
             return None
 
-    def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
-        """Write columns as a Parquet file (pyarrow) and log it at `artifact_file`."""
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(artifact_file).name
-            pq.write_table(pa.table(columns), local)
-            self.log_artifact(run_id, local, str(Path(artifact_file).parent))
-
 
 def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = None) -> None:
     """Log a fine-tuning result: final metrics at `step` (default: the epoch count), the checkpoint
-    with its sha256, and all logits. Held-out accuracy is left out when the run logged it per
-    epoch: the last epoch's point is the final value."""
+    with its sha256, and the logits of every evaluated split (`logitstore`: float16, with the
+    labels' digest), which the cook uses instead of scoring the checkpoint again. Held-out
+    accuracy is left out when the run logged it per epoch: the last epoch's point is the final
+    value."""
     from safetensors.torch import save_file
 
     from .hashing import file_sha256
+    from .logitstore import LOGITS_PATH, SHA_TAG, SPLITS_TAG, save_logits, splits_tag
 
     final = result.metrics()
     if result.curves:
@@ -253,14 +246,12 @@ def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = N
         save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(ckpt),
                   metadata={"arch": result.config.model.arch})
         tracker.log_artifact(run_id, ckpt, str(Path(CHECKPOINT_PATH).parent))
-        tracker.set_tags(run_id, {"checkpoint_sha256": file_sha256(ckpt)})
-    cols: dict[str, list] = {"split": [], "index": [], "label": [], "logits": []}
-    for split, (labels, logits) in result.labeled_logits().items():
-        cols["split"] += [split] * len(labels)
-        cols["index"] += list(range(len(labels)))
-        cols["label"] += labels.tolist()
-        cols["logits"] += logits.float().tolist()
-    tracker.log_table(run_id, cols, LOGITS_PATH)
+        ckpt_sha = file_sha256(ckpt)
+        tracker.set_tags(run_id, {"checkpoint_sha256": ckpt_sha})
+        labeled = result.labeled_logits()
+        logits = save_logits(Path(tmp) / Path(LOGITS_PATH).name, labeled, ckpt_sha)
+        tracker.log_artifact(run_id, logits, str(Path(LOGITS_PATH).parent))
+        tracker.set_tags(run_id, {SHA_TAG: file_sha256(logits), SPLITS_TAG: splits_tag(labeled)})
 
 
 @contextlib.contextmanager
@@ -280,12 +271,7 @@ def system_metrics(tracker: Tracker, run_id: str, node_id: str | None = None, in
         monitor.finish()
 
 
-def read_parquet(path: str | Path) -> dict[str, list]:
-    """Read a Parquet artifact back as columns."""
-    return pq.read_table(path).to_pydict()
-
-
-__all__ = ["Tracker", "RegistryError", "resolve_uri", "flatten", "read_parquet"]
+__all__ = ["Tracker", "RegistryError", "resolve_uri", "flatten"]
 
 
 # --- sweeps located, soups logged and registered ----------------------------------------------

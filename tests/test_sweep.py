@@ -1,6 +1,7 @@
 """Integration: real local Ray runs a tiny sweep into a real (temporary) MLflow store."""
 
 import hashlib
+import json
 import math
 import os
 import signal
@@ -9,11 +10,12 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import SPACES, run, venv_bin
+from orchestrator.logitstore import load_logits
 from orchestrator.sweep import run_sweep
-from orchestrator.tracking import read_parquet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
@@ -51,9 +53,13 @@ def check_trial(client, trial, parent_id, tmp_path):
     ckpt = client.download_artifacts(trial.info.run_id, "checkpoint/model.safetensors", str(tmp_path))
     with open(ckpt, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == tags["checkpoint_sha256"]
-    logits = read_parquet(client.download_artifacts(trial.info.run_id, "logits/logits.parquet", str(tmp_path)))
-    assert set(logits["split"]) == {"heldout", "test", *SHIFTS}
-    assert len(logits["logits"][0]) == 10
+    path = client.download_artifacts(trial.info.run_id, "logits/logits.safetensors", str(tmp_path))
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == tags["logits_sha256"]
+    logits = load_logits(path)
+    assert set(logits) == {"heldout", "test", *SHIFTS}
+    assert all(v.logits.dtype == torch.float16 and v.logits.shape[1] == 10 for v in logits.values())
+    assert json.loads(tags["logits_splits"]) == {k: [v.n, v.labels_sha256] for k, v in logits.items()}
 
 
 def test_tiny_sweep_logs_every_trial_to_mlflow(hermetic):
