@@ -88,3 +88,10 @@ def accel_for(cfg: TrainConfig, workers: int = 0) -> Accel:
 
 
 CPU = Accel(torch.device("cpu"), "fp32", False, LoaderOptions())
+
+
+def for_device(device: torch.device) -> Accel:
+    """Evaluation settings for a model already on `device`: the same automatic precision as
+    fine-tuning there (bf16 autocast on a GPU that has it, fp32 on the CPU)."""
+    cuda = device.type == "cuda"
+    return Accel(device, resolve_precision("auto", device), False, LoaderOptions(pin_memory=cuda))

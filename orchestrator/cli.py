@@ -120,14 +120,31 @@ def cmd_cook(args) -> int:
     from .cook import CookError, cook
 
     recipes = _recipes(args.recipes)
+    resources = {"cpu": args.cpus, "gpu": args.gpus, "memory_gib": args.memory_gib}
+    if args.plan:
+        return _cook_plan(args, recipes, resources)
     _store(write=True)
     try:
         out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
                    strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
-                   partial=args.partial)
+                   partial=args.partial, resources=resources)
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
+    return 0
+
+
+def _cook_plan(args, recipes, resources) -> int:
+    from .cook import CookError
+    from .cookplan import plan_cook
+
+    _store(write=False)
+    try:
+        plan = plan_cook(args.sweep, recipes=recipes, model_name=args.model_name,
+                         learned_mode=args.learned_mode, partial=args.partial, resources=resources)
+    except CookError as err:
+        return _fail("cook", err)
+    print("\n".join(plan.lines()))
     return 0
 
 
@@ -225,6 +242,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="learned soup's gradients: from the files, flat memory (streaming), or every "
                          "ingredient in bf16 on the device (stacked); default: the space's cook.learned_mode")
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
+    sp.add_argument("--cpus", type=float, help="CPUs of the build task (default: the space's cook.resources.cpu)")
+    sp.add_argument("--gpus", type=float, help="GPUs of the build task, 0 or 1 (default: cook.resources.gpu)")
+    sp.add_argument("--memory-gib", type=float, help="memory the build task reserves (default: cook.resources.memory_gib)")
+    sp.add_argument("--plan", action="store_true",
+                    help="print what the cook would do (ingredients, exclusions, recipes, forward passes "
+                         "and bytes per phase, device) and change nothing")
     sp.add_argument("--partial", action="store_true",
                     help="cook a sweep that has not finished (running, interrupted or failed) from "
                          "the trials finished so far; its versions are tagged partial_sweep=true")
@@ -262,15 +285,24 @@ def _no_artifact_progress_bars():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `soup` console script."""
+    from . import cluster  # imports no ray
+
     args = _parser().parse_args(argv)
-    with _no_artifact_progress_bars():
+    # The cook stops on SIGINT or SIGTERM in any phase (the sweep hands them to Tune itself).
+    stops = cluster.stop_signals() if args.command == "cook" else contextlib.nullcontext()
+    with _no_artifact_progress_bars(), stops:
         try:
             return args.fn(args)
         except ConfigError as err:
             return _fail(args.command, err)
+        except cluster.RayLost as err:  # raised by the Ray task's wait, before anything is logged
+            code = _fail(args.command, f"{err}; nothing was logged to MLflow: run soup {args.command} again")
         except KeyboardInterrupt:
-            print(f"soup {args.command}: interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT.value
+            sig = cluster.stop_signal()
+            print(f"soup {args.command}: interrupted by {sig.name}", file=sys.stderr)
+            code = 128 + sig.value
+    cluster.prepare_to_exit(code)  # promptly: a stopped or failed cook must end within a bound
+    return code
 
 
 if __name__ == "__main__":

@@ -399,8 +399,20 @@ class TrackingSettings(Frozen):
 LEARNED_MODES = ("streaming", "stacked")
 
 
+class CookResources(Frozen):
+    """What the cook's build task reserves (`soup cook --cpus/--gpus/--memory-gib` override it):
+    its CPUs size torch's threads and the loaders' workers; with a GPU the soups are built and
+    evaluated on it. Its own, not the trials': a cook needs one device, however many a trial used."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0, le=1)
+    memory_gib: float = Field(0.0, ge=0)  # 0: no memory reservation
+
+
 class CookSettings(Frozen):
     """How the cook builds the soups of this sweep (`soup cook --learned-mode` overrides it)."""
+
+    resources: CookResources = CookResources()
 
     # streaming: each coefficient's gradient accumulated ingredient by ingredient from the files,
     # memory flat in the number of ingredients; stacked: every ingredient held in bf16 on the

@@ -18,23 +18,49 @@ import json
 import math
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from . import cluster, concurrency, models
-from .config import ConfigError, SearchSpace, validate
-from .cook_build import (Built, CookError, TrialCheckpoint, build_and_evaluate, build_with_progress,
-                         reference_state)
-from .hashing import json_sha256
-from .soups.recipe import RecipeOptions, SoupResult, default_recipes, get_recipe, option_defaults
+from .config import ConfigError, CookResources, SearchSpace, validate
+from .cook_build import (
+    BuildResources,
+    Built,
+    CookError,
+    TrialCheckpoint,
+    build_and_evaluate,
+    build_with_progress,
+    reference_state,
+)
+from .cookmeter import phase_table
+from .hashing import file_sha256, json_sha256
+from .logitstore import LOGITS_PATH, SHA_TAG
+from .soups.recipe import (
+    RecipeOptions,
+    SoupResult,
+    default_recipes,
+    get_recipe,
+    option_defaults,
+)
 from .soups.stream import scan_file
 from .soups.weights import check_compatible, save_weights
 from .tables import markdown_table
-from .tracking import (CHECKPOINT_PATH, FINISHED, Tracker, find_soup, find_version, locate_sweep,
-                       log_soup_model, read_artifact_text, register_soup)
+from .tracking import (
+    CHECKPOINT_PATH,
+    FINISHED,
+    Tracker,
+    find_soup,
+    find_version,
+    locate_sweep,
+    log_soup_model,
+    read_artifact_text,
+    register_soup,
+)
 
 
 @dataclass
@@ -48,6 +74,8 @@ class CookOutcome:
     soup_runs: dict[str, str]
     plot_png: bytes = b""  # also logged to MLflow (cook/soups.png on the sweep run)
     reused: list[str] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)  # forward passes, bytes, seconds per phase
+    where: dict = field(default_factory=dict)  # the build's device, precision, threads
 
 
 @dataclass
@@ -91,16 +119,41 @@ def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict,
     """
     good: list[TrialCheckpoint] = []
     excluded: dict[str, str] = {}
-    for run in runs:
+    start = time.perf_counter()
+    for k, run in enumerate(runs, start=1):
         rid, tags = run.info.run_id, run.data.tags
         path, reason = _check_run(tracker, rid, tags, parent_tags, reference, tmp)
         if reason:
             excluded[rid] = reason
             log(f"excluded run {rid} ({tags.get('mlflow.runName', '')}): {reason}")
             continue
+        logits = _fetch_logits(tracker, rid, tags, tmp, log)
+        log(f"fetch and check: {k}/{len(runs)} trials, {_mib(path, logits):.1f} MiB "
+            f"({'with' if logits else 'without'} logits), {time.perf_counter() - start:.1f} s")
         good.append(TrialCheckpoint(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
-                                    path, tags["checkpoint_sha256"]))
+                                    path, tags["checkpoint_sha256"], logits,
+                                    tags.get(SHA_TAG) if logits else None))
     return good, excluded
+
+
+def _mib(*paths: Path | None) -> float:
+    return sum(Path(p).stat().st_size for p in paths if p) / 2**20
+
+
+def _fetch_logits(tracker: Tracker, rid: str, tags: dict, tmp: Path, log) -> Path | None:
+    """The run's logged logits, downloaded and checked against their sha256 tag; None (the build
+    then scores the checkpoint again) when there are none or they cannot be trusted."""
+    if not tags.get(SHA_TAG):
+        return None  # logged before logits were kept: the build says so when it scores it
+    try:
+        path = tracker.download(rid, LOGITS_PATH, tmp / rid)
+    except Exception as err:  # noqa: BLE001 - any failure to fetch means scoring again
+        log(f"run {rid}: logged logits cannot be fetched ({type(err).__name__}); they will be computed again")
+        return None
+    if file_sha256(path) != tags[SHA_TAG]:
+        log(f"run {rid}: logged logits do not match their sha256 tag; they will be computed again")
+        return None
+    return path
 
 
 def _check_run(tracker, rid: str, tags: dict, parent_tags: dict, reference: dict, tmp: Path):
@@ -141,13 +194,33 @@ def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
     return emit
 
 
-def _build_soups(base, checkpoints, recipes, options, gpus: float | None, uri: str, progress) -> Built:
-    """The build, in a Ray task (`gpus` given) or in this process (which just checked the files)."""
-    if gpus is None:
-        return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, verify=False)
+def _check_fits(res: CookResources, autoscale: bool) -> None:
+    """Refuse a build task no node of this Ray can ever run (it would wait for ever), unless a
+    cluster's autoscaler may still add one (``sweep.autoscale``)."""
+    nodes = cluster.node_resources()
+    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+        return
+    if autoscale and not cluster.is_local():
+        return
+    top = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise CookError(f"cook.resources asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest "
+                    f"node of this Ray has {top.get('CPU', 0):g} CPU and {top.get('GPU', 0):g} GPU: "
+                    "the build could never run (soup cook --cpus N --gpus N sets what it asks for)")
+
+
+def _build_soups(base, checkpoints, recipes, options, res: CookResources, use_ray: bool, uri: str,
+                 progress, autoscale: bool = False) -> Built:
+    """The build, in a Ray task with the cook's resources, or in this process (which just
+    checked the files) with the same device and threads."""
+    wanted = BuildResources(res.cpu, res.gpu)
+    if not use_ray:
+        return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, verify=False,
+                                  resources=wanted)
     cluster.init_ray(lambda s: None)
-    return cluster.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri),
-                                     num_cpus=1, num_gpus=gpus, log=progress)
+    _check_fits(res, autoscale)
+    return cluster.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri, wanted),
+                                     num_cpus=res.cpu, num_gpus=res.gpu, log=progress,
+                                     memory_bytes=int(res.memory_gib * 2**30))
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -160,17 +233,21 @@ def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -
     return json_sha256([recipe, settings.get("strict"), list(run_ids), *rest])[:24]
 
 
-def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
-         tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
-         log: Callable[[str], None] = print, learned_mode: str | None = None,
-         partial: bool = False) -> CookOutcome:
-    """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
+@dataclass(frozen=True)
+class CookTarget:
+    """The sweep a cook is about, as found in MLflow (read only)."""
 
-    `recipes` default to the built-in ones; `learned_mode` overrides the space's
-    ``cook.learned_mode`` (``streaming`` or ``stacked``). A sweep that has not FINISHED (still
-    running, interrupted or failed) is cooked only with `partial`, and its soups say so.
-    """
-    table = _recipes(recipes)
+    tracker: Tracker
+    experiment_id: str
+    parent: Any
+    space: SearchSpace
+    runs: list
+    model_name: str
+
+
+def find_target(sweep_id: str, tracking_uri: str | None, model_name: str | None,
+                partial: bool) -> CookTarget:
+    """The sweep's run, its space and its FINISHED trials; CookError when it cannot be cooked."""
     tracker = Tracker(tracking_uri)
     exp_id, parent = locate_sweep(tracker, sweep_id)
     if parent is None:
@@ -180,22 +257,69 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
     runs = tracker.trial_runs(exp_id, sweep_id, FINISHED)
     if not runs:
         raise CookError(f"sweep {sweep_id!r} has no FINISHED trial runs to cook")
-    model_name = model_name or space.tracking.registered_model or f"{space.tracking.experiment_name}-soup"
+    name = model_name or space.tracking.registered_model or f"{space.tracking.experiment_name}-soup"
+    return CookTarget(tracker, exp_id, parent, space, runs, name)
+
+
+def cook_resources(space: SearchSpace, cpu: float | None = None, gpu: float | None = None,
+                   memory_gib: float | None = None) -> CookResources:
+    """The space's ``cook.resources`` with any of them overridden (``soup cook --cpus ...``)."""
+    given = {k: v for k, v in (("cpu", cpu), ("gpu", gpu), ("memory_gib", memory_gib)) if v is not None}
+    return validate(CookResources, {**space.cook.resources.model_dump(), **given}, "soup cook")
+
+
+def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
+         tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
+         log: Callable[[str], None] = print, learned_mode: str | None = None,
+         partial: bool = False, resources: Mapping[str, float | None] | None = None) -> CookOutcome:
+    """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
+
+    `recipes` default to the built-in ones; `learned_mode` overrides the space's
+    ``cook.learned_mode`` (``streaming`` or ``stacked``), `resources` its ``cook.resources``
+    (``cpu``, ``gpu``, ``memory_gib``). A sweep that has not FINISHED (still running,
+    interrupted or failed) is cooked only with `partial`, and its soups say so.
+    """
+    table = _recipes(recipes)
+    target = find_target(sweep_id, tracking_uri, model_name, partial)
+    tracker, space, parent = target.tracker, target.space, target.parent
+    res = cook_resources(space, **(resources or {}))
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoints, excluded = load_ingredients(tracker, runs, parent.data.tags,
+        start = time.perf_counter()
+        checkpoints, excluded = load_ingredients(tracker, target.runs, parent.data.tags,
                                                  reference_state(space), Path(tmp), log)
         if not checkpoints:
             raise CookError(f"sweep {sweep_id!r}: every run was excluded: {excluded}")
+        fetched = {"name": "fetch and check", "passes": 0, "seconds": time.perf_counter() - start,
+                   "bytes": int(_mib(*[p for c in checkpoints for p in (c.path, c.logits_path)]) * 2**20)}
         log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
-            f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(r.name for r in table)}")
+            f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(r.name for r in table)} "
+            f"on {_device_words(res)}")
         options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
-        gpus = min(space.sweep.resources.gpu, 1.0) if use_ray else None
-        built = _build_soups(space.base.model_dump(mode="json"), checkpoints, table, options, gpus,
-                             tracker.uri, _flushed(log))
+        built = _build_soups(space.base.model_dump(mode="json"), checkpoints, table, options, res,
+                             use_ray, tracker.uri, _flushed(log), space.sweep.autoscale)
+        built.phases = [fetched, *(p for p in built.phases if p["name"] != "fetch" or p["bytes"])]
         excluded.update(built.excluded)
-        ctx = CookContext(tracker, exp_id, parent.info.run_id, sweep_id, space, built.used,
-                          model_name, options, Path(tmp), parent.info.status != FINISHED)
-        return _log_all(ctx, built, excluded, log)
+        ctx = CookContext(tracker, target.experiment_id, parent.info.run_id, sweep_id, space, built.used,
+                          model_name=target.model_name, options=options, tmp=Path(tmp),
+                          partial=parent.info.status != FINISHED)
+        out = _log_all(ctx, built, excluded, log)
+        _report_cost(ctx, built, log)
+        return out
+
+
+def _device_words(res: CookResources) -> str:
+    return (f"{res.gpu:g} GPU and {res.cpu:g} CPUs" if res.gpu else f"the CPU ({res.cpu:g} CPUs)")
+
+
+def _report_cost(ctx: CookContext, built: Built, log) -> None:
+    """The cost table (forward passes, bytes, time per phase) printed and kept on the sweep run."""
+    where = built.where
+    head = (f"built on {where.get('device')} ({where.get('precision')}, {where.get('threads')} threads; "
+            f"inputs on {', '.join(where.get('input_devices', [])) or 'none'})")
+    lines = [head, *phase_table(built.phases)]
+    for line in lines:
+        log(line)
+    ctx.tracker.log_text(ctx.parent_run_id, "\n".join(lines) + "\n", "cook/cost.txt")
 
 
 def _recipes(names: Sequence[str] | None) -> list:
@@ -231,7 +355,7 @@ def _sweep_space(tracker: Tracker, parent, sweep_id: str) -> SearchSpace:
 def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> CookOutcome:
     from .plots import soup_figure
 
-    out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {})
+    out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where)
     plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
     out.plot_png = plot.read_bytes()
     by_name = {r["name"]: r for r in built.rows}
@@ -310,4 +434,4 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path)
     return rid
 
 
-__all__ = ["cook", "CookOutcome", "CookError", "soup_key", "ConfigError"]
+__all__ = ["ConfigError", "CookError", "CookOutcome", "cook", "soup_key"]

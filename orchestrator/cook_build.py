@@ -8,23 +8,27 @@ to build, checks the ingredients first, and logs and registers what comes back.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from . import data, evaluate, models
+from . import data, evaluate, logitstore, models
+from .accel import Accel, resolve_device, resolve_precision
 from .config import FinetuneConfig, SearchSpace, validate
+from .cookmeter import Meter
 from .hashing import file_sha256
+from .logitstore import LOGITS_PATH
 from .soups.ensemble import GreedyEnsemble
 from .soups.greedy import rank_best_first
 from .soups.recipe import Recipe, RecipeInputs, RecipeOptions, SoupResult
 from .soups.stream import read_weights
-from .splits import TaskData
+from .splits import LoaderOptions, TaskData
 from .tracking import CHECKPOINT_PATH, Tracker
 
 
@@ -42,6 +46,28 @@ class TrialCheckpoint:
     heldout_acc: float
     path: Path
     sha256: str
+    logits_path: Path | None = None  # its logged logits (`logitstore`), checked; None: none usable
+    logits_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildResources:
+    """What the build task was given (`cook.resources`): its CPUs size torch's threads and the
+    loaders' workers; a GPU puts the model, the inputs and every evaluation on CUDA under the
+    same autocast as fine-tuning (bf16 where supported)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus))
+
+    def accel(self) -> Accel:
+        device = resolve_device("cuda" if self.gpus > 0 else "cpu")
+        cuda = device.type == "cuda"
+        return Accel(device, resolve_precision("auto", device), False,
+                     LoaderOptions(workers=self.threads - 1, pin_memory=cuda))
 
 
 @dataclass
@@ -55,6 +81,8 @@ class Built:
     example: torch.Tensor  # one test image: the logged model's input example
     used: list[str] = field(default_factory=list)  # run ids given to the recipes, in order
     excluded: dict[str, str] = field(default_factory=dict)  # run id -> why the build excluded it
+    phases: list[dict] = field(default_factory=list)  # `cookmeter` totals, in order
+    where: dict = field(default_factory=dict)  # device, precision, threads, input devices seen
 
 
 def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
@@ -64,27 +92,42 @@ def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
 
 
 def fetch_checkpoints(checkpoints: list[TrialCheckpoint], tracking_uri: str | None, tmp: Path,
-                      verify: bool = True) -> list[Path]:
-    """Local checkpoint paths for the build, wherever it runs: the driver's copy when this node
-    has it, else a fresh download; either way its sha256 must be the one checked (`verify`
-    False trusts the driver's copies: for the driver's own process, which just hashed them)."""
-    tracker, paths = None, []
-    for ckpt in checkpoints:
-        path = Path(ckpt.path)
-        if not (path.is_file() and (not verify or file_sha256(path) == ckpt.sha256)):
-            tracker = tracker or Tracker(tracking_uri)
-            path = tracker.download(ckpt.run_id, CHECKPOINT_PATH, tmp / ckpt.run_id)
-            if file_sha256(path) != ckpt.sha256:
-                raise CookError(f"run {ckpt.run_id}: checkpoint changed since it was checked "
-                                f"(sha256 differs from {ckpt.sha256[:12]})")
-        paths.append(path)
-    return paths
+                      verify: bool = True) -> tuple[list[Path], list[Path | None]]:
+    """Local checkpoint and logits paths for the build, wherever it runs: the driver's copies
+    when this node has them, else fresh downloads; either way their sha256 must be the one
+    checked (`verify` False trusts the driver's copies: for the driver's own process, which just
+    hashed them). A trial without usable logits has None."""
+    fetch = _Fetcher(tracking_uri, tmp, verify)
+    paths = [fetch(c.run_id, c.path, CHECKPOINT_PATH, c.sha256) for c in checkpoints]
+    logits = [fetch(c.run_id, c.logits_path, LOGITS_PATH, c.logits_sha256) if c.logits_sha256 else None
+              for c in checkpoints]
+    return paths, logits
+
+
+class _Fetcher:
+    def __init__(self, tracking_uri: str | None, tmp: Path, verify: bool) -> None:
+        self.uri, self.tmp, self.verify, self.tracker = tracking_uri, tmp, verify, None
+
+    def __call__(self, run_id: str, local: Path | None, artifact: str, sha256: str) -> Path:
+        path = Path(local) if local else None
+        if path is not None and path.is_file() and (not self.verify or file_sha256(path) == sha256):
+            return path
+        self.tracker = self.tracker or Tracker(self.uri)
+        path = self.tracker.download(run_id, artifact, self.tmp / run_id)
+        if file_sha256(path) != sha256:
+            raise CookError(f"run {run_id}: {artifact} changed since it was checked "
+                            f"(sha256 differs from {sha256[:12]})")
+        return path
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def _accs(model, task: TaskData) -> dict[str, float]:
-    res = evaluate.evaluate_all(model, {"heldout": task.heldout, **task.reporting()})
+def _splits(task: TaskData) -> dict:
+    return {"heldout": task.heldout, **task.reporting()}
+
+
+def _accs(model, task: TaskData, accel: Accel) -> dict[str, float]:
+    res = evaluate.evaluate_all(model, _splits(task), accel)
     return {k: v[0] for k, v in res.items()}
 
 
@@ -97,7 +140,7 @@ def _measured_mismatch(logged: float, measured: float, n: int) -> str | None:
     """Why an ingredient's logged held-out accuracy cannot be trusted, or None: the cook measures
     it again, and a difference of more than one example's worth (1/n) is not rounding or a
     different device's arithmetic, it is a wrong or replaced figure or checkpoint."""
-    if abs(logged - measured) * n <= 1 + 1e-6:
+    if abs(round(logged * n) - round(measured * n)) <= 1:  # in examples: float32 figures round
         return None
     return (f"logged held-out accuracy {logged:.2%} but measured {measured:.2%} on the same "
             f"{n} examples: excluded, its figure or its checkpoint is not what the trial produced")
@@ -115,18 +158,40 @@ def _why_excluded(checkpoints: list[TrialCheckpoint], i: int, heldout_logits: to
     return why
 
 
-def _ensemble_rows(model, paths, checkpoints, task, scores, log):
-    """Every ingredient scored alone, and the two logit ensembles, one checkpoint at a time;
+def _logged_or_scored(ckpt: TrialCheckpoint, path: Path, logits_path: Path | None, splits: dict,
+                      ctx: _Build) -> dict[str, torch.Tensor]:
+    """Ingredient `ckpt`'s logits on every split: the ones its trial logged when they are provably
+    for these examples (split, size, labels digest), else computed again from its checkpoint,
+    with a line saying so and why."""
+    found, why = None, None
+    if logits_path is not None:
+        ctx.meter.add_bytes(Path(logits_path).stat().st_size)
+        if logitstore.checkpoint_of(logits_path) != ckpt.sha256:  # the checkpoint was replaced
+            why = "its logged logits were computed with another checkpoint"
+        else:
+            found = logitstore.load_logits(logits_path)
+    why = why or logitstore.mismatch(logitstore.described(found) if found else None,
+                                     {k: s.labels for k, s in splits.items()})
+    if why is None:
+        return {k: found[k].logits.float() for k in splits}
+    ctx.log(f"run {ckpt.run_id} ({ckpt.name}): {why}; scoring its checkpoint again")
+    ctx.model.load_state_dict(read_weights(path))
+    return {k: evaluate.logits(ctx.model, s, accel=ctx.accel).float() for k, s in splits.items()}
+
+
+def _ensemble_rows(ctx: _Build, paths, logit_paths, checkpoints, task, scores):
+    """Every ingredient scored alone, and the two logit ensembles, one ingredient at a time;
     returns (rows of the ingredients, ensemble rows, {index: why excluded}).
 
-    Ingredients are taken best first, so the greedy ensemble decides on each as it comes; only
-    running logit sums are kept (all, and the greedy ensemble's), never every model's logits. An
-    ingredient whose measured held-out accuracy contradicts its logged one is excluded here,
-    before it is offered to any ensemble or recipe, and so is a checkpoint byte-identical to one
-    already taken (two runs holding the same file would weigh double): the better-ranked copy
-    whose figure holds is cooked, once.
+    Each ingredient's logits are those its trial logged (no forward pass) when they match the
+    splits, else computed again. Ingredients are taken best first, so the greedy ensemble
+    decides on each as it comes; only running logit sums are kept (all, and the greedy
+    ensemble's), never every model's logits. An ingredient whose held-out accuracy (from its
+    logits) contradicts its logged figure is excluded here, before it is offered to any ensemble
+    or recipe, and so is a checkpoint byte-identical to one already taken (two runs holding the
+    same file would weigh double): the better-ranked copy whose figure holds is cooked, once.
     """
-    splits = {"heldout": task.heldout, **task.reporting()}
+    splits = _splits(task)
     singles: list[dict | None] = [None] * len(paths)
     excluded: dict[int, str] = {}
     taken: dict[str, int] = {}  # sha256 -> the ingredient cooked for those bytes
@@ -134,15 +199,13 @@ def _ensemble_rows(model, paths, checkpoints, task, scores, log):
     kept: dict[str, torch.Tensor] = {}
     greedy = GreedyEnsemble(task.heldout.labels)
     for i in rank_best_first(scores, len(paths)):
-        model.load_state_dict(read_weights(paths[i]))
-        held = evaluate.logits(model, task.heldout).float()
-        why = _why_excluded(checkpoints, i, held, task.heldout.labels, taken)
+        per = _logged_or_scored(checkpoints[i], paths[i], logit_paths[i], splits, ctx)
+        why = _why_excluded(checkpoints, i, per["heldout"], task.heldout.labels, taken)
         if why:
             excluded[i] = why
-            log(f"excluded run {checkpoints[i].run_id} ({checkpoints[i].name}): {why}")
+            ctx.log(f"excluded run {checkpoints[i].run_id} ({checkpoints[i].name}): {why}")
             continue
         taken[checkpoints[i].sha256] = i
-        per = {k: held if k == "heldout" else evaluate.logits(model, s).float() for k, s in splits.items()}
         singles[i] = summary_row(checkpoints[i].name, "ingredient",
                                  {k: evaluate.accuracy_of(per[k], s.labels) for k, s in splits.items()},
                                  task.shifts)
@@ -162,46 +225,98 @@ def _ensemble_rows(model, paths, checkpoints, task, scores, log):
 
 def build_and_evaluate(base_cfg: dict, checkpoints: list[TrialCheckpoint], recipes: list[Recipe],
                        options: RecipeOptions, tracking_uri: str | None = None,
-                       log: Callable[[str], None] = print, verify: bool = True) -> Built:
-    """Build every recipe's soup and every baseline, and evaluate them all.
+                       log: Callable[[str], None] = print, verify: bool = True,
+                       resources: BuildResources = BuildResources()) -> Built:
+    """Build every recipe's soup and every baseline, and evaluate them all, on the device and
+    with the threads of `resources`.
 
     `recipes` are the table's entries, not names: a Ray task builds whatever the driver resolved,
     whether or not the module that registered it was imported in the task's process.
 
-    Checkpoints are streamed from local files: the driver's copies when this process can see
-    them (checked again unless `verify` is False), else downloaded here from `tracking_uri` (a
-    Ray task on another node). Progress lines (``greedy soup: ...``) go to `log`.
+    Checkpoints and logits are read from local files: the driver's copies when this process can
+    see them (checked again unless `verify` is False), else downloaded here from `tracking_uri`
+    (a Ray task on another node). Progress lines (``greedy soup: ...``, and one per phase with
+    its forward passes, bytes read and time) go to `log`.
     """
-    with tempfile.TemporaryDirectory(prefix="soup-build-") as tmp:
-        paths = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp), verify)
-        return _build(validate(FinetuneConfig, base_cfg), checkpoints, paths, recipes, options, log)
+    with tempfile.TemporaryDirectory(prefix="soup-build-") as tmp, _threads(resources.threads):
+        meter = Meter(log)
+        with meter.phase("fetch"):
+            paths, logits = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp), verify)
+            if verify:  # every file was hashed again here
+                meter.add_bytes(sum(p.stat().st_size for p in [*paths, *filter(None, logits)]))
+        return _build(validate(FinetuneConfig, base_cfg), checkpoints, paths, logits, recipes,
+                      options, meter, resources)
 
 
-def _build(cfg: FinetuneConfig, checkpoints, paths, recipes, options: RecipeOptions, log) -> Built:
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to the task's CPUs for the block, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Build:
+    """What every step of one build shares: the model on its device, the meter, the log."""
+
+    model: torch.nn.Module
+    accel: Accel
+    meter: Meter
+    log: Callable[[str], None]
+
+
+def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, options: RecipeOptions,
+           meter: Meter, resources: BuildResources) -> Built:
+    accel = resources.accel()
     task = data.load_task(cfg.data)
-    model = models.build_classifier(cfg.model, task.classnames)
-    rows = [summary_row("zero-shot", "baseline", _accs(model, task), task.shifts)]
+    model = accel.prepare(models.build_classifier(cfg.model, task.classnames))
+    base = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    ctx = _Build(model, accel, meter, meter.log)
+    meter.watch(model)
+    with meter.phase("zero-shot"):
+        rows = [summary_row("zero-shot", "baseline", _accs(model, task, accel), task.shifts)]
     scores = [c.heldout_acc for c in checkpoints]
-    singles, ensembles, excluded = _ensemble_rows(model, paths, checkpoints, task, scores, log)
+    with meter.phase("baselines"):
+        singles, ensembles, excluded = _ensemble_rows(ctx, paths, logit_paths, checkpoints, task, scores)
     use = [i for i in range(len(checkpoints)) if i not in excluded]
     singles = [singles[i] for i in use]
     best = max(range(len(singles)), key=lambda i: singles[i]["heldout"])
     rows += [{**singles[best], "name": "best individual", "kind": "baseline"}] + ensembles
     used = [checkpoints[i].run_id for i in use]
     inputs = RecipeInputs([paths[i] for i in use], used, [scores[i] for i in use], model,
-                          task.heldout, options, log)
+                          task.heldout, options, meter.log, base=base)
     soups = {}
     for recipe in recipes:
-        soup = recipe.build(inputs)
-        model.load_state_dict(soup.state_dict)
-        rows.append(summary_row(f"{recipe.name} soup", "soup", _accs(model, task), task.shifts))
+        with meter.phase(recipe.name):
+            soup = recipe.build(inputs)
+        with meter.phase(f"{recipe.name} evaluation", quiet=True):
+            model.load_state_dict(soup.state_dict)
+            rows.append(summary_row(f"{recipe.name} soup", "soup", _accs(model, task, accel), task.shifts))
         soups[recipe.name] = soup
+    where = {"device": str(accel.device), "precision": accel.precision,
+             "threads": torch.get_num_threads(), "input_devices": sorted(meter.devices)}
     return Built(rows, singles, soups, list(task.classnames), task.test.tensors(1)[0][0], used,
-                 {checkpoints[i].run_id: why for i, why in excluded.items()})
+                 {checkpoints[i].run_id: why for i, why in excluded.items()}, _merged(meter), where)
 
 
-def build_with_progress(base_cfg, checkpoints, recipes, options, tracking_uri
-                        ) -> Iterator[tuple[str, object]]:
+def _merged(meter: Meter) -> list[dict]:
+    """The phases in order, every soup's final evaluation summed into one `evaluation` row."""
+    out, evaluation = [], {"name": "evaluation", "passes": 0, "bytes": 0, "seconds": 0.0}
+    for p in meter.totals():
+        if p["name"].endswith(" evaluation"):
+            for k in ("passes", "bytes", "seconds"):
+                evaluation[k] += p[k]
+        else:
+            out.append(p)
+    return out + [evaluation] if evaluation["passes"] else out
+
+
+def build_with_progress(base_cfg, checkpoints, recipes, options, tracking_uri,
+                        resources: BuildResources = BuildResources()) -> Iterator[tuple[str, object]]:
     """The build as a generator (for a streaming Ray task): yields ``("log", line)`` as it
     progresses, then ``("result", Built)``; an error in the build is raised here."""
     lines: queue.Queue = queue.Queue()
@@ -210,7 +325,7 @@ def build_with_progress(base_cfg, checkpoints, recipes, options, tracking_uri
     def work() -> None:
         try:
             outcome["built"] = build_and_evaluate(base_cfg, checkpoints, recipes, options,
-                                                  tracking_uri, log=lines.put)
+                                                  tracking_uri, log=lines.put, resources=resources)
         except BaseException as err:  # noqa: BLE001 - re-raised below, in the caller's thread
             outcome["error"] = err
         lines.put(None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .accel import CPU, Accel, images_on
+from .accel import CPU, Accel, for_device
 from .splits import Split
 
 StateDict = Mapping[str, torch.Tensor]
@@ -84,15 +84,18 @@ class HeldoutCounter:
 def heldout_counter(model: nn.Module, split: Split, chunk_size: int = 64) -> HeldoutCounter:
     """A `HeldoutCounter` that loads each state into `model` and scores `split` in chunks.
 
-    Batches go to the model's device as float in [0, 1] (folder splits yield uint8).
+    Batches go to the model's device as float in [0, 1] (folder splits yield uint8), and run
+    under that device's automatic precision (bf16 autocast on a GPU, as in fine-tuning).
     """
-    device = next(model.parameters()).device
+    accel = for_device(next(model.parameters()).device)
 
     @torch.no_grad()
     def correct(state: StateDict):
         model.load_state_dict(state)
         with eval_mode(model):
             for x, y in split.batches(chunk_size):
-                yield int((model(images_on(x, device)).argmax(1).cpu() == y).sum()), len(y)
+                with accel.autocast():
+                    out = model(accel.to_device(x))
+                yield int((out.argmax(1).cpu() == y).sum()), len(y)
 
     return HeldoutCounter(len(split), correct)

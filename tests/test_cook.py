@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from orchestrator.cook import CookError, cook
+from orchestrator.soups.recipe import default_recipes
 from orchestrator.soups.stream import read_weights
 from orchestrator.soups.weights import save_weights, weighted_average
 from orchestrator.hashing import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-RECIPES = ("uniform", "greedy", "learned")
+RECIPES = default_recipes()  # uniform, greedy, learned, learned-layerwise, model-stock
 
 
 def soup_runs(client, exp_id):
@@ -53,7 +54,17 @@ def test_soup_runs_lineage_and_registered_versions(cooked):
             assert v.tags.get(tag), tag
     assert cooked["second"].versions == cooked["first"].versions
     assert sorted(cooked["second"].reused) == sorted(RECIPES)
-    assert len(soup_runs(client, sweep.experiment_id)) == 3
+    assert len(soup_runs(client, sweep.experiment_id)) == len(RECIPES)
+
+
+def _base_state():
+    """The weights every trial of tiny4 started from: the pretrained classifier, zero-shot head."""
+    from conftest import SPACES
+    from orchestrator import data, models
+    from orchestrator.config import SearchSpace, load_yaml
+
+    space = load_yaml(SearchSpace, SPACES / "tiny4.yaml")
+    return models.build_classifier(space.base.model, data.load_task(space.base.data).classnames).state_dict()
 
 
 def _artifact(client, run_id, path, tmp):
@@ -68,7 +79,11 @@ def test_soups_equal_their_recorded_weighted_sums(cooked, tmp_path):
         states = [read_weights(_artifact(client, rid, "checkpoint/model.safetensors", tmp_path / rid))
                   for rid in rec["ingredients"]]
         coeffs = rec["coefficients"]
-        if recipe == "uniform":
+        if recipe == "model-stock":  # t * mean + (1 - t) * base, per tensor: the rest is the base's
+            base = _base_state()
+            expected = {k: sum(c * s[k] for c, s in zip(coeffs[k], states)) + (1 - sum(coeffs[k])) * base[k]
+                        if k in coeffs else states[0][k] for k in soup}
+        elif recipe == "uniform":
             expected = {k: torch.stack([s[k] for s in states]).mean(0) for k in soup}
         elif isinstance(coeffs, dict):  # per-layer learned coefficients
             expected = {k: sum(c * s[k] for c, s in zip(coeffs[k], states)) for k in soup}
@@ -147,7 +162,7 @@ def test_learned_mode_stacked_is_chosen_by_config_and_is_its_own_soup(cooked, tm
     stacked = versions[str(out.versions["learned"])]
     streaming = versions[str(cooked["first"].versions["learned"])]
     assert stacked.tags["learned_mode"] == "stacked" and streaming.tags["learned_mode"] == "streaming"
-    assert len(versions) == 4 and stacked.tags["soup_key"] != streaming.tags["soup_key"]
+    assert len(versions) == len(RECIPES) + 1 and stacked.tags["soup_key"] != streaming.tags["soup_key"]
     assert "learned" not in out.reused
     again = cook("c4", recipes=("learned",), tracking_uri=uri, use_ray=False, learned_mode="stacked")
     assert again.reused == ["learned"] and str(again.versions["learned"]) == str(out.versions["learned"])

@@ -96,10 +96,65 @@ def test_a_logged_figure_the_cook_cannot_measure_is_excluded(swept, tmp_path):
     for rid in (faked, overwritten):
         assert "logged held-out accuracy 100.00% but measured" in out.excluded[rid], out.excluded
         assert any(rid in m and "measured" in m for m in messages)
+    # the added run logged no logits: its checkpoint is scored, and the cook says so
+    assert any(f"run {faked} (replaced-checkpoint): no logged logits; scoring its checkpoint again" in m
+               for m in messages), messages
     kept = tracker.client.get_model_version(MODEL, out.versions["greedy"]).tags["ingredients"]
     assert faked not in kept and overwritten not in kept and best.info.run_id in kept
     greedy = next(r for r in out.rows if r["name"] == "greedy soup")
     assert greedy["heldout"] >= next(r for r in out.rows if r["name"] == "best individual")["heldout"]
+
+
+def _replace_artifact(tracker, run_id: str, local: Path, folder: str) -> None:
+    """Overwrite a run's artifact in place (a file store keeps one copy per path)."""
+    tracker.log_artifact(run_id, local, folder)
+
+
+def test_a_replaced_checkpoint_does_not_pass_with_its_trials_logits(swept, tmp_path):
+    """A trial's checkpoint replaced and its sha256 tag updated to match: its logits were
+    computed with the old checkpoint, so the cook scores the new one, and its figure fails."""
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, _, runs = _trials(uri)
+    victim = runs[0].info.run_id
+    state = read_weights(tracker.download(victim, CHECKPOINT_PATH, tmp_path / "orig"))
+    untrained = {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in state.items()}
+    path = save_weights(untrained, tmp_path / "new" / "model.safetensors")
+    _replace_artifact(tracker, victim, path, "checkpoint")
+    tracker.set_tags(victim, {"checkpoint_sha256": file_sha256(path)})
+    messages = []
+    out = cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=messages.append)
+    assert any(victim in m and "computed with another checkpoint; scoring its checkpoint again" in m
+               for m in messages), messages
+    assert "but measured" in out.excluded[victim]
+
+
+def test_logits_logged_for_another_label_order_are_scored_again(swept, tmp_path):
+    """Logits whose labels are not the split's (another order) are not used: the checkpoint is
+    scored again, named in a message, and the trial is cooked as usual."""
+    from safetensors import safe_open
+
+    from orchestrator import logitstore
+
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, _, runs = _trials(uri)
+    rid = runs[-1].info.run_id
+    path = tracker.download(rid, logitstore.LOGITS_PATH, tmp_path / "l")
+    logged = logitstore.load_logits(path)
+    with safe_open(str(path), "pt") as f:
+        labels = {k: f.get_tensor(f"labels/{k}") for k in logged}
+    labeled = {k: (labels[k].roll(1) if k == "heldout" else labels[k], v.logits) for k, v in logged.items()}
+    (tmp_path / "new").mkdir()
+    out_path = logitstore.save_logits(tmp_path / "new" / "logits.safetensors", labeled,
+                                      logitstore.checkpoint_of(path))
+    _replace_artifact(tracker, rid, out_path, "logits")
+    tracker.set_tags(rid, {logitstore.SHA_TAG: file_sha256(out_path)})
+    messages = []
+    out = cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=messages.append)
+    assert any(f"run {rid}" in m and "other labels (or another order); scoring its checkpoint again" in m
+               for m in messages), messages
+    assert rid not in out.excluded and {p["name"]: p for p in out.phases}["baselines"]["passes"] > 0
+    version = tracker.client.get_model_version(MODEL, out.versions["uniform"])
+    assert rid in version.tags["ingredients"].split(",")
 
 
 def test_byte_identical_checkpoints_are_cooked_once(swept, tmp_path):

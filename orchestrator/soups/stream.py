@@ -112,8 +112,30 @@ def plan(infos: Mapping[str, TensorInfo], keys: Sequence[str] | None = None,
     return out
 
 
+class _ByteCount:
+    """Bytes this process read from weight files through this module (the cook reports them per
+    phase): a lock, because several reading threads add to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+_READ = _ByteCount()
+
+
+def bytes_read() -> int:
+    """Bytes read from safetensors files by this module in this process so far."""
+    return _READ.total
+
+
 def _read_exact(fd: int, view: memoryview, offset: int, path) -> None:
     # pread is positional (no shared file offset) and, like readinto, releases the GIL.
+    _READ.add(len(view))
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -267,6 +289,7 @@ def scan_file(path: str | os.PathLike, chunk_bytes: int | None = None) -> FileSc
 
 
 def _pread(f, offset: int, n: int) -> bytes:
+    _READ.add(n)
     f.seek(offset)
     return f.read(n)
 

@@ -1,0 +1,143 @@
+"""`soup cook --plan`: what a cook would do and what it would cost, read from MLflow alone.
+
+Nothing is downloaded or written: the ingredients and their exclusions come from the trial
+runs' tags (base model digests, checkpoint digests, logged logits and the labels they were
+computed on) and the artifact listing (sizes); the forward passes and bytes per phase follow
+from the split sizes and each recipe's known cost, in the same phases the cook then reports.
+Figures marked ≤ are bounds (the greedy soup's early rejection lowers them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from . import data, logitstore
+from .cook import _recipes, cook_resources, find_target
+from .cookmeter import MIB
+from .logitstore import LOGITS_PATH, SHA_TAG, SPLITS_TAG
+from .soups.learned import HELDOUT_LIMIT
+from .soups.recipe import RecipeOptions
+from .tracking import CHECKPOINT_PATH
+
+LEARNED_STEPS, LEARNED_BATCH = 50, 256  # `learned_soup`'s defaults, as the cook runs it
+
+
+@dataclass
+class CookPlan:
+    """The plan: ingredients, exclusions, recipes, device and each phase's estimated cost."""
+
+    sweep_id: str
+    uri: str
+    trials: int
+    usable: list[str]
+    excluded: dict[str, str]
+    rescored: dict[str, str]  # run -> why its logits cannot be used
+    recipes: list[str]
+    device: str
+    phases: list[dict] = field(default_factory=list)  # name, passes, bound, bytes
+
+    def lines(self) -> list[str]:
+        out = [f"plan for cooking sweep {self.sweep_id} ({self.uri}); nothing is changed",
+               f"ingredients: {len(self.usable)} of {self.trials} FINISHED trials"]
+        out += [f"  excluded {rid}: {why}" for rid, why in self.excluded.items()]
+        out += [f"  scored again {rid}: {why}" for rid, why in self.rescored.items()]
+        out += [f"recipes: {', '.join(self.recipes)}", f"device: {self.device}",
+                f"{'phase':<22}{'forward passes':>18}{'MiB read':>12}"]
+        for p in self.phases:
+            passes = "?" if p.get("unknown") else ("≤ " if p["bound"] else "") + f"{p['passes']:,}"
+            out.append(f"{p['name']:<22}{passes:>18}{p['bytes'] / MIB:>12,.1f}")
+        return out
+
+
+def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
+              tracking_uri: str | None = None, learned_mode: str | None = None, partial: bool = False,
+              resources: Mapping[str, float | None] | None = None) -> CookPlan:
+    """What `cook` with these arguments would do, from MLflow's records alone (read only)."""
+    table = _recipes(recipes)
+    target = find_target(sweep_id, tracking_uri, model_name, partial)
+    res = cook_resources(target.space, **(resources or {}))
+    task = data.load_task(target.space.base.data)
+    splits = {"heldout": task.heldout, **task.reporting()}
+    usable, excluded, rescored, sizes = _ingredients(target, splits)
+    mode = learned_mode or target.space.cook.learned_mode
+    device = (f"cuda, {res.gpu:g} GPU, bf16 where supported, {res.cpu:g} CPUs"
+              if res.gpu else f"cpu, fp32, {max(1, int(res.cpu))} torch threads")
+    plan = CookPlan(sweep_id, target.tracker.uri, len(target.runs), usable, excluded, rescored,
+                    [r.name for r in table], device)
+    plan.phases = _phases(plan, sizes, {k: len(s) for k, s in splits.items()}, RecipeOptions(False, mode))
+    return plan
+
+
+def _ingredients(target, splits) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, tuple[int, int]]]:
+    """(usable runs, excluded runs and why, runs whose logits will not do and why, sizes)."""
+    wanted = {k: s.labels for k, s in splits.items()}
+    parent_tags = target.parent.data.tags
+    usable, excluded, rescored, sizes, seen = [], {}, {}, {}, {}
+    for run in sorted(target.runs, key=lambda r: -r.data.metrics.get("heldout_acc", 0.0)):
+        rid, tags = run.info.run_id, run.data.tags
+        why = _excluded_by_tags(tags, parent_tags, seen)
+        if why:
+            excluded[rid] = why
+            continue
+        seen[tags["checkpoint_sha256"]] = rid
+        usable.append(rid)
+        found = logitstore.from_tag(tags.get(SPLITS_TAG)) if tags.get(SHA_TAG) else None
+        if (bad := logitstore.mismatch(found, wanted)) is not None:
+            rescored[rid] = bad
+        sizes[rid] = (_size(target.tracker, rid, CHECKPOINT_PATH),
+                      _size(target.tracker, rid, LOGITS_PATH) if rid not in rescored else 0)
+    return usable, excluded, rescored, sizes
+
+
+def _excluded_by_tags(tags: dict, parent_tags: dict, seen: dict) -> str | None:
+    for tag in ("arch_sha256", "pretrained_sha256"):
+        if tags.get(tag) != parent_tags.get(tag):
+            return f"{tag} {tags.get(tag, 'missing')[:12]} differs from the sweep's base"
+    if not tags.get("checkpoint_sha256"):
+        return "no checkpoint_sha256 tag: no checkpoint was logged"
+    if tags["checkpoint_sha256"] in seen:
+        return f"checkpoint byte-identical to run {seen[tags['checkpoint_sha256']]}: cooked once, as that run"
+    return None
+
+
+def _size(tracker, run_id: str, path: str) -> int:
+    """An artifact's size from the run's listing (0 when it is not there)."""
+    folder, name = path.rsplit("/", 1)
+    listing = tracker.client.list_artifacts(run_id, folder)
+    return next((int(a.file_size or 0) for a in listing if a.path.endswith(name)), 0)
+
+
+def _phases(plan: CookPlan, sizes: dict[str, tuple[int, int]], n: dict[str, int],
+            options: RecipeOptions) -> list[dict]:
+    """Each phase's forward passes (images through the model) and bytes read, as the cook counts."""
+    k, every = len(plan.usable), sum(n.values())
+    ckpt = sum(c for c, _ in sizes.values())
+    per = ckpt // max(k, 1)
+    phases = [_p("fetch and check", 0, ckpt + sum(lg for _, lg in sizes.values())),
+              _p("zero-shot", every, 0),
+              _p("baselines", len(plan.rescored) * every,
+                 sum(lg for _, lg in sizes.values()) + len(plan.rescored) * per)]
+    for name in plan.recipes:
+        phases.append(_recipe_phase(name, k, n["heldout"], ckpt, options))
+    phases.append(_p("evaluation", len(plan.recipes) * every, 0))
+    return phases
+
+
+def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOptions) -> dict:
+    fit = min(heldout, HELDOUT_LIMIT)
+    if name == "uniform":
+        return _p(name, 0, ckpt)
+    if name == "model-stock":
+        return _p(name, 0, 2 * ckpt)
+    if name == "greedy":
+        return _p(name, k * heldout, ckpt, bound=True)
+    if name in ("learned", "learned-layerwise"):
+        steps = LEARNED_STEPS * min(LEARNED_BATCH, fit)
+        reads = (2 * LEARNED_STEPS + 1) * ckpt if options.learned_mode == "streaming" else 2 * ckpt
+        return _p(name, steps + fit, reads)
+    return {"name": name, "passes": 0, "bound": True, "bytes": 0, "unknown": True}
+
+
+def _p(name: str, passes: int, nbytes: int, bound: bool = False) -> dict:
+    return {"name": name, "passes": passes, "bound": bound, "bytes": nbytes}
