@@ -155,11 +155,10 @@ class RayLost(RuntimeError):
 def run_with_progress(generator_fn: Callable, args: tuple, num_cpus: float, num_gpus: float,
                       log: Callable[[str], None], memory_bytes: int = 0):
     """Run ``generator_fn(*args)`` as a Ray task with these resources (`memory_bytes` reserved
-    when given); it yields ``("log", line)``
-    pairs, relayed to `log` as they come, then one ``("result", value)``, whose value is returned.
-    An error in the task is raised here; `RayLost` when the cluster stops answering meanwhile
-    or this driver's node dies (Ray is then disconnected); a stop signal's ``KeyboardInterrupt``
-    cancels the task."""
+    when given); it yields ``("log", line)`` pairs, relayed to `log` as they come, then one
+    ``("result", value)``, whose value is returned. An error in the task is raised here;
+    `RayLost` when the cluster stops answering meanwhile or this driver's node dies (Ray is then
+    disconnected); a stop signal's ``KeyboardInterrupt`` cancels the task."""
     import ray
 
     what = getattr(generator_fn, "__name__", str(generator_fn))
@@ -322,18 +321,42 @@ def stop_signal() -> signal.Signals:
 
 @contextlib.contextmanager
 def _keep_stop_handler():
-    """``ray.init`` replaces the SIGTERM handler with its own (``sys.exit(15)``); inside
-    `stop_signals`, put ours back, and treat a SIGTERM that came during ``ray.init`` as ours."""
-    ours = signal.getsignal(signal.SIGTERM) is _stop
+    """Around ``ray.init`` inside `stop_signals`: a SIGTERM that comes meanwhile still stops the
+    command, and our handler is back afterwards. ``ray.init`` replaces the SIGTERM handler with
+    its own (``sys.exit(15)``), whose ``SystemExit`` is taken for ours, or lost: raised inside a
+    callback whose exceptions Python ignores (seen: logging's after-fork hook), and then the cook
+    ran to its end. The signal's wakeup fd records every signal, whichever handler took it."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not _stop:
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # as set_wakeup_fd requires
+    previous = signal.set_wakeup_fd(write)
     try:
         yield
     except SystemExit as err:
-        if ours and err.code == signal.SIGTERM:
+        if err.code == signal.SIGTERM:
             _stop(signal.SIGTERM, None)
         raise
     finally:
-        if ours and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _stop)
+        signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGTERM, _stop)
+        came = _drain(read)
+        os.close(read)
+        os.close(write)
+    if signal.SIGTERM in came:
+        _stop(signal.SIGTERM, None)
+
+
+def _drain(fd: int) -> bytes:
+    """What a signal wakeup fd holds: one byte per signal number."""
+    os.set_blocking(fd, False)
+    got = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 512):
+            got += chunk
+    return got
 
 
 def shutdown() -> None:

@@ -166,6 +166,18 @@ def test_stop_signals_interrupt_once_then_restore_the_handlers(sig):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_a_sigterm_that_ray_init_swallows_still_stops():
+    def swallow(signum, frame):  # as Ray's handler does when its SystemExit is raised in a callback
+        pass
+
+    with cluster.stop_signals():
+        with pytest.raises(KeyboardInterrupt), cluster._keep_stop_handler():  # around ray.init
+            signal.signal(signal.SIGTERM, swallow)  # ray.init puts in its own
+            signal.raise_signal(signal.SIGTERM)
+        assert cluster.stop_signal() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is cluster._stop
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cook_whose_ray_is_killed_mid_build_fails_in_bounded_time(store, tmpdir_of_cook):
