@@ -265,7 +265,8 @@ def cook_resources(space: SearchSpace, cpu: float | None = None, gpu: float | No
                    memory_gib: float | None = None) -> CookResources:
     """The space's ``cook.resources`` with any of them overridden (``soup cook --cpus ...``)."""
     given = {k: v for k, v in (("cpu", cpu), ("gpu", gpu), ("memory_gib", memory_gib)) if v is not None}
-    return validate(CookResources, {**space.cook.resources.model_dump(), **given}, "soup cook")
+    return validate(CookResources, {**space.cook.resources.model_dump(), **given},
+                    "cook.resources with --cpus/--gpus/--memory-gib")
 
 
 def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
