@@ -198,7 +198,7 @@ def test_an_incompatible_base_is_refused_naming_the_tensor():
         model_stock_soup(ingredients, {**base, "a.bias": torch.zeros(36)}, log=QUIET)
 
 
-def test_model_stock_recipe_needs_the_base_and_two_ingredients():
+def test_model_stock_recipe_needs_the_base_and_two_ingredients_or_returns_the_one():
     base, ingredients = toy(3)
     assert get_recipe("model-stock").build is cook_model_stock
     assert get_recipe("model-stock").settings(RecipeOptions(strict=True)) == {}
@@ -212,8 +212,11 @@ def test_model_stock_recipe_needs_the_base_and_two_ingredients():
     assert_close(res.state_dict, reference(ingredients, base)[0])
     with pytest.raises(ValueError, match="model-stock needs at least 2 ingredients"):
         model_stock_soup(ingredients[:1], base, log=QUIET)
-    with pytest.raises(ValueError, match="model-stock needs at least 2 ingredients"):
-        cook_model_stock(RecipeInputs(ingredients[:1], ["a"], [0.5], None, None, base=base))
+    said = []  # the cook's recipe with one ingredient left: that ingredient, and a line saying why
+    one = cook_model_stock(RecipeInputs(ingredients[:1], ["a"], [0.5], None, None, log=said.append, base=base))
+    assert one.recipe == "model-stock" and one.kept == [0]
+    assert_close(one.state_dict, ingredients[0])
+    assert said == ["model-stock soup: one ingredient left, no angle between updates: it is that ingredient"]
 
 
 # --- learned-layerwise ---------------------------------------------------------------------------
