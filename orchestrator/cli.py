@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from .config import (LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, parse_yaml,
                      with_overrides)
-from .tables import text_table
+from .tables import text_table, verdict
 
 
 def _fail(command: str, err: Exception | str) -> int:
@@ -131,6 +131,8 @@ def cmd_cook(args) -> int:
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
+    if said := verdict(out.rows):
+        print("\n" + "\n".join(said))
     return 0
 
 
@@ -158,6 +160,8 @@ def cmd_demo(args) -> int:
 
     res = run_demo(args.workdir)
     print("\n" + text_table(_table_rows(res["rows"])))
+    if said := verdict(res["rows"]):
+        print("\n" + "\n".join(said))
     print(f"\ndemo finished in {res['seconds']:.0f}s; registered versions: {res['versions']}")
     print(f"plot:         {res['plot']}")
     print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")

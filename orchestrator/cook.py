@@ -76,6 +76,7 @@ class CookOutcome:
     reused: list[str] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)  # forward passes, bytes, seconds per phase
     where: dict = field(default_factory=dict)  # the build's device, precision, threads
+    singles: list[dict] = field(default_factory=list)  # one row per ingredient cooked, kind "ingredient"
 
 
 @dataclass
@@ -356,7 +357,8 @@ def _sweep_space(tracker: Tracker, parent, sweep_id: str) -> SearchSpace:
 def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> CookOutcome:
     from .plots import soup_figure
 
-    out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where)
+    out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where,
+                      singles=built.singles)
     plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
     out.plot_png = plot.read_bytes()
     by_name = {r["name"]: r for r in built.rows}

@@ -31,3 +31,45 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _points(diff: float) -> str:
+    return f"{diff * 100:+.1f}"
+
+
+def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The cook's table in words: did the greedy soup beat the best individual model in
+    distribution (test) and under shift, by how much, and what to do about it.
+
+    Rows are the cook's (``name``, ``test``, ``shift_mean``); without a greedy soup or a best
+    individual row there is nothing to say and the list is empty.
+    """
+    by = {r["name"]: r for r in rows}
+    soup, best = by.get("greedy soup"), by.get("best individual")
+    if soup is None or best is None:
+        return []
+    d_test, d_shift = soup["test"] - best["test"], soup["shift_mean"] - best["shift_mean"]
+    said = (f"greedy soup vs best individual: {_points(d_test)} points on test "
+            f"({cell(soup['test'])} vs {cell(best['test'])}), {_points(d_shift)} under shift "
+            f"({cell(soup['shift_mean'])} vs {cell(best['shift_mean'])}).")
+    if d_test == 0 and d_shift == 0 and soup.get("heldout") == best.get("heldout"):
+        advice = ("The greedy soup is the best individual model: adding any other ingredient lowered "
+                  "held-out accuracy, so it kept that one alone; promoting either is the same.")
+    elif d_test >= 0 and d_shift > 0:
+        advice = (f"Promote the greedy soup: {_points(d_test)} on test, {_points(d_shift)} under shift, "
+                  "same inference cost as one model.")
+    elif d_test >= 0 and d_shift == 0:
+        advice = (f"The greedy soup matches the best individual under shift and is {_points(d_test)} on "
+                  "test at the same inference cost: promote it if the held-out gate agrees.")
+    elif d_shift > 0:
+        advice = (f"The greedy soup trades {_points(d_test)} on test for {_points(d_shift)} under shift: "
+                  "promote it if shifted data is what production sees, else keep the best individual.")
+    else:
+        advice = (f"Keep the best individual model: the greedy soup is {_points(d_test)} on test and "
+                  f"{_points(d_shift)} under shift in this sweep.")
+    ens = by.get("ensemble")
+    lines = [said, advice]
+    if ens is not None:
+        lines.append(f"(The logit ensemble of every ingredient: {cell(ens['test'])} test, "
+                     f"{cell(ens['shift_mean'])} under shift, at one forward pass per ingredient.)")
+    return lines

@@ -1,0 +1,108 @@
+"""Probe: is a search space in the paper's regime? Measured on the held-out split only.
+
+Choosing a space by the test split would make the test split a second held-out split. This
+probe never evaluates on test or on a shift. For each seed it fine-tunes the space's first N
+sampled configs (``sweep.sample_configs``: what random search with that seed draws) in this
+process, splits the held-out split in two random halves A and B, and measures on B what would
+be chosen on A, then the other way round (the two figures averaged):
+
+- the mean ingredient, and the best individual model by A;
+- the uniform soup of every ingredient (a soup far below its ingredients means they are not in
+  one basin: the paper's first sign of a learning rate that is too high);
+- the greedy soup chosen on A (the cook's rule: best first, keep an ingredient when A's
+  accuracy does not drop), and how many ingredients it keeps;
+- the logit ensemble of every ingredient.
+
+    .venv/bin/python benchmarks/soup_regime.py SPACE.yaml [SPACE.yaml ...] [--seeds 0,1,2] [--n 8]
+
+The fine-tunes are the project's own (``finetune.finetune``), one process, no Ray: the probe
+compares spaces, it does not time a sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator import evaluate
+from orchestrator.config import SearchSpace, load_yaml
+from orchestrator.data import load_task
+from orchestrator.finetune import build_model, finetune
+from orchestrator.soups.weights import weighted_average
+from orchestrator.sweep import sample_configs
+
+
+def _acc(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
+    return evaluate.accuracy_of(logits[idx], labels[idx])
+
+
+def probe(space_path: Path, seed: int, n: int) -> dict:
+    space = load_yaml(SearchSpace, space_path)
+    cfgs = sample_configs(space, n, seed)
+    task = load_task(cfgs[0].data)
+    labels = task.heldout.labels
+    runs = []
+    for i, cfg in enumerate(cfgs):
+        t0 = time.perf_counter()
+        res = finetune(cfg)
+        runs.append(res)
+        print(f"  {space_path.name} seed {seed} trial {i}: held-out {res.heldout_acc:.1%} "
+              f"lr {cfg.train.lr:.2g} ep {cfg.train.epochs} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    model = build_model(cfgs[0], task)
+
+    def soup_logits(states) -> torch.Tensor:
+        model.load_state_dict(weighted_average(states))
+        return evaluate.logits(model, task.heldout)
+
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1000 + seed))
+    halves = (perm[: len(perm) // 2], perm[len(perm) // 2:])
+    out = {"mean ingredient": 0.0, "best individual": 0.0, "uniform soup": 0.0, "greedy soup": 0.0,
+           "ensemble": 0.0, "greedy kept": 0.0}
+    uniform = soup_logits([r.state_dict for r in runs])
+    ens = sum(r.logits["heldout"] for r in runs)  # the cook's ensemble: summed logits
+    for a, b in (halves, halves[::-1]):
+        by_a = sorted(range(n), key=lambda i: -_acc(runs[i].logits["heldout"], labels, a))
+        kept, best_a = [by_a[0]], _acc(runs[by_a[0]].logits["heldout"], labels, a)
+        current = runs[by_a[0]].logits["heldout"]
+        for i in by_a[1:]:
+            lg = soup_logits([runs[j].state_dict for j in kept + [i]])
+            if _acc(lg, labels, a) >= best_a:
+                kept, best_a, current = kept + [i], _acc(lg, labels, a), lg
+        out["mean ingredient"] += sum(_acc(r.logits["heldout"], labels, b) for r in runs) / n / 2
+        out["best individual"] += _acc(runs[by_a[0]].logits["heldout"], labels, b) / 2
+        out["uniform soup"] += _acc(uniform, labels, b) / 2
+        out["greedy soup"] += _acc(current, labels, b) / 2
+        out["ensemble"] += _acc(ens, labels, b) / 2
+        out["greedy kept"] += len(kept) / 2
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("spaces", nargs="+", type=Path)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n", type=int, default=8, help="fine-tunes per seed (default 8)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for space in args.spaces:
+        got = [probe(space, s, args.n) for s in seeds]
+        keys = list(got[0])
+        print(f"{space.name} (seeds {seeds}, {args.n} fine-tunes each; held-out halves, chosen on one, "
+              "measured on the other)")
+        for k in keys:
+            vals = [g[k] for g in got]
+            fmt = (lambda v: f"{v:.1f}") if k == "greedy kept" else (lambda v: f"{100 * v:.1f}")
+            print(f"  {k:16s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
+        d = [g["greedy soup"] - g["best individual"] for g in got]
+        print(f"  greedy - best    mean {100 * sum(d) / len(d):+.2f} points   per seed "
+              f"{' '.join(f'{100 * v:+.1f}' for v in d)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
