@@ -10,7 +10,8 @@ be chosen on A, then the other way round (the two figures averaged):
 - the uniform soup of every ingredient (a soup far below its ingredients means they are not in
   one basin: the paper's first sign of a learning rate that is too high);
 - the greedy soup chosen on A (the cook's rule: best first, keep an ingredient when A's
-  accuracy does not drop), and how many ingredients it keeps;
+  accuracy does not drop), and how many ingredients it keeps; and the same with the reference
+  code's strict rule (keep only when A's accuracy rises: ``soup cook --strict``);
 - the logit ensemble of every ingredient.
 
     .venv/bin/python benchmarks/soup_regime.py SPACE.yaml [SPACE.yaml ...] [--seeds 0,1,2] [--n 8]
@@ -65,20 +66,23 @@ def probe(space_path: Path, seed: int, n: int) -> dict:
            "ensemble": 0.0, "greedy kept": 0.0}
     uniform = soup_logits([r.state_dict for r in runs])
     ens = sum(r.logits["heldout"] for r in runs)  # the cook's ensemble: summed logits
+    out.update({"strict greedy soup": 0.0, "strict greedy kept": 0.0})
     for a, b in (halves, halves[::-1]):
         by_a = sorted(range(n), key=lambda i: -_acc(runs[i].logits["heldout"], labels, a))
-        kept, best_a = [by_a[0]], _acc(runs[by_a[0]].logits["heldout"], labels, a)
-        current = runs[by_a[0]].logits["heldout"]
-        for i in by_a[1:]:
-            lg = soup_logits([runs[j].state_dict for j in kept + [i]])
-            if _acc(lg, labels, a) >= best_a:
-                kept, best_a, current = kept + [i], _acc(lg, labels, a), lg
+        for strict, name in ((False, "greedy"), (True, "strict greedy")):
+            kept, best_a = [by_a[0]], _acc(runs[by_a[0]].logits["heldout"], labels, a)
+            current = runs[by_a[0]].logits["heldout"]
+            for i in by_a[1:]:
+                lg = soup_logits([runs[j].state_dict for j in kept + [i]])
+                got = _acc(lg, labels, a)
+                if got > best_a or (got == best_a and not strict):  # the paper's >=, the reference code's >
+                    kept, best_a, current = kept + [i], got, lg
+            out[f"{name} soup"] += _acc(current, labels, b) / 2
+            out[f"{name} kept"] += len(kept) / 2
         out["mean ingredient"] += sum(_acc(r.logits["heldout"], labels, b) for r in runs) / n / 2
         out["best individual"] += _acc(runs[by_a[0]].logits["heldout"], labels, b) / 2
         out["uniform soup"] += _acc(uniform, labels, b) / 2
-        out["greedy soup"] += _acc(current, labels, b) / 2
         out["ensemble"] += _acc(ens, labels, b) / 2
-        out["greedy kept"] += len(kept) / 2
     return out
 
 
@@ -96,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
               "measured on the other)")
         for k in keys:
             vals = [g[k] for g in got]
-            fmt = (lambda v: f"{v:.1f}") if k == "greedy kept" else (lambda v: f"{100 * v:.1f}")
+            fmt = (lambda v: f"{v:.1f}") if k.endswith("kept") else (lambda v: f"{100 * v:.1f}")
             print(f"  {k:16s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
-        d = [g["greedy soup"] - g["best individual"] for g in got]
-        print(f"  greedy - best    mean {100 * sum(d) / len(d):+.2f} points   per seed "
-              f"{' '.join(f'{100 * v:+.1f}' for v in d)}", flush=True)
+        for name in ("greedy", "strict greedy"):
+            d = [g[f"{name} soup"] - g["best individual"] for g in got]
+            print(f"  {name + ' - best':18s} mean {100 * sum(d) / len(d):+.2f} points   per seed "
+                  f"{' '.join(f'{100 * v:+.1f}' for v in d)}", flush=True)
     return 0
 
 
