@@ -49,7 +49,7 @@ from .soups.recipe import (
 )
 from .soups.stream import scan_file
 from .soups.weights import check_compatible, save_weights
-from .tables import markdown_table
+from .tables import markdown_table, verdict
 from .tracking import (
     CHECKPOINT_PATH,
     FINISHED,
@@ -93,6 +93,7 @@ class CookContext:
     options: RecipeOptions
     tmp: Path
     partial: bool = False  # the sweep had not finished: its soups are tagged partial_sweep
+    names: dict[str, str] = field(default_factory=dict)  # ingredient run id -> its run name
 
 
 @dataclass
@@ -303,7 +304,8 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         excluded.update(built.excluded)
         ctx = CookContext(tracker, target.experiment_id, parent.info.run_id, sweep_id, space, built.used,
                           model_name=target.model_name, options=options, tmp=Path(tmp),
-                          partial=parent.info.status != FINISHED)
+                          partial=parent.info.status != FINISHED,
+                          names={c.run_id: c.name for c in checkpoints})
         out = _log_all(ctx, built, excluded, log)
         _report_cost(ctx, built, log)
         return out
@@ -376,7 +378,46 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
     ctx.tracker.log_text(ctx.parent_run_id, markdown_table(built.rows, _columns(built.rows)),
                          "cook/comparison.md")
     ctx.tracker.log_artifact(ctx.parent_run_id, plot, "cook")
+    ctx.tracker.describe(ctx.parent_run_id, _sweep_description(ctx, built.rows))
+    ctx.tracker.describe_model(ctx.model_name, MODEL_DESCRIPTION.format(name=ctx.model_name))
     return out
+
+
+MODEL_DESCRIPTION = """Model soups: weight averages of CLIP models fine-tuned from one pretrained checkpoint with different hyperparameters (Wortsman et al., 2022).
+
+Each version is one soup cooked from a sweep by `soup cook`. Its description and tags give its recipe (`recipe`), its accuracies (`heldout_acc` is the selection split; `test_acc` and `shift_mean_acc` are for reporting) and its lineage (`sweep_id`, `soup_run_id`, `ingredients`).
+
+Pick a version on held-out accuracy, then point the `champion` alias at it (`soup promote {name} --version N --alias champion`, which refuses a version whose held-out accuracy is below the current champion's, or the UI). Production loads `models:/{name}@champion`."""
+
+
+def _sweep_description(ctx: CookContext, rows: list[dict]) -> str:
+    """The sweep run's description after a cook: its comparison table, the verdict, the plot."""
+    return "\n".join([
+        (f"**Sweep `{ctx.sweep_id}`**, cooked from {len(ctx.run_ids)} trials into registered model "
+         f"`{ctx.model_name}`."), "", markdown_table(rows, _columns(rows)),
+        *(f"- {line}" for line in verdict(rows)), "",
+        # a path relative to the UI's page: a tracking server serves the run's artifact there
+        f"![test against mean shift accuracy](get-artifact?path=cook%2Fsoups.png&run_uuid={ctx.parent_run_id})",
+        "", ("The figure (test against mean shift accuracy, every trial and soup, and the greedy path) "
+             "is `cook/soups.png` in this run's artifacts; the cost of the cook is `cook/cost.txt`.")])
+
+
+def _soup_description(ctx: CookContext, soup: SoupRecord, run_id: str | None = None) -> str:
+    """A soup's description (its run's, and with `run_id` its registered version's): recipe,
+    kept ingredients, its row of the table, and where it comes from."""
+    kept = [ctx.run_ids[i] for i in soup.result.kept]
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(soup.settings.items())) or "defaults"
+    lines = [f"**{soup.recipe} soup** of sweep `{ctx.sweep_id}` (settings: {settings}): "
+             f"{len(kept)} of {len(ctx.run_ids)} ingredients kept"
+             + (" (mixing weights in `soup/coefficients.json`)." if soup.result.coefficients else "."),
+             "", markdown_table([soup.row], [c for c in soup.row if c not in ("kind", "name")]),
+             "Kept ingredients, in the order added:",
+             *(f"- {ctx.names.get(r, r)} (run `{r}`)" for r in kept)]
+    if ctx.partial:
+        lines += ["", "Cooked from a sweep that had not finished (tag `partial_sweep`)."]
+    if run_id:
+        lines += ["", f"Lineage: soup run `{run_id}`, under sweep run `{ctx.parent_run_id}`."]
+    return "\n".join(lines)
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -399,11 +440,13 @@ def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Pa
         concurrency.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
     weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
                            {"recipe": soup.recipe})
-    run_id = existing.info.run_id if existing else _log_soup_run(ctx, soup, weights, plot)
+    run_id, model_id = (existing.info.run_id, None) if existing else _log_soup_run(ctx, soup, weights, plot)
     config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
               "image_size": int(models.arch_config(ctx.space.base.model.arch)["vision_cfg"]["image_size"])}
-    logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example))
-    mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id))
+    logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example),
+                            name=f"{soup.recipe}-soup", model_id=model_id)
+    mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id),
+                       description=_soup_description(ctx, soup, run_id))
     return concurrency.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
                               what, log)
 
@@ -412,10 +455,18 @@ def _version_tags(ctx: CookContext, soup: SoupRecord, run_id: str) -> dict[str, 
     return {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key,
             "soup_run_id": run_id, **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
             **({"partial_sweep": "true"} if ctx.partial else {}),
-            **{f"{k}_acc": f"{v:.4f}" for k, v in soup.row.items() if isinstance(v, float)}}
+            **{metric_key(k): f"{v:.4f}" for k, v in soup.row.items() if isinstance(v, float)}}
 
 
-def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path) -> str:
+def metric_key(column: str) -> str:
+    """A table column as the metric name trials use (``test`` -> ``test_acc``, ``rotate`` ->
+    ``shift_rotate_acc``), so that MLflow charts trials and soups on the same axes."""
+    return f"{column}_acc" if column in ("heldout", "test", "shift_mean") else f"shift_{column}_acc"
+
+
+def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path) -> tuple[str, str]:
+    """The soup's run (FINISHED) and its logged model (PENDING until its files are in): the
+    ingredients' datasets as its inputs, its accuracies as the model's metrics on them."""
     tracker, ids, res = ctx.tracker, ctx.run_ids, soup.result
     rid = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
         "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
@@ -423,9 +474,15 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path)
         concurrency.OWNER_TAG: concurrency.this_owner(),
         **({"partial_sweep": "true"} if ctx.partial else {})},
         parent_run_id=ctx.parent_run_id)
-    tracker.log_params(rid, {"recipe": soup.recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)})
-    tracker.log_metrics(rid, {f"{k}_acc": v for k, v in soup.row.items()
-                              if isinstance(v, float) and not math.isnan(v)})
+    params = {"recipe": soup.recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)}
+    tracker.log_params(rid, params)
+    datasets = tracker.copy_datasets(ids[0], rid)
+    model_id = tracker.create_model(rid, f"{soup.recipe}-soup", {**params, **soup.settings},
+                                    {"soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe})
+    tracker.describe(rid, _soup_description(ctx, soup))
+    tracker.log_metrics(rid, {metric_key(k): v for k, v in soup.row.items()
+                              if isinstance(v, float) and not math.isnan(v)},
+                        model_id=model_id, datasets=datasets)
     for n, step in enumerate(res.steps, start=1):  # the greedy path: accuracy per ingredient tried
         if "heldout_acc" in step:
             tracker.log_metrics(rid, {"soup_heldout_acc": step["heldout_acc"]}, step=n)
@@ -434,7 +491,7 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path)
                      "soup/coefficients.json")
     tracker.log_artifact(rid, plot, "plots")
     tracker.end_run(rid, FINISHED)
-    return rid
+    return rid, model_id
 
 
 __all__ = ["ConfigError", "CookError", "CookOutcome", "cook", "soup_key"]

@@ -287,7 +287,9 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, option
     best = max(range(len(singles)), key=lambda i: singles[i]["heldout"])
     rows += [{**singles[best], "name": "best individual", "kind": "baseline"}] + ensembles
     used = [checkpoints[i].run_id for i in use]
-    inputs = RecipeInputs([paths[i] for i in use], used, [scores[i] for i in use], model,
+    labels = [f"{checkpoints[i].name} ({checkpoints[i].run_id[:8]})" if checkpoints[i].name != checkpoints[i].run_id
+              else checkpoints[i].run_id for i in use]  # progress lines and errors name the trial
+    inputs = RecipeInputs([paths[i] for i in use], labels, [scores[i] for i in use], model,
                           task.heldout, options, meter.log, base=base)
     soups = {}
     for recipe in recipes:

@@ -180,3 +180,17 @@ class TaskData:
     def reporting(self) -> dict[str, Split]:
         """The splits results are reported on: test, then each shift."""
         return {"test": self.test, **self.shifts}
+
+
+def fingerprint(split: Split) -> str:
+    """A short digest of what a split holds (its labels, and its images or image files), so the
+    same data under two names (a held-out split reused as a test split) shows one digest."""
+    import hashlib
+
+    h = hashlib.sha256(split.labels.cpu().numpy().tobytes())
+    if isinstance(split, TensorSplit):
+        h.update(split.images.contiguous().cpu().numpy().tobytes())
+    else:
+        paths = getattr(getattr(split, "dataset", None), "paths", ())
+        h.update("\n".join(map(str, paths)).encode())
+    return h.hexdigest()[:16]

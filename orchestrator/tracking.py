@@ -13,22 +13,40 @@ no fluent "active run" can be relied on.
 from __future__ import annotations
 
 import contextlib
+import functools
+import getpass
 import json
 import os
+import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import mlflow
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+)
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
 CHECKPOINT_PATH = "checkpoint/model.safetensors"
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+DESCRIPTION = "mlflow.note.content"  # the run's, version's or model's description in the UI
+CONTEXT, SPLIT = "mlflow.data.context", "soup.split"  # a dataset input's role and split key
+MODEL_TAG = "logged_model_id"  # a trial run's logged model, created with the run
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -86,6 +104,43 @@ def quoted(value: str) -> str:
     return f"'{value}'"
 
 
+def metric_split(key: str) -> str | None:
+    """The split a metric was measured on: ``heldout_acc`` -> heldout, ``test_acc`` -> test,
+    ``shift_rotate_acc`` or ``rotate_acc`` -> rotate; None for others (a mean over shifts, a loss)."""
+    m = re.fullmatch(r"(?:shift_)?(.+)_acc", key)
+    return None if m is None or m.group(1) in ("mean", "shift_mean") else m.group(1)
+
+
+def model_name(text: str) -> str:
+    """`text` as a logged model's name, which MLflow forbids to hold ``/ : . % " '``:
+    ``t07 lr=3.1e-05 ep=10`` -> ``t07-lr3_1e-05-ep10``."""
+    return re.sub(r"[/:.%\"']", "_", text.replace("=", "").replace(" ", "-")) or "model"
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """The source tags the UI shows for a run: user, and the git commit when this package runs
+    from a git checkout (as MLflow's fluent API sets them)."""
+    tags = {"mlflow.user": _user(), "mlflow.source.type": "JOB", "mlflow.source.name": "orchestrator"}
+    root = _PACKAGE.parent
+    if (root / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=30, check=False)
+            if out.returncode == 0 and out.stdout.strip():
+                tags["mlflow.source.git.commit"] = out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git here: the commit is simply not known
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        return os.environ.get("USER", "unknown")
+
+
 class RegistryError(ValueError):
     """The model registry refused a change; the message is MLflow's reason."""
 
@@ -118,7 +173,7 @@ class Tracker:
 
     def create_run(self, experiment_id: str, name: str, tags: dict[str, str],
                    parent_run_id: str | None = None) -> str:
-        tags = dict(tags)
+        tags = {**source_tags(), **tags}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = retry(lambda: self.client.create_run(experiment_id, tags=tags, run_name=name))
@@ -138,10 +193,70 @@ class Tracker:
         for i in range(0, len(items), 100):
             retry(lambda: self.client.log_batch(run_id, params=items[i:i + 100]))
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0,
+                    model_id: str | None = None,
+                    datasets: Mapping[str, tuple[str, str]] | None = None) -> None:
+        """Log metrics at `step`; with `model_id` they are also the logged model's, each linked to
+        the dataset (name, digest) of its split in `datasets` (`metric_split` names the split)."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        items = []
+        for k, v in metrics.items():
+            name, digest = (datasets or {}).get(metric_split(k) or "", (None, None))
+            items.append(Metric(k, float(v), ts, step, model_id=model_id, dataset_name=name,
+                                dataset_digest=digest, run_id=run_id if model_id else None))
         retry(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def describe(self, run_id: str, text: str) -> None:
+        """Set the run's description (the UI's Description box, ``mlflow.note.content``)."""
+        self.set_tags(run_id, {DESCRIPTION: text})
+
+    # -- datasets and logged models -------------------------------------------------------------
+    def log_datasets(self, run_id: str, splits: Iterable) -> None:
+        """Log each split (`data.SplitInfo`: name, role, split, digest, source, rows) as a dataset
+        input of the run, its role as MLflow's dataset context."""
+        inputs = [DatasetInput(
+            Dataset(s.name, s.digest, "local" if Path(s.source).is_absolute() else "code",
+                    json.dumps({"uri": s.source}), profile=json.dumps({"num_rows": s.rows})),
+            tags=[InputTag(CONTEXT, s.role), InputTag(SPLIT, s.split)]) for s in splits]
+        retry(lambda: self.client.log_inputs(run_id, datasets=inputs))
+
+    def run_datasets(self, run_id: str) -> dict[str, tuple[str, str]]:
+        """Split key -> (dataset name, digest) of the run's dataset inputs."""
+        out = {}
+        for d in retry(lambda: self.client.get_run(run_id)).inputs.dataset_inputs:
+            split = next((t.value for t in d.tags if t.key == SPLIT), None)
+            if split:
+                out[split] = (d.dataset.name, d.dataset.digest)
+        return out
+
+    def copy_datasets(self, from_run: str, to_run: str) -> dict[str, tuple[str, str]]:
+        """Log `from_run`'s dataset inputs on `to_run` too (a soup is measured on its ingredients'
+        splits); returns them as `run_datasets` does."""
+        inputs = list(retry(lambda: self.client.get_run(from_run)).inputs.dataset_inputs)
+        if inputs:
+            retry(lambda: self.client.log_inputs(to_run, datasets=inputs))
+        return self.run_datasets(to_run)
+
+    def create_model(self, run_id: str, name: str, params: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, Any] | None = None) -> str:
+        """A logged model (PENDING) named `name`, produced by run `run_id`; returns its id."""
+        run = retry(lambda: self.client.get_run(run_id))
+        model = retry(lambda: self.client.create_logged_model(
+            run.info.experiment_id, name=model_name(name), source_run_id=run_id,
+            params={k: str(v)[:6000] for k, v in (params or {}).items()},
+            tags={k: str(v) for k, v in (tags or {}).items()}))
+        retry(lambda: self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)]))
+        return model.model_id
+
+    def finish_model(self, model_id: str, status: str = "READY", files: Mapping[str, str] | None = None):
+        """Upload `files` (name -> text) into the logged model's artifacts and mark it `status`
+        (READY, or FAILED for a run that failed)."""
+        if files:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, text in files.items():
+                    (Path(tmp) / name).write_text(text)
+                retry(lambda: self.client.log_model_artifacts(model_id, tmp))
+        return retry(lambda: self.client.finalize_logged_model(model_id, status))
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
@@ -180,6 +295,9 @@ class Tracker:
             if run.info.status != FINISHED:
                 if run.info.status == RUNNING:
                     self.end_run(run.info.run_id, KILLED)
+                if run.data.tags.get(MODEL_TAG):  # its logged model goes with it
+                    with contextlib.suppress(mlflow.exceptions.MlflowException):
+                        self.client.delete_logged_model(run.data.tags[MODEL_TAG])
                 retry(lambda: self.client.delete_run(run.info.run_id))
 
     def delete_run(self, run_id: str) -> None:
@@ -214,6 +332,13 @@ class Tracker:
         except mlflow.exceptions.MlflowException as err:  # e.g. a reserved alias ('latest', 'v3')
             raise RegistryError(err.message) from None
 
+    def describe_model(self, name: str, text: str, version: str | int | None = None) -> None:
+        """Set the description of registered model `name`, or of one of its versions."""
+        if version is None:
+            retry(lambda: self.client.update_registered_model(name, description=text))
+        else:
+            retry(lambda: self.client.update_model_version(name, str(version), description=text))
+
     def set_version_tag(self, name: str, version: str | int, key: str, value: str) -> None:
         retry(lambda: self.client.set_model_version_tag(name, str(version), key, value))
 
@@ -225,12 +350,13 @@ class Tracker:
             return None
 
 
-def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = None) -> None:
+def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = None,
+                     model_id: str | None = None, datasets: Mapping[str, tuple[str, str]] | None = None) -> None:
     """Log a fine-tuning result: final metrics at `step` (default: the epoch count), the checkpoint
     with its sha256, and the logits of every evaluated split (`logitstore`: float16, with the
     labels' digest), which the cook uses instead of scoring the checkpoint again. Held-out
     accuracy is left out when the run logged it per epoch: the last epoch's point is the final
-    value."""
+    value. With `model_id` the final metrics are also the logged model's, on their `datasets`."""
     from safetensors.torch import save_file
 
     from .hashing import file_sha256
@@ -239,7 +365,8 @@ def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = N
     final = result.metrics()
     if result.curves:
         final.pop("heldout_acc")
-    tracker.log_metrics(run_id, final, step=result.config.train.epochs if step is None else step)
+    tracker.log_metrics(run_id, final, step=result.config.train.epochs if step is None else step,
+                        model_id=model_id, datasets=datasets)
     tracker.log_metrics(run_id, {"train_seconds": result.train_seconds})
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / Path(CHECKPOINT_PATH).name
@@ -312,9 +439,10 @@ def read_artifact_text(tracker: Tracker, run_id: str, path: str) -> str:
 
 
 def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, example_png: bytes,
-                   name: str = "model"):
+                   name: str = "model", model_id: str | None = None):
     """Log the soup as a pyfunc built from code (`orchestrator/serving.py`) with its weights, as an
-    MLflow logged model produced by run `run_id`; returns the logged model (`model_id`,
+    MLflow logged model produced by run `run_id` (the PENDING `model_id` made by
+    `Tracker.create_model`, or a new one named `name`); returns the logged model (`model_id`,
     `artifact_location`, `model_uri`).
 
     Only `MlflowClient` calls on this tracker's store (no fluent API, so no process-global
@@ -324,10 +452,9 @@ def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, e
     import pandas as pd
 
     client = tracker.client
-    run = retry(lambda: client.get_run(run_id))
-    model = retry(lambda: client.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params)))
-    retry(lambda: client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)]))
+    if model_id is None:
+        model_id = tracker.create_model(run_id, name, retry(lambda: client.get_run(run_id)).data.params)
+    model = retry(lambda: client.get_logged_model(model_id))
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "soup_config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
@@ -336,14 +463,18 @@ def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, e
         mlflow.pyfunc.save_model(
             str(local), python_model=str(_PACKAGE / "serving.py"), code_paths=[str(_PACKAGE)],
             artifacts={"weights": str(weights), "config": str(cfg_path)},
-            input_example=example, pip_requirements=_requirements(),
-            signature=mlflow.models.infer_signature(
-                example, pd.DataFrame({"label": ["0"], "label_index": [0],
-                                       "probabilities": [[0.1] * len(config["classnames"])]})),
+            input_example=example, pip_requirements=_requirements(), signature=_SIGNATURE,
             mlflow_model=mlflow.models.Model(artifact_path=model.artifact_location, run_id=run_id,
                                              model_uuid=model.model_id, model_id=model.model_id))
         retry(lambda: client.log_model_artifacts(model.model_id, str(local)))
     return retry(lambda: client.finalize_logged_model(model.model_id, "READY"))
+
+
+# declared, not inferred: inferring from an example warns that integer columns cannot hold NaN
+_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.long, "label_index"),
+                    ColSpec(Array(DataType.double), "probabilities")]))
 
 
 def _requirements() -> list[str]:
@@ -354,7 +485,7 @@ def _requirements() -> list[str]:
 
 
 def register_soup(tracker: Tracker, logged_model, model_name: str, run_id: str,
-                  tags: dict[str, Any]):
+                  tags: dict[str, Any], description: str | None = None):
     """Register a logged soup (from `log_soup_model`) as a new version of `model_name` (created if
     new), produced by run `run_id`, with its tags.
 
@@ -375,7 +506,7 @@ def register_soup(tracker: Tracker, logged_model, model_name: str, run_id: str,
         resolve_uri(mlflow.get_tracking_uri()) == tracker.uri
     source = logged_model.model_uri if resolvable else logged_model.artifact_location
     return retry(lambda: client.create_model_version(
-        model_name, source, run_id=run_id,
+        model_name, source, run_id=run_id, description=description,
         tags={k: str(v) for k, v in tags.items()}, model_id=logged_model.model_id))
 
 

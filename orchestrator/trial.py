@@ -18,6 +18,7 @@ This is the way Ray documents Train under Tune (Train V2): the Tune trial functi
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,9 +41,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from .config import FinetuneConfig, validate, with_overrides
 from .hashing import json_sha256
 from .tracking import (
+    CHECKPOINT_PATH,
     FAILED,
     FINISHED,
     KILLED,
+    MODEL_TAG,
     RUNNING,
     Tracker,
     flatten,
@@ -81,6 +84,24 @@ def trial_key(trial_id: str, params: dict[str, Any]) -> str:
     return f"{trial_id.rsplit('_', 1)[-1]}-{digest[:12]}"
 
 
+SHORT_NAMES = {"weight_decay": "wd", "epochs": "ep", "augment": "aug", "mixup_alpha": "mix",
+               "label_smoothing": "ls", "randaug_magnitude": "ram", "randaug_num_ops": "ran",
+               "head_init": "head"}
+
+
+def trial_label(trial_id: str, params: dict[str, Any]) -> str:
+    """A trial's readable name: ``t`` and its index in the sweep, then every searched value in
+    the space's order, under a short name (`SHORT_NAMES`, else the key's last part), floats to
+    two significant digits: ``t07 lr=3.1e-05 wd=0.012 ep=10``."""
+    index = trial_id.rsplit("_", 1)[-1]
+    head = f"t{int(index):02d}" if index.isdigit() else f"t{index}"
+
+    def fmt(v):
+        return f"{v:.2g}" if isinstance(v, float) else str(v)
+    parts = [f"{SHORT_NAMES.get(k.rsplit('.', 1)[-1], k.rsplit('.', 1)[-1])}={fmt(v)}" for k, v in params.items()]
+    return " ".join([head, *parts])
+
+
 def train_name(key: str) -> str:
     """The Ray Train run name of a trial: stable across attempts, so a new driver resumes it."""
     return f"train-{key}"
@@ -101,7 +122,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     if finished:  # logged in full by an earlier attempt that died before Tune heard of it
         tune.report({**finished[0].data.metrics, "epoch": cfg.train.epochs})
         return
-    run_id = _trial_run(tracker, ctx, existing, cfg, trial_id, key)
+    run_id = _trial_run(tracker, ctx, existing, cfg, trial_id, key, params)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
@@ -117,15 +138,25 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         trainer.fit()
     except Exception as err:
         tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"[:5000]})
+        _fail_model(tracker, run_id)
         tracker.end_run(run_id, FAILED)
         raise
     tracker.end_run(run_id, FINISHED)
 
 
+def _fail_model(tracker: Tracker, run_id: str) -> None:
+    """The failed trial's logged model is marked FAILED (the Models view then says so)."""
+    model_id = tracker.client.get_run(run_id).data.tags.get(MODEL_TAG)
+    if model_id:
+        with contextlib.suppress(Exception):  # the error being raised matters more
+            tracker.finish_model(model_id, "FAILED")
+
+
 def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfig, trial_id: str,
-               key: str) -> str:
+               key: str, params: dict[str, Any]) -> str:
     """The trial's MLflow run: an unfinished one holding a checkpoint continues (reopened); any
-    other unfinished run is replaced (a restart from scratch)."""
+    other unfinished run is replaced (a restart from scratch). A new run is named by
+    `trial_label`, described, and gets its logged model (PENDING until the result is in)."""
     resumable = [r for r in existing if r.info.status != FINISHED and CHECKPOINT_TAG in r.data.tags]
     if resumable:
         keep = resumable[0]
@@ -135,13 +166,39 @@ def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfi
         tracker.set_tags(keep.info.run_id, {"trial_id": trial_id})
         return keep.info.run_id
     tracker.discard_stale(existing)
+    label = trial_label(trial_id, params)
     run_id = tracker.create_run(
-        ctx.experiment_id, tune.get_context().get_trial_name(),
+        ctx.experiment_id, label,
         {**ctx.tags, "soup.role": "trial", "sweep_id": ctx.sweep_id, "trial_id": trial_id,
          "trial_key": key, "workers": str(ctx.workers)},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(run_id, flatten(cfg.model_dump()))
+    model_id = tracker.create_model(run_id, label, params,
+                                    {"soup.role": "trial", "sweep_id": ctx.sweep_id})
+    tracker.set_tags(run_id, {MODEL_TAG: model_id})
+    tracker.describe(run_id, describe_trial(label, ctx.sweep_id, ctx.workers, cfg))
     return run_id
+
+
+def describe_trial(label: str, sweep_id: str, workers: int, cfg: FinetuneConfig, result=None,
+                   steps: int | None = None) -> str:
+    """A trial run's description (markdown): what it fine-tunes with which searched values, then,
+    once it has them, its results."""
+    m, t = cfg.model, cfg.train
+    lines = [(f"**Trial {label.split(' ', 1)[0]}** of sweep `{sweep_id}`: fine-tunes `{m.arch}` "
+              f"(pretrained `{m.pretrained}`, head from {m.head_init}) on `{cfg.data.dataset}`."),
+             "", f"Searched values: `{label.split(' ', 1)[-1] if ' ' in label else 'none'}`.",
+             (f"Training: {t.epochs} epochs, global batch {t.batch_size}, lr {t.lr:.3g}, "
+              f"weight decay {t.weight_decay:.3g}, augment {t.augment}; {workers} worker(s).")]
+    if result is None:
+        return "\n".join([*lines, "", "Running: results are added when the trial finishes."])
+    shifts = ", ".join(f"{k} {v:.1%}" for k, v in result.shift_acc.items())
+    return "\n".join([*lines, "",
+                      (f"Held-out (selection) **{result.heldout_acc:.2%}**, test **{result.test_acc:.2%}**, "
+                       f"mean shift **{result.shift_mean:.2%}** ({shifts})."),
+                      (f"Trained {steps} steps in {result.train_seconds:.0f} s. The checkpoint is "
+                       f"`{CHECKPOINT_PATH}` in this run's artifacts (sha256 in tag "
+                       "`checkpoint_sha256`); the cook reads it from there.")])
 
 
 class EndTrialRuns(tune.Callback):
@@ -166,33 +223,39 @@ class EndTrialRuns(tune.Callback):
 
 
 class TrialProgress(tune.Callback):
-    """Driver-side: one line per trial start, reported epoch or checkpoint, and end. Stateless
-    (Tune saves its callbacks with the experiment state), printing to the driver's stdout."""
+    """Driver-side progress on the driver's stdout: one line per trial started and finished (with
+    its held-out accuracy); a reported epoch or checkpoint only with `verbose`, or when the trial
+    has been quiet for `quiet_s` (an epoch of a real sweep takes hours, the tiny world's seconds).
+    Its state is plain numbers: Tune saves its callbacks with the experiment state."""
 
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
+    def __init__(self, verbose: bool = False, quiet_s: float = 60.0):
+        self.verbose, self.quiet_s = verbose, quiet_s
+        self.last: dict[str, float] = {}  # trial id -> when its last line was printed
+
+    def log(self, trial, line: str) -> None:
+        self.last[trial.trial_id] = time.monotonic()
+        print(f"trial {trial_label(trial.trial_id, trial.config)}{line}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id} started: {_short(trial.config)}")
+        self.log(trial, " started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "test_acc" in result:  # the final report: the finish line follows
             return
+        if not self.verbose and time.monotonic() - self.last.get(trial.trial_id, 0.0) < self.quiet_s:
+            return
         if "heldout_acc" in result and "epoch" in result:
-            self.log(f"trial {trial.trial_id}: epoch {result['epoch']:g}, step {result.get('step', 0):g}, "
-                     f"held-out {result['heldout_acc']:.3f}")
+            self.log(trial, f": epoch {result['epoch']:g}, step {result.get('step', 0):g}, "
+                            f"held-out {result['heldout_acc']:.1%}")
         elif "step" in result:
-            self.log(f"trial {trial.trial_id}: checkpoint at step {result['step']:g}")
+            self.log(trial, f": checkpoint at step {result['step']:g}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id} finished")
+        acc = (trial.last_result or {}).get("heldout_acc")
+        self.log(trial, " finished" + (f": held-out {acc:.1%}" if acc is not None else ""))
 
-
-def _short(config: dict) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in sorted(config.items()))
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(trial, " failed (its error is on its MLflow run, tag `error`)")
 
 
 # --- the Ray Train worker ---------------------------------------------------------------------
@@ -210,7 +273,8 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config["cpu"])))
     cfg = validate(FinetuneConfig, config["cfg"])
     tracker = Tracker(config["tracking_uri"]) if dist.lead else None
-    hooks = RayTrainHooks(tracker, config["run_id"], dist)
+    model_id, datasets = _inputs(tracker, config["run_id"], cfg) if dist.lead else (None, {})
+    hooks = RayTrainHooks(tracker, config["run_id"], dist, model_id, datasets)
     checkpoint = ray.train.get_checkpoint()
     nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
     monitor = (system_metrics(Tracker(config["tracking_uri"]), config["run_id"],
@@ -224,7 +288,9 @@ def train_worker(config: dict) -> None:
         run = tracker.client.get_run(config["run_id"])
         if RESULT_TAG not in run.data.tags:
             t_log = time.time()
-            log_trial_result(tracker, config["run_id"], result, step=hooks.last_step)
+            log_trial_result(tracker, config["run_id"], result, step=hooks.last_step,
+                             model_id=model_id, datasets=datasets)
+            _finish(tracker, run, model_id, cfg, result, hooks.last_step, ctx.get_world_size())
             # where the trial's time went, beside train_seconds (benchmarks/sweep_overhead.py)
             times = {"worker_start": t_enter - config["t_driver"], **result.timings,
                      "log_result": time.time() - t_log}
@@ -234,11 +300,44 @@ def train_worker(config: dict) -> None:
     ray.train.report(metrics)
 
 
-class RayTrainHooks:
-    """`finetune.Hooks` over Ray Train (checkpoints) and MLflow (rank 0's metrics, each step once)."""
+def _inputs(tracker: Tracker, run_id: str, cfg: FinetuneConfig) -> tuple[str, dict]:
+    """The trial's logged model id and its splits as datasets (split -> (name, digest)), which
+    are logged as the run's inputs on its first attempt. The task is built here once; `finetune`
+    gets the same object from `data.load_task`'s cache."""
+    from .data import describe, load_task
 
-    def __init__(self, tracker: Tracker | None, run_id: str, dist):
+    run = tracker.client.get_run(run_id)
+    model_id = run.data.tags.get(MODEL_TAG)
+    if not model_id:  # a run from before trials had logged models, resumed
+        model_id = tracker.create_model(run_id, run.info.run_name, {"soup.role": "trial"})
+        tracker.set_tags(run_id, {MODEL_TAG: model_id})
+    splits = describe(cfg.data, load_task(cfg.data))
+    if not run.inputs.dataset_inputs:
+        tracker.log_datasets(run_id, splits)
+    return model_id, {s.split: (s.name, s.digest) for s in splits}
+
+
+def _finish(tracker: Tracker, run, model_id: str, cfg: FinetuneConfig, result, steps: int,
+            workers: int) -> None:
+    """The trial's description gets its results; its logged model becomes READY, holding where
+    the checkpoint is (the weights stay in the run's artifacts, the one copy the cook reads)."""
+    tags = run.data.tags
+    tracker.describe(run.info.run_id, describe_trial(run.info.run_name, tags.get("sweep_id", ""), workers,
+                                                     cfg, result, steps))
+    sha = tracker.client.get_run(run.info.run_id).data.tags.get("checkpoint_sha256", "")
+    pointer = {"run_id": run.info.run_id, "artifact_path": CHECKPOINT_PATH, "sha256": sha,
+               "uri": f"runs:/{run.info.run_id}/{CHECKPOINT_PATH}", "arch": cfg.model.arch}
+    tracker.finish_model(model_id, "READY", {"checkpoint.json": json.dumps(pointer, indent=1)})
+
+
+class RayTrainHooks:
+    """`finetune.Hooks` over Ray Train (checkpoints) and MLflow (rank 0's metrics, each step once;
+    held-out accuracy per epoch also as the logged model's, on the held-out dataset)."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str, dist, model_id: str | None = None,
+                 datasets: dict | None = None):
         self.tracker, self.run_id, self.dist = tracker, run_id, dist
+        self.model_id, self.datasets = model_id, datasets or {}
         self.folder: Path | None = None
         self.last_step = 0
         self.logged = -1  # the highest step an earlier attempt logged
@@ -285,8 +384,10 @@ class RayTrainHooks:
 
     def end_epoch(self, row: dict) -> None:
         if not self._epoch_logged(row["epoch"]):
+            # one batch: a kill cannot leave the epoch marked logged without its accuracy
             self.tracker.log_metrics(self.run_id, {"epoch": row["epoch"], METRIC: row[METRIC],
-                                                   "epoch_train_loss": row["train_loss"]}, step=row["step"])
+                                                   "epoch_train_loss": row["train_loss"]}, step=row["step"],
+                                     model_id=self.model_id, datasets=self.datasets)
 
     def _epoch_logged(self, epoch: int) -> bool:
         return any(m.value == epoch for m in self.tracker.client.get_metric_history(self.run_id, "epoch"))

@@ -43,8 +43,8 @@ class RecipeOptions:
 class RecipeInputs:
     """Everything a recipe may use, one object for every recipe.
 
-    `ingredients` are safetensors paths (or in-memory state dicts), named by `names` (run ids in
-    the cook) and scored by `scores` (their individual held-out accuracies, for ranking).
+    `ingredients` are safetensors paths (or in-memory state dicts), named by `names` (in the cook,
+    each trial's run name and run id prefix) and scored by `scores` (their individual held-out accuracies, for ranking).
     `model` gives the architecture and device (its own weights are not an ingredient);
     `heldout` is the selection split (anything with ``batches``, ``tensors`` and ``labels``).
     `base` is the weights every ingredient was fine-tuned from (the pretrained classifier with

@@ -1,0 +1,52 @@
+"""List an experiment's logged models, trials and soups together, ranked by held-out accuracy,
+each with the datasets its figures were measured on. Only `MlflowClient`: run it against any store.
+
+    MLFLOW_TRACKING_URI=sqlite:///DIR/mlflow.db python examples/rank_models.py [EXPERIMENT]
+"""
+
+import sys
+
+from mlflow.tracking import MlflowClient
+
+
+def ranked(client: MlflowClient, experiment: str) -> list:
+    """The experiment's logged models, best held-out accuracy first (every page)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        sys.exit(f"no experiment {experiment!r} in {client.tracking_uri}")
+    models, token = [], None
+    while True:
+        page = client.search_logged_models(
+            [exp.experiment_id], order_by=[{"field_name": "metrics.heldout_acc", "ascending": False}],
+            page_token=token)
+        models += page
+        token = page.token
+        if not token:
+            return models
+
+
+def main(experiment: str = "tiny-digits") -> None:
+    client = MlflowClient()
+    print(f"{'model':<44} {'kind':<6} {'held-out':>8} {'test':>6} {'shift':>6}  datasets")
+    for m in ranked(client, experiment):
+        latest = {}
+        for metric in sorted(m.metrics or [], key=lambda x: (x.timestamp, x.step)):
+            latest[metric.key] = metric
+        def acc(key):
+            return f"{latest[key].value:.1%}" if key in latest else "-"
+        print(f"{m.name:<44} {m.tags.get('soup.role', '?'):<6} {acc('heldout_acc'):>8} "
+              f"{acc('test_acc'):>6} {acc('shift_mean_acc'):>6}  {datasets(m)}")
+
+
+def datasets(model) -> str:
+    """The names of the datasets the model's metrics were measured on, in the order first seen
+    (held-out first), their common prefix said once: ``tiny_digits/{heldout,test,rotate}``."""
+    names = list(dict.fromkeys(x.dataset_name for x in model.metrics or [] if x.dataset_name))
+    prefixes = {n.rpartition("/")[0] for n in names}
+    if len(prefixes) == 1 and "/" in names[0]:
+        return f"{prefixes.pop()}/{{{','.join(n.rpartition('/')[2] for n in names)}}}"
+    return ", ".join(names)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
