@@ -21,6 +21,7 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -460,14 +461,21 @@ def log_soup_model(tracker: Tracker, run_id: str, weights: Path, config: dict, e
         cfg_path.write_text(json.dumps(config, indent=2))
         example = pd.DataFrame({"image": [example_png]})
         local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(local), python_model=str(_PACKAGE / "serving.py"), code_paths=[str(_PACKAGE)],
-            artifacts={"weights": str(weights), "config": str(cfg_path)},
-            input_example=example, pip_requirements=_requirements(), signature=_SIGNATURE,
-            mlflow_model=mlflow.models.Model(artifact_path=model.artifact_location, run_id=run_id,
-                                             model_uuid=model.model_id, model_id=model.model_id))
+        with warnings.catch_warnings():  # MLflow's input-example code trips a pandas deprecation
+            warnings.filterwarnings("ignore", message="Operation with range is deprecated", module=r"mlflow\.")
+            _save_pyfunc(local, weights, cfg_path, example, model, run_id)
         retry(lambda: client.log_model_artifacts(model.model_id, str(local)))
     return retry(lambda: client.finalize_logged_model(model.model_id, "READY"))
+
+
+def _save_pyfunc(local: Path, weights: Path, cfg_path: Path, example, model, run_id: str) -> None:
+    """The soup as a pyfunc from code, saved in `local` for the logged `model` of run `run_id`."""
+    mlflow.pyfunc.save_model(
+        str(local), python_model=str(_PACKAGE / "serving.py"), code_paths=[str(_PACKAGE)],
+        artifacts={"weights": str(weights), "config": str(cfg_path)},
+        input_example=example, pip_requirements=_requirements(), signature=_SIGNATURE,
+        mlflow_model=mlflow.models.Model(artifact_path=model.artifact_location, run_id=run_id,
+                                         model_uuid=model.model_id, model_id=model.model_id))
 
 
 # declared, not inferred: inferring from an example warns that integer columns cannot hold NaN
