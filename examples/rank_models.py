@@ -29,13 +29,10 @@ def main(experiment: str = "tiny-digits") -> None:
     client = MlflowClient()
     print(f"{'model':<44} {'kind':<6} {'held-out':>8} {'test':>6} {'shift':>6}  datasets")
     for m in ranked(client, experiment):
-        latest = {}
-        for metric in sorted(m.metrics or [], key=lambda x: (x.timestamp, x.step)):
-            latest[metric.key] = metric
-        def acc(key):
-            return f"{latest[key].value:.1%}" if key in latest else "-"
-        print(f"{m.name:<44} {m.tags.get('soup.role', '?'):<6} {acc('heldout_acc'):>8} "
-              f"{acc('test_acc'):>6} {acc('shift_mean_acc'):>6}  {datasets(m)}")
+        latest = {x.key: x.value for x in sorted(m.metrics or [], key=lambda x: (x.timestamp, x.step))}
+        acc = [f"{latest[k]:.1%}" if k in latest else "-" for k in ("heldout_acc", "test_acc", "shift_mean_acc")]
+        print(f"{m.name:<44} {m.tags.get('soup.role', '?'):<6} {acc[0]:>8} {acc[1]:>6} {acc[2]:>6}  "
+              f"{datasets(m)}")
 
 
 def datasets(model) -> str:

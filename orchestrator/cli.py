@@ -84,12 +84,20 @@ def cmd_pair(args) -> int:
     return 0
 
 
+def _detail(args, command: str):
+    """The block whose detail goes to the log file (`cluster.detail_to`); none with --verbose."""
+    from . import cluster
+
+    return cluster.detail_to(None if args.verbose else args.log_file or cluster.default_log_file(command))
+
+
 def cmd_sweep(args) -> int:
     from .sweep import SweepInterrupted, run_sweep
 
     _store(write=True, must_exist=False)  # a sweep starts a new store or logs to an existing one
     try:
-        out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
+        with _detail(args, "sweep"):
+            out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
     except SweepInterrupted as err:
         print(f"soup sweep: {err}", file=sys.stderr)
         return 128 + signal.Signals[err.signal_name].value  # as a shell reports death by signal
@@ -125,9 +133,10 @@ def cmd_cook(args) -> int:
         return _cook_plan(args, recipes, resources)
     _store(write=True)
     try:
-        out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
-                   strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
-                   partial=args.partial, resources=resources)
+        with _detail(args, "cook"):
+            out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
+                       strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
+                       partial=args.partial, resources=resources)
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
@@ -158,7 +167,7 @@ def _table_rows(rows: list[dict]) -> list[dict]:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    res = run_demo(args.workdir)
+    res = run_demo(args.workdir, **({"space": args.space} if args.space else {}), verbose=args.verbose)
     print("\n" + text_table(_table_rows(res["rows"])))
     if said := verdict(res["rows"]):
         print("\n" + "\n".join(said))
@@ -166,6 +175,8 @@ def cmd_demo(args) -> int:
     print(f"plot:         {res['plot']}")
     print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
     print(f"open the UI:  mlflow ui --backend-store-uri {res['uri']} --host 127.0.0.1 --port 5000")
+    if res["log"]:
+        print(f"detail log:   {res['log']}")
     return 0
 
 
@@ -237,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="sweep id (default: <space>-<timestamp>); needed with --resume")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     sp.add_argument("--storage-path", help="where Tune keeps its state (overrides the YAML)")
+    _output_options(sp, "sweep")
     sp = add("cook", cmd_cook, "Build, evaluate, log and register the soups of a finished sweep.")
     sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
     sp.add_argument("--recipes", help=_recipes_help())
@@ -255,8 +267,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--partial", action="store_true",
                     help="cook a sweep that has not finished (running, interrupted or failed) from "
                          "the trials finished so far; its versions are tagged partial_sweep=true")
+    _output_options(sp, "cook")
     sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
+    sp.add_argument("--space", help="search-space YAML to sweep (default: search_spaces/tiny_digits.yaml)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="show everything Ray, Tune and the workers print (by default it goes to "
+                         "<workdir>/soup.log, and the terminal shows the trials, the cook and the table)")
     sp = add("promote", cmd_promote, "Move a registry alias to a version, behind a held-out gate.")
     sp.add_argument("model", help="registered model name, e.g. tiny-digits-soup")
     sp.add_argument("--version", required=True)
@@ -270,6 +287,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=3000)
     sp.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _output_options(sp, command: str) -> None:
+    shown = {"sweep": "each trial's start and end", "cook": "the cook's progress and its table"}[command]
+    out = sp.add_mutually_exclusive_group()
+    out.add_argument("--verbose", action="store_true",
+                     help="show everything Ray, Tune and the workers print (Tune's status tables, "
+                          "Ray Train's reports, worker logs) on the terminal, with no log file")
+    out.add_argument("--log-file", metavar="PATH",
+                     help=f"without --verbose that detail goes to this file, named on the terminal first, "
+                          f"and the terminal shows {shown} (default: a new file "
+                          f"~/.local/state/soup/logs/{command}-<time>-<pid>.log, or under "
+                          "$XDG_STATE_HOME/soup/logs if that is set)")
 
 
 @contextlib.contextmanager

@@ -26,8 +26,13 @@ def hermetic_env(workdir: Path) -> dict[str, str]:
 
 
 def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
-             log: Callable[[str], None] = print) -> dict:
-    """Sweep `space`, cook it, and return the table, the plot and the store's location."""
+             log: Callable[[str], None] = print, verbose: bool = False) -> dict:
+    """Sweep `space`, cook it, and return the table, the plot, the store's location and the log.
+
+    The terminal shows the demo's own lines (each trial's start and end, the cook's progress);
+    the detail (Ray's worker output, Ray Train's and Tune's lines) goes to ``<workdir>/soup.log``,
+    named on the terminal first (`cluster.detail_to`). With `verbose` it all shows, as Ray prints it,
+    and there is no log file."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="soup-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))
@@ -36,13 +41,16 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
     from .cook import cook
     from .sweep import run_sweep
 
+    log_file = None if verbose else workdir / "soup.log"
     t0 = time.perf_counter()
-    try:
-        out = run_sweep(space, name="demo", storage_path=str(workdir / "ray_results"), log=log)
-        cooked = cook(out.sweep_id, log=log)
-    finally:
-        cluster.shutdown()
+    with cluster.detail_to(log_file):
+        try:
+            out = run_sweep(space, name="demo", storage_path=str(workdir / "ray_results"), log=log)
+            cooked = cook(out.sweep_id, log=log)
+        finally:
+            cluster.shutdown()
     plot = workdir / "soups.png"
     plot.write_bytes(cooked.plot_png)
     return {"rows": cooked.rows, "plot": str(plot), "workdir": str(workdir), "versions": cooked.versions,
-            "uri": os.environ["MLFLOW_TRACKING_URI"], "seconds": time.perf_counter() - t0}
+            "uri": os.environ["MLFLOW_TRACKING_URI"], "seconds": time.perf_counter() - t0,
+            "log": str(log_file) if log_file else None}

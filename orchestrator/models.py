@@ -6,7 +6,10 @@ dict holds only ``visual.*`` and ``head.*`` tensors: that is what gets fine-tune
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 from pathlib import Path
 
 import open_clip
@@ -61,10 +64,41 @@ def build_clip(cfg: ModelConfig, pretrained_weights: bool = True) -> tuple[nn.Mo
     register_tiny_arch()
     pretrained = resolve_pretrained(cfg.pretrained) if pretrained_weights else None
     force_pp = TINY_PREPROCESS if cfg.arch == TINY_ARCH else None
-    model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=pretrained_weights,
-                                   force_preprocess_cfg=force_pp)
+    unwanted = _no_weights_wanted(cfg.arch) if not pretrained_weights else contextlib.nullcontext()
+    with unwanted:
+        model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=pretrained_weights,
+                                       force_preprocess_cfg=force_pp)
     model.eval()
     return model, open_clip.get_tokenizer(cfg.arch)
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's warning that `arch` was "initialized randomly", logged by this thread."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        self.message = f"No pretrained weights loaded for model '{arch}'. Model initialized randomly."
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and record.levelno == logging.WARNING
+                    and record.getMessage() == self.message)
+
+
+@contextlib.contextmanager
+def _no_weights_wanted(arch: str):
+    """Around ``open_clip.create_model(..., load_weights=False)``: open_clip (3.x) offers no way to
+    say that no weights are wanted and warns that none were loaded; here that is the request
+    (the caller loads its own weights next, or trains from scratch), so that one warning, for
+    this architecture and from this thread, is dropped while the call runs. open_clip logs it
+    with ``logging.warning``: on the root logger, where the filter sits, and from nowhere else."""
+    root = logging.getLogger()
+    notice = _RandomInitNotice(arch)
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 @torch.no_grad()

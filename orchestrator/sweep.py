@@ -44,7 +44,14 @@ from .tracking import (
     locate_sweep,
     searchable,
 )
-from .trial import METRIC, EndTrialRuns, TrialContext, TrialProgress, run_trial
+from .trial import (
+    METRIC,
+    EndTrialRuns,
+    TrialContext,
+    TrialProgress,
+    run_trial,
+    trial_label,
+)
 
 # --- search space -----------------------------------------------------------------------------
 
@@ -202,7 +209,19 @@ def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, spa
     tracker.log_text(run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False),
                      "space/resolved_config.yaml")
     tracker.log_params(run_id, {f"sweep.{k}": v for k, v in flatten(space.sweep.model_dump()).items()})
+    tracker.describe(run_id, _sweep_description(sweep_id, space, space_path))
     return run_id
+
+
+def _sweep_description(sweep_id: str, space: SearchSpace, space_path: Path) -> str:
+    """The sweep run's description until a cook replaces it with the comparison table."""
+    m, s = space.base.model, space.sweep
+    searched = ", ".join(f"`{k}`" for k in space.search) or "nothing"
+    return "\n".join([
+        f"**Sweep `{sweep_id}`** of space `{space_path.name}`: {s.num_samples} samples of `{m.arch}` "
+        f"(pretrained `{m.pretrained}`) fine-tuned on `{space.base.data.dataset}`, searching {searched}.",
+        "", f"Its trials are the nested runs below it. Cook it with `soup cook --sweep {sweep_id}`: "
+        "the comparison of its soups with the best trial and the ensemble then replaces this text."])
 
 
 def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
@@ -328,7 +347,8 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base.model_dump(mode="json"), tags,
                        storage=storage, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
                        max_failures=space.sweep.max_failures)
-    _tuner(space, ctx, storage, resume).fit()
+    with _tune_silent(cluster.detail_log() is not None):
+        _tuner(space, ctx, storage, resume).fit()
     if _STOP.get("signal"):  # Tune stopped on it and saved its state: resumable
         raise SweepInterrupted(sweep_id, _STOP["signal"], space_path)
     finished = len(tracker.trial_runs(exp_id, sweep_id, FINISHED))
@@ -343,16 +363,98 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
 DRIVER_BUNDLE = {"cpu": 0, "memory": 64 * 2**20}
 
 
+@contextlib.contextmanager
+def _tune_silent(quiet: bool):
+    """Around ``Tuner.fit()`` inside `cluster.detail_to`: Tune's documented ``verbose=0`` is
+    silent in its legacy output engine, while Ray 2.x's new engine still prints an experiment
+    header (a table and two lines) at any verbosity; the documented switch
+    ``RAY_AIR_NEW_OUTPUT=0``, which Tune reads when `fit` starts, picks the legacy engine for
+    this run only. A value the user set is left as it is."""
+    key = "RAY_AIR_NEW_OUTPUT"
+    if not quiet or key in os.environ:
+        yield
+        return
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_BUNDLE)
     exp_path = f"{storage}/{ctx.sweep_id}"
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
+    # Inside `cluster.detail_to` Tune draws no status tables (verbose=0: its documented silent
+    # mode); `TrialDetail` writes its events to the detail log instead. A resumed sweep keeps the
+    # verbosity and callbacks it was started with: Tune restores its RunConfig, and offers no
+    # public way to change them.
+    quiet = cluster.detail_log() is not None
     return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
                       run_config=tune.RunConfig(
-                          name=ctx.sweep_id, storage_path=storage,
-                          callbacks=[EndTrialRuns(ctx), TrialProgress(), StopSignals()],
+                          name=ctx.sweep_id, storage_path=storage, verbose=0 if quiet else None,
+                          callbacks=[EndTrialRuns(ctx), TrialProgress(verbose=not quiet), StopSignals(),
+                                     *([TrialDetail()] if quiet else [])],
                           failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
+
+
+class TrialDetail(tune.Callback):
+    """Driver-side, when Tune draws no tables: each trial's config, results and end go to the
+    detail log (`cluster.note`), and a trial's error also to the terminal, with where its
+    traceback and the log are. Stateless (Tune saves its callbacks with the experiment state)."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cluster.note(f"{_name(trial)} started in {trial.path}: config {trial.config}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in sorted(result.items()) if isinstance(v, (int, float)) and k != "pid"}
+        cluster.note(f"{_name(trial)} result: {metrics}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        cluster.note(f"{_name(trial)} complete")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._failed(trial, "failed, retried (sweep.max_failures)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._failed(trial, "error")
+
+    def on_experiment_end(self, trials, **info):
+        cluster.note("Tune's trials at the end:\n" + "\n".join(
+            f"  {_name(t)} {t.status:<10} {_metric(t)}  {t.config}" for t in trials))
+
+    @staticmethod
+    def _failed(trial, what: str) -> None:
+        error, where = _error(trial)
+        cluster.note(f"{_name(trial)} {what}:\n{error}")
+        last = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "")
+        log = cluster.detail_log()
+        print(f"trial {trial_label(trial.trial_id, {})} {what}: {last[:300] or 'no error text'} "
+              f"(traceback: {where}{f'; detail: {log}' if log else ''})", flush=True)
+
+
+def _error(trial) -> tuple[str, str]:
+    """The traceback Tune wrote for a failed trial, and where it stays: ``error.txt`` in the trial's
+    folder of the sweep's storage. Read from the driver's staging copy, which Tune writes before
+    calling back (the storage copy follows at its next sync), else from the storage."""
+    local = trial.error_file
+    if local and os.path.isfile(local):
+        with open(local, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    else:
+        text = str(trial.get_error() or "")
+    return text, f"{trial.path}/{os.path.basename(local)}" if local else str(trial.path)
+
+
+def _name(trial) -> str:
+    """``trial t07 (6a1f2_00007)``: the terminal's name of a trial, then Tune's."""
+    return f"trial {trial_label(trial.trial_id, {})} ({trial.trial_id})"
+
+
+def _metric(trial) -> str:
+    value = (trial.last_result or {}).get(METRIC)
+    return f"{METRIC}={value:.4f}" if isinstance(value, float) else f"{METRIC}=-"
 
 
 def _end_sweep(tracker: Tracker, exp_id: str, sweep_id: str, err: BaseException) -> None:

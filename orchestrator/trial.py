@@ -225,10 +225,11 @@ class EndTrialRuns(tune.Callback):
 class TrialProgress(tune.Callback):
     """Driver-side progress on the driver's stdout: one line per trial started and finished (with
     its held-out accuracy); a reported epoch or checkpoint only with `verbose`, or when the trial
-    has been quiet for `quiet_s` (an epoch of a real sweep takes hours, the tiny world's seconds).
+    has been quiet for `quiet_s` (an epoch of a real sweep takes hours, the tiny world's seconds;
+    a trial that also reports errors prints them through `sweep.TrialDetail`).
     Its state is plain numbers: Tune saves its callbacks with the experiment state."""
 
-    def __init__(self, verbose: bool = False, quiet_s: float = 60.0):
+    def __init__(self, verbose: bool = False, quiet_s: float = 300.0):
         self.verbose, self.quiet_s = verbose, quiet_s
         self.last: dict[str, float] = {}  # trial id -> when its last line was printed
 
@@ -253,9 +254,6 @@ class TrialProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         acc = (trial.last_result or {}).get("heldout_acc")
         self.log(trial, " finished" + (f": held-out {acc:.1%}" if acc is not None else ""))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(trial, " failed (its error is on its MLflow run, tag `error`)")
 
 
 # --- the Ray Train worker ---------------------------------------------------------------------

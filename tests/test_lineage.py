@@ -51,7 +51,7 @@ def test_every_trial_and_soup_run_is_described_and_has_its_datasets(cooked):
         name = run.info.run_name
         assert run.data.tags.get(DESCRIPTION, "").strip(), f"{name}: no description"
         inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
-        contexts = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0] for d in inputs.values()}
+        contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in inputs.values()}
         assert {"tiny_digits/heldout", "tiny_digits/test", "tiny_digits/rotate",
                 "tiny_digits/rendered"} <= set(inputs), (name, sorted(inputs))
         assert {"heldout", "test", "shift"} <= contexts, (name, contexts)
