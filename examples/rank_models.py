@@ -26,13 +26,15 @@ def ranked(client: MlflowClient, experiment: str) -> list:
 
 
 def main(experiment: str = "tiny-digits") -> None:
-    client = MlflowClient()
-    print(f"{'model':<44} {'kind':<6} {'held-out':>8} {'test':>6} {'shift':>6}  datasets")
-    for m in ranked(client, experiment):
+    rows = []
+    for m in ranked(MlflowClient(), experiment):
         latest = {x.key: x.value for x in sorted(m.metrics or [], key=lambda x: (x.timestamp, x.step))}
-        acc = [f"{latest[k]:.1%}" if k in latest else "-" for k in ("heldout_acc", "test_acc", "shift_mean_acc")]
-        print(f"{m.name:<44} {m.tags.get('soup.role', '?'):<6} {acc[0]:>8} {acc[1]:>6} {acc[2]:>6}  "
-              f"{datasets(m)}")
+        accs = [f"{latest[k]:.1%}" if k in latest else "-" for k in ("heldout_acc", "test_acc", "shift_mean_acc")]
+        rows.append([m.name, m.tags.get("soup.role", "?"), *accs, datasets(m)])
+    width = max([len("model"), *(len(r[0]) for r in rows)])
+    print(f"{'model':<{width}} {'kind':<5} {'held-out':>8} {'test':>6} {'shift':>6}  datasets")
+    for name, kind, heldout, test, shift, data in rows:
+        print(f"{name:<{width}} {kind:<5} {heldout:>8} {test:>6} {shift:>6}  {data}")
 
 
 def datasets(model) -> str:

@@ -117,25 +117,33 @@ def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict,
                      log: Callable[[str], None]) -> tuple[list[TrialCheckpoint], dict[str, str]]:
     """Download and check every finished trial; exclude (and name) any run that fails a check.
 
-    One checkpoint at a time, streamed: memory does not grow with the number of runs.
+    One checkpoint at a time, streamed: memory does not grow with the number of runs. A progress
+    line every `PROGRESS_EVERY_S` seconds and at the end.
     """
     good: list[TrialCheckpoint] = []
     excluded: dict[str, str] = {}
-    start = time.perf_counter()
+    start = shown = time.perf_counter()
+    size, with_logits = 0.0, 0
     for k, run in enumerate(runs, start=1):
         rid, tags = run.info.run_id, run.data.tags
         path, reason = _check_run(tracker, rid, tags, parent_tags, reference, tmp)
         if reason:
             excluded[rid] = reason
             log(f"excluded run {rid} ({tags.get('mlflow.runName', '')}): {reason}")
-            continue
-        logits = _fetch_logits(tracker, rid, tags, tmp, log)
-        log(f"fetch and check: {k}/{len(runs)} trials, {_mib(path, logits):.1f} MiB "
-            f"({'with' if logits else 'without'} logits), {time.perf_counter() - start:.1f} s")
-        good.append(TrialCheckpoint(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
-                                    path, tags["checkpoint_sha256"], logits,
-                                    tags.get(SHA_TAG) if logits else None))
+        else:
+            logits = _fetch_logits(tracker, rid, tags, tmp, log)
+            size, with_logits = size + _mib(path, logits), with_logits + bool(logits)
+            good.append(TrialCheckpoint(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
+                                        path, tags["checkpoint_sha256"], logits,
+                                        tags.get(SHA_TAG) if logits else None))
+        if k == len(runs) or time.perf_counter() - shown >= PROGRESS_EVERY_S:  # progress, not a list
+            shown = time.perf_counter()
+            log(f"fetch and check: {k}/{len(runs)} trials, {size:.1f} MiB ({with_logits} with logits), "
+                f"{shown - start:.1f} s")
     return good, excluded
+
+
+PROGRESS_EVERY_S = 10.0
 
 
 def _mib(*paths: Path | None) -> float:

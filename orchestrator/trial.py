@@ -90,15 +90,23 @@ SHORT_NAMES = {"weight_decay": "wd", "epochs": "ep", "augment": "aug", "mixup_al
 
 
 def trial_label(trial_id: str, params: dict[str, Any]) -> str:
-    """A trial's readable name: ``t`` and its index in the sweep, then every searched value in
-    the space's order, under a short name (`SHORT_NAMES`, else the key's last part), floats to
-    two significant digits: ``t07 lr=3.1e-05 wd=0.012 ep=10``."""
+    """A trial's readable name: ``t`` and its index in the sweep, then its searched values in the
+    space's order, under a short name (`SHORT_NAMES`, else the key's last part), floats to two
+    significant digits: ``t07 lr=3.1e-05 wd=0.012 ep=10``. Left out, as they say nothing to a
+    reader: the seed (unless it is all that is searched) and RandAugment's settings of a trial
+    that does not use RandAugment."""
     index = trial_id.rsplit("_", 1)[-1]
     head = f"t{int(index):02d}" if index.isdigit() else f"t{index}"
 
     def fmt(v):
         return f"{v:.2g}" if isinstance(v, float) else str(v)
-    parts = [f"{SHORT_NAMES.get(k.rsplit('.', 1)[-1], k.rsplit('.', 1)[-1])}={fmt(v)}" for k, v in params.items()]
+
+    def shown(key: str) -> bool:
+        if key == "train.seed":
+            return len(params) == 1
+        return not (key.startswith("train.randaug_") and params.get("train.augment", "randaugment") != "randaugment")
+    parts = [f"{SHORT_NAMES.get(k.rsplit('.', 1)[-1], k.rsplit('.', 1)[-1])}={fmt(v)}"
+             for k, v in params.items() if shown(k)]
     return " ".join([head, *parts])
 
 

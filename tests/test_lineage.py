@@ -22,6 +22,10 @@ def test_trial_label_is_index_then_searched_values_in_order():
               "train.augment": "none", "model.head_init": "zeroshot"}
     assert trial_label("91e50_00007", params) == "t07 lr=3.1e-05 wd=0.012 ep=10 aug=none head=zeroshot"
     assert trial_label("91e50_00123", {}) == "t123"
+    rand = {"train.augment": "randaugment", "train.randaug_magnitude": 9, "train.seed": 4}
+    assert trial_label("x_00001", rand) == "t01 aug=randaugment ram=9"
+    assert trial_label("x_00001", {**rand, "train.augment": "light"}) == "t01 aug=light"
+    assert trial_label("x_00002", {"train.seed": 4}) == "t02 seed=4"
 
 
 def test_logged_model_names_drop_what_mlflow_forbids():
