@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -302,19 +301,12 @@ def _output_options(sp, command: str) -> None:
                           "$XDG_STATE_HOME/soup/logs if that is set)")
 
 
-@contextlib.contextmanager
 def _no_artifact_progress_bars():
     """MLflow draws a progress bar on stderr for every artifact download, which would bury the
     one-line error of a refused command; set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true to see them."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
+    from .cluster import env_default
+
+    return env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

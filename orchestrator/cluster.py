@@ -557,3 +557,18 @@ def default_log_file(command: str) -> Path:
     the time and the process."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state, "soup", "logs", f"{command}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log")
+
+
+@contextlib.contextmanager
+def env_default(key: str, value: str, when: bool = True) -> Iterator[None]:
+    """Inside the block, environment variable `key` is `value` (when `when`), unless the user set
+    it: for documented switches that Ray or MLflow read when they start a piece of work."""
+    if not when or key in os.environ:
+        yield
+        return
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+

@@ -218,10 +218,10 @@ def _sweep_description(sweep_id: str, space: SearchSpace, space_path: Path) -> s
     m, s = space.base.model, space.sweep
     searched = ", ".join(f"`{k}`" for k in space.search) or "nothing"
     return "\n".join([
-        f"**Sweep `{sweep_id}`** of space `{space_path.name}`: {s.num_samples} samples of `{m.arch}` "
-        f"(pretrained `{m.pretrained}`) fine-tuned on `{space.base.data.dataset}`, searching {searched}.",
-        "", f"Its trials are the nested runs below it. Cook it with `soup cook --sweep {sweep_id}`: "
-        "the comparison of its soups with the best trial and the ensemble then replaces this text."])
+        (f"**Sweep `{sweep_id}`** of space `{space_path.name}`: {s.num_samples} samples of `{m.arch}` "
+         f"(pretrained `{m.pretrained}`) fine-tuned on `{space.base.data.dataset}`, searching {searched}."),
+        "", (f"Its trials are the nested runs below it. Cook it with `soup cook --sweep {sweep_id}`: "
+             "the comparison of its soups with the best trial and the ensemble then replaces this text.")])
 
 
 def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
@@ -363,22 +363,13 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
 DRIVER_BUNDLE = {"cpu": 0, "memory": 64 * 2**20}
 
 
-@contextlib.contextmanager
 def _tune_silent(quiet: bool):
     """Around ``Tuner.fit()`` inside `cluster.detail_to`: Tune's documented ``verbose=0`` is
     silent in its legacy output engine, while Ray 2.x's new engine still prints an experiment
     header (a table and two lines) at any verbosity; the documented switch
     ``RAY_AIR_NEW_OUTPUT=0``, which Tune reads when `fit` starts, picks the legacy engine for
     this run only. A value the user set is left as it is."""
-    key = "RAY_AIR_NEW_OUTPUT"
-    if not quiet or key in os.environ:
-        yield
-        return
-    os.environ[key] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
+    return cluster.env_default("RAY_AIR_NEW_OUTPUT", "0", when=quiet)
 
 
 def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
