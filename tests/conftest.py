@@ -83,6 +83,25 @@ def run(cmd, env, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
+def swept3(tmp_path_factory):
+    """A finished, uncooked three-trial sweep "s3" of the tiny world in its own store (`root`),
+    shared read-only: tests that change it work on a copy (test_trust, test_cook_stops)."""
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("swept3") / "store"
+    root.mkdir()
+    space = root.parent / "tiny3.yaml"
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
+    out = run_sweep(space, name="s3", storage_path=str(root.parent / "ray_results"),
+                    tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    ray.shutdown()
+    assert out.finished == 3
+    return {"root": root, "space": space, "sweep": "s3"}
+
+
+@pytest.fixture(scope="session")
 def cooked(tmp_path_factory):
     """One tiny sweep, cooked twice (Ray task, then in-process), shared by the cook and serving tests."""
     import ray

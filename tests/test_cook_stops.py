@@ -18,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from conftest import SPACES, run, venv_bin
+from conftest import run, venv_bin
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -31,19 +31,10 @@ HANG_S = 900  # only bounds a hang: a loaded machine takes minutes to start Ray 
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """One finished 3-trial sweep ("s3"); each test cooks a copy of its store."""
-    import ray
-
-    from orchestrator.sweep import run_sweep
-
-    tmp = tmp_path_factory.mktemp("stops")
-    space = tmp / "tiny3.yaml"
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
-    run_sweep(space, name="s3", storage_path=str(tmp / "ray_results"),
-              tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    ray.shutdown()
-    return tmp
+def swept(swept3):
+    """One finished 3-trial sweep ("s3", shared with other modules); each test cooks a copy of its
+    store."""
+    return swept3["root"]
 
 
 @pytest.fixture

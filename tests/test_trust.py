@@ -21,7 +21,7 @@ from orchestrator.soups.weights import save_weights
 from orchestrator.tracking import CHECKPOINT_PATH, Tracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-SWEEP, MODEL = "tr3", "tiny4-soup"
+SWEEP, MODEL = "s3", "tiny4-soup"  # the sweep of conftest's `swept3`
 QUIET = lambda s: None  # noqa: E731
 # Where a store keeps absolute paths to its own artifacts (so that a copy points at its copies).
 PATH_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
@@ -29,21 +29,9 @@ PATH_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",)
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """A real three-trial sweep of the tiny world in its own store, not cooked."""
-    import ray
-
-    from orchestrator.sweep import run_sweep
-
-    root = tmp_path_factory.mktemp("trust") / "store"
-    root.mkdir()
-    space = root.parent / "tiny3.yaml"
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    out = run_sweep(space, name=SWEEP, storage_path=str(root.parent / "ray_results"), tracking_uri=uri)
-    ray.shutdown()
-    assert out.finished == 3
-    return {"root": root, "space": space}
+def swept(swept3):
+    """A real three-trial sweep of the tiny world in its own store, not cooked (shared: copied)."""
+    return swept3
 
 
 def copy_store(swept, dst: Path) -> str:
