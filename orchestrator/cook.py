@@ -415,11 +415,11 @@ def _soup_description(ctx: CookContext, soup: SoupRecord, run_id: str | None = N
     kept ingredients, its row of the table, and where it comes from."""
     kept = [ctx.run_ids[i] for i in soup.result.kept]
     settings = ", ".join(f"{k}={v}" for k, v in sorted(soup.settings.items())) or "defaults"
-    lines = [f"**{soup.recipe} soup** of sweep `{ctx.sweep_id}` (settings: {settings}): "
+    lines = [f"{soup.recipe} soup of sweep `{ctx.sweep_id}` (settings: {settings}): "
              f"{len(kept)} of {len(ctx.run_ids)} ingredients kept"
              + (" (mixing weights in `soup/coefficients.json`)." if soup.result.coefficients else "."),
              "", markdown_table([soup.row], [c for c in soup.row if c not in ("kind", "name")]),
-             "Kept ingredients, in the order added:",
+             "", "Kept ingredients, in the order added:",
              *(f"- {ctx.names.get(r, r)} (run `{r}`)" for r in kept)]
     if ctx.partial:
         lines += ["", "Cooked from a sweep that had not finished (tag `partial_sweep`)."]
