@@ -94,9 +94,13 @@ def test_soups_equal_their_recorded_weighted_sums(cooked, tmp_path):
 
 
 def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
+    import shutil
+
     from orchestrator.tracking import Tracker
 
-    tracker, sweep = Tracker(cooked["uri"]), cooked["sweep"]
+    shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker, sweep = Tracker(uri), cooked["sweep"]
     real = tracker.trial_runs(sweep.experiment_id, sweep.sweep_id, "FINISHED")[0]
     state = read_weights(_artifact(cooked["client"], real.info.run_id, "checkpoint/model.safetensors", tmp_path))
     wide = dict(state, **{"head.weight": torch.zeros(11, state["head.weight"].shape[1])})
@@ -112,7 +116,7 @@ def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
         tracker.end_run(rid)
         bad[name] = rid
     messages = []
-    out = cook(sweep.sweep_id, recipes=("uniform",), model_name="tiny4-bad", tracking_uri=cooked["uri"],
+    out = cook(sweep.sweep_id, recipes=("uniform",), model_name="tiny4-bad", tracking_uri=uri,
                use_ray=False, log=messages.append)
     assert set(out.excluded) == set(bad.values())
     assert "head.weight" in out.excluded[bad["other-arch"]]
