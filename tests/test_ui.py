@@ -55,6 +55,12 @@ def store(cooked, tmp_path_factory):
         src.close()
         dst.close()
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)  # tests run before this one (test_serving) may have set champion
+    for mv in client.search_model_versions("name = 'tiny4-soup'"):
+        if "champion" in mv.aliases:
+            client.delete_registered_model_alias("tiny4-soup", "champion")
     return {"tmp": tmp, "uri": uri, "env": {**cooked["env"], "MLFLOW_TRACKING_URI": uri}}
 
 
