@@ -58,9 +58,9 @@ def store(cooked, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)  # tests run before this one (test_serving) may have set champion
-    for mv in client.search_model_versions("name = 'tiny4-soup'"):
-        if "champion" in mv.aliases:
-            client.delete_registered_model_alias("tiny4-soup", "champion")
+    if ALIAS in client.get_registered_model(MODEL).aliases:  # search results carry no aliases
+        client.delete_registered_model_alias(MODEL, ALIAS)
+    assert ALIAS not in client.get_registered_model(MODEL).aliases
     return {"tmp": tmp, "uri": uri, "env": {**cooked["env"], "MLFLOW_TRACKING_URI": uri}}
 
 
