@@ -98,7 +98,7 @@ def swept3(tmp_path_factory):
                     tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     ray.shutdown()
     assert out.finished == 3
-    return {"root": root, "space": space, "sweep": "s3"}
+    return {"root": root, "space": space, "sweep": "s3", "outcome": out}
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,8 @@ where it was.
 | j    | a version's accuracy tag that is not a number          | test_bad_input_accuracy_tag_that_is_not_a_number       |
 | j    | a model name with a quote                              | test_bad_input_model_name_with_a_quote                 |
 
-Cases b-e and g share one module-scoped world (marked slow and integration): a real 2-trial
-sweep in its own sqlite store, bad runs added beside its trials, two hand-made sweeps (for b and
+Cases b-e and g share one module-scoped world (marked slow and integration): a copy of the store
+of a real 3-trial sweep (shared with other modules), bad runs added beside its trials, two hand-made sweeps (for b and
 c), and one in-process ``soup cook --no-ray`` over all of it. Cases a and f need no sweep; nor
 do h-j: i and j use a registry made by hand (three versions, no training), copied per test.
 """
@@ -63,11 +63,11 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import SPACES, venv_bin
+from conftest import venv_bin
 from orchestrator.cli import main
 
 MODEL = "tiny4-soup"  # the default registered model of tests/spaces/tiny4.yaml
-SWEEP, NO_FINISHED, ALL_BAD = "bad2", "bad2-nofinished", "bad2-allbad"
+SWEEP, NO_FINISHED, ALL_BAD = "s3", "s3-nofinished", "s3-allbad"  # s3: conftest's `swept3`
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -313,21 +313,17 @@ BAD_KINDS = ("missing-checkpoint", "corrupt-checkpoint", "other-arch", "other-ba
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A real 2-trial sweep in its own store; a bad run of every kind added to it; two hand-made
-    sweeps (one with no FINISHED trial, one whose every trial is bad); one cook of the real sweep."""
-    import ray
-
-    from orchestrator.sweep import run_sweep
+def world(swept3, tmp_path_factory):
+    """A copy of the shared real 3-trial sweep's store (conftest's `swept3`; its artifacts stay
+    where the sweep put them); a bad run of every kind added to it; two hand-made sweeps (one with
+    no FINISHED trial, one whose every trial is bad); one cook of the real sweep."""
     from orchestrator.tracking import CHECKPOINT_PATH, Tracker
 
     tmp = tmp_path_factory.mktemp("bad-input")
+    shutil.copy(swept3["root"] / "mlflow.db", tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    space = tmp / "tiny2.yaml"
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2"))
-    sweep = run_sweep(space, name=SWEEP, storage_path=str(tmp / "ray_results"), tracking_uri=uri)
-    ray.shutdown()
-    assert (sweep.finished, sweep.failed) == (2, 0)
+    sweep = swept3["outcome"]
+    assert (sweep.finished, sweep.failed) == (3, 0) and swept3["sweep"] == SWEEP
 
     tracker, client = Tracker(uri), MlflowClient(uri)
     exp_id = sweep.experiment_id

@@ -2,6 +2,7 @@
 again without duplicates, and a tracking server restarted mid-sweep loses no run."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -51,12 +52,11 @@ def test_failing_trial_is_retried_then_failed_and_never_an_ingredient(hermetic):
     assert str(res.versions["uniform"]) == "1"
 
 
-def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic):
-    from orchestrator.sweep import run_sweep
-
-    run_sweep(_space(hermetic["tmp"], 3), name="k3", storage_path=hermetic["storage"])
+def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic, swept3):
+    # a copy of the shared 3-trial sweep's store (its artifacts stay where the sweep put them)
+    shutil.copy(swept3["root"] / "mlflow.db", hermetic["tmp"] / "mlflow.db")
     # the cheap recipes: the learned soups add minutes and nothing to what this test checks
-    cmd = [venv_bin("soup"), "cook", "--sweep", "k3", "--no-ray", "--recipes", ",".join(RECIPES)]
+    cmd = [venv_bin("soup"), "cook", "--sweep", swept3["sweep"], "--no-ray", "--recipes", ",".join(RECIPES)]
     env = {**hermetic["env"], "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -90,7 +90,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
     tmp = hermetic["tmp"]
     server = MlflowServer(f"sqlite:///{tmp / 'server.db'}", tmp / "artifacts", tmp / "server.log").start()
     env = {**hermetic["env"], "MLFLOW_TRACKING_URI": server.uri}
-    cmd = [venv_bin("soup"), "sweep", _space(tmp, 4), "--name", "restart", "--storage-path", hermetic["storage"]]
+    cmd = [venv_bin("soup"), "sweep", _space(tmp, 3), "--name", "restart", "--storage-path", hermetic["storage"]]
     proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "sweep.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -110,8 +110,8 @@ def test_tracking_server_restarted_mid_sweep_loses_no_run(hermetic):
         server.start()
     try:
         trials = _runs(server.uri, "trial")
-        assert sorted(r.info.status for r in trials) == ["FINISHED"] * 4
-        assert len({r.data.tags["trial_key"] for r in trials}) == 4
+        assert sorted(r.info.status for r in trials) == ["FINISHED"] * 3
+        assert len({r.data.tags["trial_key"] for r in trials}) == 3
         for r in trials:
             assert "checkpoint_sha256" in r.data.tags and r.data.metrics["heldout_acc"] > 0
     finally:

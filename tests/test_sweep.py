@@ -62,19 +62,20 @@ def check_trial(client, trial, parent_id, tmp_path):
     assert json.loads(tags["logits_splits"]) == {k: [v.n, v.labels_sha256] for k, v in logits.items()}
 
 
-def test_tiny_sweep_logs_every_trial_to_mlflow(hermetic):
-    out = run_sweep(SPACES / "tiny4.yaml", name="t4", storage_path=hermetic["storage"])
+def test_tiny_sweep_logs_every_trial_to_mlflow(cooked, tmp_path):
+    """The shared tiny4 sweep (conftest's `cooked`: a cook adds soups, never touches a trial)."""
+    out = cooked["sweep"]
     assert (out.finished, out.failed) == (4, 0)
-    client, parents, trials = sweep_runs(hermetic["uri"])
+    client, parents, trials = sweep_runs(cooked["uri"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.tags["sweep_id"] == "t4"
+    assert parent.data.tags["sweep_id"] == "c4"
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "space")}
     assert arts == {"space/tiny4.yaml", "space/resolved_config.yaml"}
     assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
     assert len({t.data.tags["trial_id"] for t in trials}) == 4
     for trial in trials:
-        check_trial(client, trial, parent.info.run_id, hermetic["tmp"])
+        check_trial(client, trial, parent.info.run_id, tmp_path)
 
 
 def test_a_trial_that_errors_ends_failed(hermetic, tmp_path):
@@ -111,7 +112,9 @@ def test_sigkilled_driver_resumes_without_duplicates(hermetic):
     from servers import kill_owned, new_mark
 
     soup = venv_bin("soup")
-    cmd = [soup, "sweep", str(SPACES / "tiny4.yaml"), "--name", "killed", "--storage-path", hermetic["storage"]]
+    space = hermetic["tmp"] / "tiny3.yaml"  # two at a time: the third starts only after one finished
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
+    cmd = [soup, "sweep", str(space), "--name", "killed", "--storage-path", hermetic["storage"]]
     mark = new_mark()
     proc = subprocess.Popen(cmd, env={**hermetic["env"], **dict([mark.split("=")])}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,15 +129,15 @@ def test_sigkilled_driver_resumes_without_duplicates(hermetic):
     # logging to the store when the resume starts, and count what it left only then
     kill_owned(mark, session=proc.pid)
     done_before = _finished_trials(hermetic["uri"])
-    assert 1 <= done_before < 4
+    assert 1 <= done_before < 3
     res = run(cmd + ["--resume"], hermetic["env"], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _, parents, trials = sweep_runs(hermetic["uri"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     finished = [t for t in trials if t.info.status == "FINISHED"]
-    assert len(finished) == 4, [(t.data.tags["trial_key"], t.info.status) for t in trials]
-    assert len({t.data.tags["trial_key"] for t in finished}) == 4
-    assert len(trials) == 4, "an unfinished run of a restarted trial was left behind"
+    assert len(finished) == 3, [(t.data.tags["trial_key"], t.info.status) for t in trials]
+    assert len({t.data.tags["trial_key"] for t in finished}) == 3
+    assert len(trials) == 3, "an unfinished run of a restarted trial was left behind"
 
 
 def test_ray_job_submit_runs_the_sweep(hermetic):
@@ -143,12 +146,14 @@ def test_ray_job_submit_runs_the_sweep(hermetic):
     from servers import RayHead, listening_addresses
 
     env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    space = hermetic["tmp"] / "tiny2.yaml"  # the job's path to the sweep is under test, not the sweep
+    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2"))
     head = RayHead(hermetic["tmp"] / "ray-head.log", env).start()
     try:
         submit = run([venv_bin("ray"), "job", "submit", "--address", head.dashboard,
                       "--working-dir", str(REPO),
                       "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{hermetic["uri"]}"}}}}',
-                      "--", "soup", "sweep", "tests/spaces/tiny4.yaml", "--name", "job",
+                      "--", "soup", "sweep", str(space), "--name", "job",
                       "--storage-path", hermetic["storage"]], env, timeout=900)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()  # "Job 'raysubmit_...' succeeded"
@@ -159,4 +164,4 @@ def test_ray_job_submit_runs_the_sweep(hermetic):
     assert not head.pids(), "the head left processes behind"
     client, parents, trials = sweep_runs(hermetic["uri"])
     assert len(parents) == 1 and parents[0].data.tags["sweep_id"] == "job"
-    assert sum(t.info.status == "FINISHED" for t in trials) == 4
+    assert sum(t.info.status == "FINISHED" for t in trials) == 2
