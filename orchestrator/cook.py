@@ -290,7 +290,7 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
     (``cpu``, ``gpu``, ``memory_gib``). A sweep that has not FINISHED (still running,
     interrupted or failed) is cooked only with `partial`, and its soups say so.
     """
-    table = _recipes(recipes)
+    table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
     tracker, space, parent = target.tracker, target.space, target.parent
     res = cook_resources(space, **(resources or {}))
@@ -334,7 +334,8 @@ def _report_cost(ctx: CookContext, built: Built, log) -> None:
     ctx.tracker.log_text(ctx.parent_run_id, "\n".join(lines) + "\n", "cook/cost.txt")
 
 
-def _recipes(names: Sequence[str] | None) -> list:
+def recipes_named(names: Sequence[str] | None) -> list:
+    """The recipes of these names (the defaults when none), or a CookError naming the unknown."""
     try:
         return [get_recipe(r) for r in (names or default_recipes())]
     except ValueError as err:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import data, logitstore
-from .cook import _recipes, cook_resources, find_target
+from .cook import cook_resources, find_target, recipes_named
 from .cookmeter import MIB
 from .logitstore import LOGITS_PATH, SHA_TAG, SPLITS_TAG
 from .soups.learned import HELDOUT_LIMIT
@@ -54,7 +54,7 @@ def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: s
               tracking_uri: str | None = None, learned_mode: str | None = None, partial: bool = False,
               resources: Mapping[str, float | None] | None = None) -> CookPlan:
     """What `cook` with these arguments would do, from MLflow's records alone (read only)."""
-    table = _recipes(recipes)
+    table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
     res = cook_resources(target.space, **(resources or {}))
     task = data.load_task(target.space.base.data)
