@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from .config import (LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, parse_yaml,
@@ -90,16 +91,32 @@ def _detail(args, command: str):
     return cluster.detail_to(None if args.verbose else args.log_file or cluster.default_log_file(command))
 
 
+def keep_log(uri: str, run_id: str, log) -> str | None:
+    """The detail log `log` (None with --verbose) kept on run `run_id` too; its artifact path, or
+    None. A store that refuses it costs a line, not the finished work: the file stays on disk."""
+    from .tracking import Tracker
+
+    if log is None or not Path(log).exists():
+        return None
+    try:
+        return Tracker(uri).keep_log(run_id, log)
+    except Exception as err:  # noqa: BLE001 - the sweep is done; the log is still where it was
+        print(f"detail log not kept in MLflow ({type(err).__name__}: {err}); it stays at {log}")
+        return None
+
+
 def cmd_sweep(args) -> int:
     from .sweep import SweepInterrupted, run_sweep
 
     _store(write=True, must_exist=False)  # a sweep starts a new store or logs to an existing one
     try:
-        with _detail(args, "sweep"):
+        with _detail(args, "sweep") as log:
             out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
     except SweepInterrupted as err:
         print(f"soup sweep: {err}", file=sys.stderr)
         return 128 + signal.Signals[err.signal_name].value  # as a shell reports death by signal
+    if where := keep_log(out.tracking_uri, out.parent_run_id, log):
+        print(f"detail log also on the sweep run: {where}")
     print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
           f"parent run {out.parent_run_id} in {out.tracking_uri}")
     print(f"cook it with: soup cook --sweep {out.sweep_id}")
@@ -175,7 +192,8 @@ def cmd_demo(args) -> int:
     print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
     print(f"open the UI:  mlflow ui --backend-store-uri {res['uri']} --host 127.0.0.1 --port 5000")
     if res["log"]:
-        print(f"detail log:   {res['log']}")
+        kept = keep_log(res["uri"], res["sweep_run"], res["log"])
+        print(f"detail log:   {res['log']}" + (f" (also on the sweep run: {kept})" if kept else ""))
     return 0
 
 

@@ -53,4 +53,4 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
     plot.write_bytes(cooked.plot_png)
     return {"rows": cooked.rows, "plot": str(plot), "workdir": str(workdir), "versions": cooked.versions,
             "uri": os.environ["MLFLOW_TRACKING_URI"], "seconds": time.perf_counter() - t0,
-            "log": str(log_file) if log_file else None}
+            "log": str(log_file) if log_file else None, "sweep_run": out.parent_run_id}

@@ -44,6 +44,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 _PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
 CHECKPOINT_PATH = "checkpoint/model.safetensors"
+LOGS_DIR = "logs"  # the detail logs of the commands that worked on a run
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 DESCRIPTION = "mlflow.note.content"  # the run's, version's or model's description in the UI
 CONTEXT, SPLIT = "mlflow.data.context", "soup.split"  # a dataset input's role and split key
@@ -264,6 +265,12 @@ class Tracker:
 
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_dir: str | None = None) -> None:
         retry(lambda: self.client.log_artifact(run_id, str(local_path), artifact_dir))
+
+    def keep_log(self, run_id: str, path: str | Path) -> str:
+        """Keep a command's detail log on `run_id` too (a job's log file stays on the node that
+        ran it); its artifact path is returned."""
+        self.log_artifact(run_id, path, LOGS_DIR)
+        return f"{LOGS_DIR}/{Path(path).name}"
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         retry(lambda: self.client.log_text(run_id, text, artifact_file))

@@ -144,6 +144,17 @@ def test_demo_terminal_shows_trials_cook_and_table_only(demo):
     assert res.stdout.splitlines()[0] == f"detail log: {demo['log']}"
     for line in ("fetch and check: 2/2 trials", "greedy soup", "uniform soup", "demo finished in "):
         assert line in res.stdout, line
+    assert res.stdout.splitlines()[-1] == f"detail log:   {demo['log']} (also on the sweep run: logs/soup.log)"
+
+
+def _kept_log(uri: str, name: str, tmp: Path) -> str:
+    """The text of the detail log kept on the store's one sweep run (`logs/<name>`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (sweep,) = client.search_runs([client.get_experiment_by_name("tiny4").experiment_id],
+                                  "tags.`soup.role` = 'sweep'")
+    return Path(client.download_artifacts(sweep.info.run_id, f"logs/{name}", str(tmp))).read_text()
 
 
 @pytest.mark.integration
@@ -157,6 +168,8 @@ def test_demo_detail_is_in_the_log(demo):
     assert "\x1b[" not in text, "no terminal colour codes in a file"
     for t in ("t00", "t01"):
         assert re.search(rf"^trial {t} \(\w+_\d+\) result: .*'heldout_acc'", text, re.MULTILINE), t
+    kept = _kept_log(f"sqlite:///{demo['tmp'] / 'w' / 'mlflow.db'}", "soup.log", demo["tmp"] / "kept")
+    assert kept == text, "the sweep run keeps the whole log"
 
 
 @pytest.mark.integration
@@ -179,6 +192,9 @@ def test_a_failing_trial_is_named_on_the_terminal_with_the_log(tmp_path):
     for noise in NOISE:
         assert noise not in res.stdout + res.stderr, noise
     assert "Traceback" in log.read_text() and "(TrainController pid=" in log.read_text()
+    assert f"detail log also on the sweep run: logs/{log.name}" in res.stdout.splitlines()
+    kept = _kept_log(env["MLFLOW_TRACKING_URI"], log.name, tmp_path / "kept")
+    assert kept == log.read_text() and "Traceback" in kept
 
 
 @pytest.mark.integration
