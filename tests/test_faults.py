@@ -45,7 +45,7 @@ def test_failing_trial_is_retried_then_failed_and_never_an_ingredient(hermetic):
     bad_runs = [r for r in every if "nonexistent" in r.data.params["model.pretrained"]]
     assert len(bad_runs) == 2, "max_failures: 1 means two attempts"  # the first is replaced
     active = [r for r in _runs(hermetic["uri"], "trial") if "nonexistent" in r.data.params["model.pretrained"]]
-    assert [r.info.status for r in active] == ["FAILED"]
+    assert [r.info.status for r in active] == ["FAILED"] and "nonexistent" in active[0].data.tags["error"]
     res = cook("retry", recipes=("uniform",), tracking_uri=hermetic["uri"], use_ray=False)
     soup = _runs(hermetic["uri"], "soup")[0]
     assert active[0].info.run_id not in soup.data.tags["ingredients"]
