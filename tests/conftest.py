@@ -78,6 +78,16 @@ def venv_bin(name: str) -> str:
     return str(path) if path.exists() else shutil.which(name)
 
 
+def tiny_space(path: Path, trials: int, concurrency: int | None = None) -> Path:
+    """tests/spaces/tiny4.yaml with `trials` trials (`concurrency` at a time, else its 2), written
+    to `path`."""
+    text = (SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", f"num_samples: {trials}")
+    if concurrency is not None:
+        text = text.replace("max_concurrent_trials: 2", f"max_concurrent_trials: {concurrency}")
+    path.write_text(text)
+    return path
+
+
 def run(cmd, env, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, text=True, capture_output=True, **kw)
 
@@ -92,8 +102,7 @@ def swept3(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("swept3") / "store"
     root.mkdir()
-    space = root.parent / "tiny3.yaml"
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
+    space = tiny_space(root.parent / "tiny3.yaml", 3)
     out = run_sweep(space, name="s3", storage_path=str(root.parent / "ray_results"),
                     tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     ray.shutdown()

@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES, run, venv_bin
+from conftest import run, tiny_space, venv_bin
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,9 +39,8 @@ def _reached(uri, moment: str) -> bool:
 @pytest.mark.parametrize("sig, moment", [(signal.SIGINT, "mid-sweep"), (signal.SIGTERM, "started")],
                          ids=["SIGINT-mid-sweep", "SIGTERM-started"])
 def test_a_stopped_sweep_is_killed_not_finished_and_resumes(hermetic, sig, moment):
-    space = hermetic["tmp"] / "tiny2.yaml"  # one trial at a time: the moments are unambiguous
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2")
-                     .replace("max_concurrent_trials: 2", "max_concurrent_trials: 1"))
+    # one trial at a time: the moments are unambiguous
+    space = tiny_space(hermetic["tmp"] / "tiny2.yaml", 2, concurrency=1)
     cmd = [venv_bin("soup"), "sweep", str(space), "--name", "stopped", "--storage-path", hermetic["storage"]]
     log = hermetic["tmp"] / "sweep.log"
     proc = subprocess.Popen(cmd, env=hermetic["env"], stdout=open(log, "w"), stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ import hashlib
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES
+from conftest import tiny_space
 from servers import MlflowServer, pg_bindir, start_postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,8 +46,7 @@ def test_sweep_and_cook_against_postgres_backed_server(pg_mlflow, monkeypatch, t
 
     uri = pg_mlflow["server"].uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    space = tmp_path / "tiny2.yaml"  # two trials: the backend is under test, not the sweep
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2"))
+    space = tiny_space(tmp_path / "tiny2.yaml", 2)  # two trials: the backend is under test, not the sweep
     sweep = run_sweep(space, name="pg2", storage_path=str(tmp_path / "ray"), tracking_uri=uri)
     out = cook("pg2", tracking_uri=uri, recipes=RECIPES)  # the cheap ones: the backend is under test
     ray.shutdown()

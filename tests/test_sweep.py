@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES, run, venv_bin
+from conftest import SPACES, run, tiny_space, venv_bin
 from orchestrator.logitstore import load_logits
 from orchestrator.sweep import run_sweep
 
@@ -99,8 +99,7 @@ def test_sigkilled_driver_resumes_without_duplicates(hermetic):
     from servers import kill_owned, new_mark
 
     soup = venv_bin("soup")
-    space = hermetic["tmp"] / "tiny3.yaml"  # two at a time: the third starts only after one finished
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 3"))
+    space = tiny_space(hermetic["tmp"] / "tiny3.yaml", 3)  # two at a time: the third starts after one ends
     cmd = [soup, "sweep", str(space), "--name", "killed", "--storage-path", hermetic["storage"]]
     mark = new_mark()
     proc = subprocess.Popen(cmd, env={**hermetic["env"], **dict([mark.split("=")])}, start_new_session=True,
@@ -133,8 +132,7 @@ def test_ray_job_submit_runs_the_sweep(hermetic):
     from servers import RayHead, listening_addresses
 
     env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    space = hermetic["tmp"] / "tiny2.yaml"  # the job's path to the sweep is under test, not the sweep
-    space.write_text((SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", "num_samples: 2"))
+    space = tiny_space(hermetic["tmp"] / "tiny2.yaml", 2)  # the job's path to the sweep is under test
     head = RayHead(hermetic["tmp"] / "ray-head.log", env).start()
     try:
         submit = run([venv_bin("ray"), "job", "submit", "--address", head.dashboard,
