@@ -79,9 +79,45 @@ def measure(space: Path, workers: int | None) -> dict:
                 "train": sum(r.data.metrics["train_seconds"] for r in runs), "phases": phases}
 
 
-def floor(trials: int, workers: int) -> float:
+# Ray's tasks on the way from a Tune trial's start to its worker function, in the order they
+# run (the worker group's three actors start together); Ray's public state API times each one.
+STAGES = (("Tune trial actor", ("ImplicitFunc.__init__",)),
+          ("Train controller actor", ("TrainController.__init__",)),
+          ("worker group (worker, sync and placement-group cleaner actors)",
+           ("RayTrainWorker.__init__", "SynchronizationActor.__init__", "PlacementGroupCleaner.__init__")),
+          ("train context (with a DatasetManager actor)", ("RayTrainWorker.init_train_context",)))
+
+
+def _stages(start: float) -> list[tuple[str, float, float]]:
+    """Per stage of `STAGES`: mean seconds over the trials (run one at a time) from the stage's
+    first task submitted to its last finished, and of that the mean seconds its actors waited
+    for a process (lease and start, before ``__init__`` runs)."""
+    from ray.util.state import list_tasks
+
+    time.sleep(3)  # task events reach the state API within a second or two
+    events: dict[str, list[dict]] = {}
+    for t in list_tasks(detail=True, limit=10000, raise_on_missing_output=False):
+        ev = {e["state"]: e["created_ms"] / 1000 for e in (t.events or [])}
+        if min(ev.values(), default=0) >= start:
+            events.setdefault(t.name, []).append(ev)
+    out = []
+    for label, names in STAGES:
+        runs = [sorted(events.get(n, []), key=lambda ev: ev["PENDING_NODE_ASSIGNMENT"]) for n in names]
+        n = min((len(r) for r in runs), default=0)
+        if not n:
+            continue
+        span = [max(r[i].get("FINISHED", 0) for r in runs) - min(r[i]["PENDING_NODE_ASSIGNMENT"] for r in runs)
+                for i in range(n)]
+        wait = [max(r[i].get("RUNNING", 0) - r[i]["PENDING_NODE_ASSIGNMENT"] for r in runs)
+                for i in range(n)] if names[0].endswith("__init__") else [0.0] * n
+        out.append((label, sum(span) / n, sum(wait) / n))
+    return out
+
+
+def floor(trials: int, workers: int) -> tuple[float, list[tuple[str, float, float]]]:
     """Mean seconds from a Tune trial's start to its TorchTrainer's worker function, for a worker
-    function that does nothing (Ray Train's own start-up on this machine), trials one at a time."""
+    function that does nothing (Ray Train's own start-up on this machine), trials one at a time;
+    and that time by stage (`_stages`)."""
     with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
         _hermetic(tmp)
         from orchestrator import cluster  # before ray: the local Ray stays on loopback
@@ -104,12 +140,24 @@ def floor(trials: int, workers: int) -> float:
                                                         callbacks=[TuneReportCallback()])).fit()
 
         cluster.init_ray(lambda line: None)
+        start = time.time()
         grid = tune.Tuner(tune.with_resources(driver, DRIVER_BUNDLE),
                           param_space={"i": tune.grid_search(list(range(trials)))},
                           tune_config=tune.TuneConfig(max_concurrent_trials=1),
                           run_config=tune.RunConfig(storage_path=f"{tmp}/tune", verbose=0)).fit()
+        stages = _stages(start)
         ray.shutdown()
-        return sum(r.metrics["waited"] for r in grid) / trials
+        return sum(r.metrics["waited"] for r in grid) / trials, stages
+
+
+def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
+    """The stages: the Tune trial actor's own start comes before the trial function (and is not
+    in `start`); the others are in it, and what is left of `start` is the calls between them."""
+    for i, (label, span, wait) in enumerate(stages):
+        print(f"  {label}{' (before the trial function)' if i == 0 else ''}: {span:.1f}s"
+              + (f", of which {wait:.1f}s waiting for a process" if wait else ""))
+    print(f"  the rest of the {start:.1f}s (calls between the stages, the worker's process group): "
+          f"{start - sum(s for _, s, _ in stages[1:]):.1f}s")
 
 
 def report(label: str, m: dict) -> None:
@@ -136,8 +184,10 @@ def main() -> None:
     args = ap.parse_args()
     space = Path(args.space).resolve()
     if args.floor_only:
-        print(f"Ray Train's floor: {floor(2, args.workers or 1):.1f}s from a trial's start to an empty "
-              "worker function")
+        start, stages = floor(3, args.workers or 1)
+        print(f"Ray Train's floor: {start:.1f}s from a trial function's start to an empty worker function; "
+              "by stage:")
+        print_floor(start, stages)
         return
     if args.json:
         Path(args.json).write_text(json.dumps(measure(space, args.workers)))
@@ -159,11 +209,12 @@ def main() -> None:
     m = measure(space, args.workers)
     report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
     if args.floor:
-        start = floor(2, args.workers or 1)
+        start, stages = floor(3, args.workers or 1)
         per_trial = m["phases"]["worker_start"] / max(1, m["trials"])
         print(f"Ray Train's floor: {start:.1f}s from a trial's start to an empty worker function "
               f"(our trials: {per_trial:.1f}s to theirs, imports and data included, run "
-              f"{m['concurrency']} at a time)")
+              f"{m['concurrency']} at a time), by stage:")
+        print_floor(start, stages)
     if args.before:
         print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
               f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")
