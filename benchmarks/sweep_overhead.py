@@ -211,7 +211,7 @@ def main() -> None:
     if args.floor:
         start, stages = floor(3, args.workers or 1)
         per_trial = m["phases"]["worker_start"] / max(1, m["trials"])
-        print(f"Ray Train's floor: {start:.1f}s from a trial's start to an empty worker function "
+        print(f"Ray Train's floor: {start:.1f}s from a trial function's start to an empty worker function "
               f"(our trials: {per_trial:.1f}s to theirs, imports and data included, run "
               f"{m['concurrency']} at a time), by stage:")
         print_floor(start, stages)

@@ -117,12 +117,13 @@ def test_sigkilled_driver_resumes_without_duplicates(hermetic):
     done_before = _finished_trials(hermetic["uri"])
     assert 1 <= done_before < 3
     # --verbose (here, where a trial still trains) brings Ray's detail back to the terminal
-    res = run(cmd + ["--resume", "--verbose"], hermetic["env"], timeout=600)
+    state = hermetic["tmp"] / "state"  # where a detail log would go
+    res = run(cmd + ["--resume", "--verbose"], {**hermetic["env"], "XDG_STATE_HOME": str(state)}, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     terminal = res.stdout + res.stderr
     for detail in ("Reporting training result", "(RayTrainWorker", "(TrainController", "╭"):
         assert detail in terminal, detail
-    assert "detail log" not in terminal
+    assert "detail log" not in terminal and not state.exists()
     _, parents, trials = sweep_runs(hermetic["uri"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     finished = [t for t in trials if t.info.status == "FINISHED"]
