@@ -169,8 +169,11 @@ def report(label: str, m: dict) -> None:
     if phases:
         parts = "  ".join(f"{k} {v:.1f}s" for k, v in phases.items())
         rest = m["wall"] * m["concurrency"] - m["train"] - sum(phases.values())
-        print(f"[{label}] summed over trials: training {m['train']:.1f}s  {parts}  "
-              f"rest (Tune scheduling, trial start and end, idle slots) {rest:.1f}s")
+        # A trial whose workers cannot all be placed yet counts its wait for another trial's
+        # workers in its worker_start: the phases then overlap and leave no rest to report.
+        tail = (f"rest (Tune scheduling, trial start and end, idle slots) {rest:.1f}s" if rest >= 0 else
+                "no rest: worker_start includes waiting for the other trial's workers to end")
+        print(f"[{label}] summed over trials: training {m['train']:.1f}s  {parts}  {tail}")
 
 
 def main() -> None:
