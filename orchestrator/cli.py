@@ -149,7 +149,7 @@ def cmd_cook(args) -> int:
         return _cook_plan(args, recipes, resources)
     _store(write=True)
     try:
-        with _detail(args, "cook"):
+        with _detail(args, "cook") as log:
             out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
                        strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
                        partial=args.partial, resources=resources)
@@ -158,6 +158,8 @@ def cmd_cook(args) -> int:
     print(text_table(_table_rows(out.rows)))
     if said := verdict(out.rows):
         print("\n" + "\n".join(said))
+    if where := keep_log(out.tracking_uri, out.parent_run_id, log):
+        print(f"detail log also on the sweep run: {where}")
     return 0
 
 

@@ -77,6 +77,8 @@ class CookOutcome:
     phases: list[dict] = field(default_factory=list)  # forward passes, bytes, seconds per phase
     where: dict = field(default_factory=dict)  # the build's device, precision, threads
     singles: list[dict] = field(default_factory=list)  # one row per ingredient cooked, kind "ingredient"
+    parent_run_id: str = ""  # the sweep's run, where the cook logs its figure (and the CLI its log)
+    tracking_uri: str = ""
 
 
 @dataclass
@@ -369,7 +371,7 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
     from .plots import soup_figure
 
     out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where,
-                      singles=built.singles)
+                      singles=built.singles, parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracker.uri)
     plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
     out.plot_png = plot.read_bytes()
     by_name = {r["name"]: r for r in built.rows}

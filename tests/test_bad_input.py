@@ -423,7 +423,7 @@ def excluded_line(world, kind: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_bad_input_good_runs_are_still_cooked(world):
+def test_bad_input_good_runs_are_still_cooked(world, tmp_path):
     assert world["cook"]["code"] == 0 and "soup cook: error" not in world["cook"]["err"]
     versions = world["client"].search_model_versions(f"name = '{MODEL}'")
     assert [str(v.version) for v in versions] == ["1"]
@@ -431,6 +431,13 @@ def test_bad_input_good_runs_are_still_cooked(world):
     assert "uniform soup" in world["cook"]["out"]
     excluded = [o for o in world["cook"]["out"].splitlines() if o.startswith("excluded run ")]
     assert len(excluded) == len(BAD_KINDS)
+    # the cook's detail log is kept on the sweep run, beside the sweep's own
+    lines = world["cook"]["out"].splitlines()
+    log = Path(lines[0].removeprefix("detail log: "))
+    assert lines[0].startswith("detail log: ") and log.name.startswith("cook-"), lines[0]
+    assert lines[-1] == f"detail log also on the sweep run: logs/{log.name}", lines[-1]
+    kept = world["client"].download_artifacts(world["sweep"].parent_run_id, f"logs/{log.name}", str(tmp_path))
+    assert Path(kept).read_text() == log.read_text() and all(e in log.read_text() for e in excluded)
 
 
 @pytest.mark.integration
