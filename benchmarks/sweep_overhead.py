@@ -224,12 +224,12 @@ def main() -> None:
 
 
 def _parse_old(stdout: str) -> dict | None:
-    """Figures from the printed lines of an older version of this benchmark."""
+    """Figures from the printed lines of an older version of this benchmark (or of this one)."""
     import re
 
     trials = re.search(r"trials finished: (\d+)\s+concurrency: (\d+)", stdout)
     train = re.search(r"sum of trial training time: ([\d.]+)s", stdout)
-    wall = re.search(r"sweep wall time: ([\d.]+)s", stdout)
+    wall = re.search(r"sweep wall(?: time)?: ([\d.]+)s", stdout)  # both of its wordings
     if not (trials and train and wall):
         return None
     return {"trials": int(trials[1]), "concurrency": int(trials[2]), "train": float(train[1]),
