@@ -3,8 +3,9 @@
 - A training worker SIGKILLed during epoch 3 of 5: Ray Train restarts the worker group from the
   epoch-2 checkpoint, in the same MLflow run, which ends with each epoch logged once and a final
   checkpoint bit-identical to an uninterrupted run's.
-- The sweep's driver SIGKILLed (with its local Ray) during epoch 3: ``soup sweep --resume``
-  continues the trial from its epoch-2 checkpoint, not from epoch 1.
+- The sweep's driver SIGKILLed (with its local Ray) during epoch 3 of its second trial:
+  ``soup sweep --resume`` leaves the finished first trial alone and continues the second from
+  its epoch-2 checkpoint, not from epoch 1, in its run.
 - Two Gloo workers with the same global batch and seed train what one worker trains.
 """
 
@@ -35,7 +36,7 @@ base:
 search:
   train.weight_decay: {{choice: [0.05]}}
 sweep:
-  num_samples: 1
+  num_samples: {trials}
   max_concurrent_trials: 1
   resources: {{workers: {workers}, cpu: 1}}
   max_failures: 2
@@ -44,8 +45,8 @@ tracking:
 """
 
 
-def _space(tmp: Path, experiment: str, workers: int = 1, **train) -> str:
-    text = SPACE.format(workers=workers, experiment=experiment)
+def _space(tmp: Path, experiment: str, workers: int = 1, trials: int = 1, **train) -> str:
+    text = SPACE.format(workers=workers, experiment=experiment, trials=trials)
     for k, v in train.items():
         text = text.replace("seed: 7}", f"seed: 7, {k}: {v}}}")
     path = tmp / f"{experiment}-{workers}.yaml"
@@ -65,25 +66,26 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def _committed(storage: str, sweep: str) -> str | None:
-    """The latest checkpoint Ray Train has committed for the sweep's trial (its controller
+def _committed(storage: str, sweep: str, key: str) -> str | None:
+    """The latest checkpoint Ray Train has committed for the sweep's trial `key` (its controller
     registers a reported checkpoint when it next polls the workers; only then would a restart
     resume from it), read from the run's snapshot on storage."""
-    for snap in Path(storage, sweep).glob("train-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):  # being rewritten
-            return None
-        return latest.get("checkpoint_dir_name")
-    return None
+    snap = Path(storage, sweep, f"train-{key}", "checkpoint_manager_snapshot.json")
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):  # not written yet, or being rewritten
+        return None
+    return latest.get("checkpoint_dir_name")
 
 
-def _in_epoch_3(uri: str, experiment: str, storage: str) -> bool:
-    """True once the epoch-2 checkpoint is committed and the trial has logged a step of epoch 3."""
-    if _committed(storage, experiment) != "epoch0002-end":
-        return False
+def _in_epoch_3(uri: str, experiment: str, storage: str, finished: int = 0) -> bool:
+    """True once `finished` trials have finished, and the running trial's epoch-2 checkpoint is
+    committed and it has logged a step of epoch 3."""
     runs = _trials(uri, experiment)
-    if not runs:
+    if sum(r.info.status == "FINISHED" for r in runs) < finished:
+        return False
+    runs = [r for r in runs if r.info.status == "RUNNING"]
+    if not runs or _committed(storage, experiment, runs[0].data.tags["trial_key"]) != "epoch0002-end":
         return False
     run_id = runs[0].info.run_id
     epochs = _history(uri, run_id, "epoch")
@@ -105,15 +107,15 @@ def _start_sweep(space: str, name: str, hermetic, mark: str) -> subprocess.Popen
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for_epoch_3(proc, hermetic, experiment: str, name: str) -> None:
+def _wait_for_epoch_3(proc, hermetic, experiment: str, name: str, finished: int = 0) -> None:
     deadline = time.time() + 600  # generous: a cold start of Ray on a loaded machine
     storage = hermetic["storage"]
-    while not _in_epoch_3(hermetic["uri"], experiment, storage) and time.time() < deadline \
+    while not _in_epoch_3(hermetic["uri"], experiment, storage, finished) and time.time() < deadline \
             and proc.poll() is None:
         time.sleep(0.05)
     log = (hermetic["tmp"] / f"{name}.log").read_text()[-4000:]
     assert proc.poll() is None, "the sweep ended before the kill:\n" + log
-    assert _in_epoch_3(hermetic["uri"], experiment, storage), "epoch 3 never started:\n" + log
+    assert _in_epoch_3(hermetic["uri"], experiment, storage, finished), "epoch 3 never started:\n" + log
 
 
 def _descendants(root: int) -> set[int]:
@@ -165,10 +167,9 @@ def uninterrupted(tmp_path_factory):
             "heldout": trial.data.metrics["heldout_acc"], "run": trial, "uri": uri}
 
 
-def _check_one_run_each_epoch_once(uri: str, experiment: str, resumed_at: int):
-    every = _trials(uri, experiment, ViewType.ALL)
-    assert len(every) == 1, "the trial's run was replaced, not continued"
-    (trial,) = every
+def _check_each_epoch_once(uri: str, trial, resumed_at: int | None):
+    """The trial's run is FINISHED with each epoch logged once, trained in one attempt or, if
+    `resumed_at`, in a second that started at that epoch from the epoch-2 checkpoint."""
     assert trial.info.status == "FINISHED"
     run_id = trial.info.run_id
     epochs = _history(uri, run_id, "epoch")
@@ -176,9 +177,18 @@ def _check_one_run_each_epoch_once(uri: str, experiment: str, resumed_at: int):
     assert len(_history(uri, run_id, "heldout_acc")) == 5
     steps = [s for s, _ in _history(uri, run_id, "train_loss")]
     assert len(steps) == len(set(steps)), "a training step was logged twice"
-    assert [v for _, v in _history(uri, run_id, "attempt_start_epoch")] == [1, resumed_at]
-    assert trial.data.tags["resumed_from"] == "epoch0002-end"
+    starts = [v for _, v in _history(uri, run_id, "attempt_start_epoch")]
+    assert starts == ([1] if resumed_at is None else [1, resumed_at]), starts
+    if resumed_at is not None:
+        assert trial.data.tags["resumed_from"] == "epoch0002-end"
     assert any(k.startswith("system/cpu") for k in trial.data.metrics), "no system metrics"
+
+
+def _check_one_run_each_epoch_once(uri: str, experiment: str, resumed_at: int):
+    every = _trials(uri, experiment, ViewType.ALL)
+    assert len(every) == 1, "the trial's run was replaced, not continued"
+    (trial,) = every
+    _check_each_epoch_once(uri, trial, resumed_at)
     return trial
 
 
@@ -218,23 +228,44 @@ def test_node_lost_mid_epoch_resumes_from_the_checkpoint(hermetic, uninterrupted
 
 
 def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, uninterrupted):
+    """Two trials of the uninterrupted run's config, one at a time: the driver and its local Ray
+    are SIGKILLed once the first has finished and the second is in epoch 3. `--resume` leaves
+    the finished trial alone and continues the other from its epoch-2 checkpoint, in its run."""
     mark = new_mark()
-    space = _space(hermetic["tmp"], "driverkill")
+    space = _space(hermetic["tmp"], "driverkill", trials=2)
     proc = _start_sweep(space, "driverkill", hermetic, mark)
     try:
-        _wait_for_epoch_3(proc, hermetic, "driverkill", "driverkill")
+        _wait_for_epoch_3(proc, hermetic, "driverkill", "driverkill", finished=1)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     finally:
         kill_owned(mark, session=proc.pid)  # nothing of the killed sweep logs on behind the resume
-    (trial,) = _trials(hermetic["uri"], "driverkill")
-    assert "epoch0002-end" in trial.data.tags.get("checkpoint", ""), trial.data.tags
+    before = {t.info.status: t for t in _trials(hermetic["uri"], "driverkill")}
+    assert sorted(before) == ["FINISHED", "RUNNING"], before
+    assert "epoch0002-end" in before["RUNNING"].data.tags.get("checkpoint", ""), before["RUNNING"].data.tags
+    # --verbose (here, where a trial still trains) brings Ray's detail back to the terminal
+    state = hermetic["tmp"] / "state"  # where a detail log would go
     cmd = [venv_bin("soup"), "sweep", space, "--name", "driverkill", "--storage-path", hermetic["storage"],
-           "--resume"]
-    res = run(cmd, hermetic["env"], timeout=600)
+           "--resume", "--verbose"]
+    res = run(cmd, {**hermetic["env"], "XDG_STATE_HOME": str(state)}, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    trial = _check_one_run_each_epoch_once(hermetic["uri"], "driverkill", resumed_at=3)
-    assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+    terminal = res.stdout + res.stderr
+    for detail in ("Reporting training result", "(RayTrainWorker", "(TrainController", "╭"):
+        assert detail in terminal, detail
+    assert "detail log" not in terminal and not state.exists()
+
+    client = MlflowClient(hermetic["uri"])
+    exp = client.get_experiment_by_name("driverkill")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`soup.role` = 'sweep'", run_view_type=ViewType.ALL)
+    assert parent.info.status == "FINISHED"
+    every = {t.info.run_id: t for t in _trials(hermetic["uri"], "driverkill", ViewType.ALL)}
+    assert len(every) == 2, "a run was replaced or left behind, not continued"
+    assert len({t.data.tags["trial_key"] for t in every.values()}) == 2
+    done, resumed = every[before["FINISHED"].info.run_id], every[before["RUNNING"].info.run_id]
+    _check_each_epoch_once(hermetic["uri"], done, resumed_at=None)  # not trained again
+    _check_each_epoch_once(hermetic["uri"], resumed, resumed_at=3)
+    for trial in (done, resumed):
+        assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
 
 
 def test_two_gloo_workers_train_what_one_worker_trains(hermetic, uninterrupted):

@@ -1,7 +1,7 @@
 """Quiet, truthful terminal output: by default a person sees the command's own lines (each trial's
 start and end, the cook's progress, the table); Ray's worker output, Ray Train's and Tune's detail
 go to a log file named on the terminal; ``--verbose`` brings it all back (checked end to end on
-the resumed sweep of ``test_sweep::test_sigkilled_driver_resumes_without_duplicates``)."""
+the resumed sweep of ``test_preemption::test_driver_killed_then_resume_continues_from_the_checkpoint``)."""
 
 import logging
 import os
