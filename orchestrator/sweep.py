@@ -184,7 +184,8 @@ def _tune_config(space: SearchSpace):
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=1)
     limit = s.max_concurrent_trials if s.search_alg != "random" else None
     return tune.TuneConfig(metric=METRIC, mode="max", num_samples=s.num_samples,
-                           search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit)
+                           search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit,
+                           reuse_actors=True)
 
 
 def _storage(space: SearchSpace, override: str | None) -> str:
