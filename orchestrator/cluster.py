@@ -157,6 +157,9 @@ SHUTDOWN_S = 10.0  # ray.shutdown() after the GCS died takes ~5 s (it flushes ta
 # PROBE_TIMEOUT_S (8 s), disconnected within SHUTDOWN_S (10 s), then the temporary files are
 # removed and the interpreter exits (`prepare_to_exit`: ~1 s); the rest is slack for a busy machine.
 LOST_BOUND_S = 30.0
+# A stopped task is waited for at most this long: a force-cancelled task's worker is killed at
+# once, and a stop must end the command within LOST_BOUND_S even when Ray no longer answers.
+CANCEL_WAIT_S = 10.0
 
 
 class RayLost(RuntimeError):
@@ -221,11 +224,23 @@ def _get(ref, watch: _GcsWatch):
 
 
 def _cancel(stream) -> None:
-    """Stop the task on a stop signal (a remote cluster would otherwise finish it for nobody)."""
+    """Stop the task on a stop signal (a remote cluster would otherwise finish it for nobody), and
+    wait, up to `CANCEL_WAIT_S`, until it has ended. A force cancel is asynchronous: without the
+    wait the caller's cleanup (removing the files the task reads) races with the task, which then
+    fails on a missing file, and Ray prints that error as unhandled after the interrupt's message.
+    What the task still yields is read and dropped here, its error included."""
     import ray
 
     with contextlib.suppress(Exception):  # best effort: the interrupt is what matters
         ray.cancel(stream, force=True)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    with contextlib.suppress(Exception):  # StopIteration (the stream ended) included
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _ = ray.wait([stream], timeout=min(left, WAIT_S))
+            if ready:
+                ref = next(stream)
+                with contextlib.suppress(Exception):  # the cancellation's, or the task's, error
+                    ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
 
 
 class _GcsWatch:

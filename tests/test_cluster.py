@@ -99,3 +99,58 @@ def test_every_entry_point_keeps_a_local_ray_on_loopback(hermetic):
     res = run([sys.executable, "-c", code], _user_env(hermetic), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert is_loopback(res.stdout.strip().splitlines()[-1]), res.stdout
+
+
+STOPPED = """
+import json, os, shutil, sys, tempfile, time
+import psutil
+from orchestrator import cluster
+cluster.init_ray(log=lambda line: None)
+import ray
+
+def task(folder):
+    yield ("log", os.getpid())
+    while True:  # reads a file of the driver's, as the cook's build reads its checkpoints
+        with open(os.path.join(folder, "input")) as f:
+            f.read()
+        time.sleep(0.01)
+
+folder = tempfile.mkdtemp()
+with open(os.path.join(folder, "input"), "w") as f:
+    f.write("x")
+pids, stopped = [], []
+
+def log(pid):  # the stop signal's KeyboardInterrupt, once the task runs
+    pids.append(pid)
+    stopped.append(time.monotonic())
+    raise KeyboardInterrupt
+
+try:
+    cluster.run_with_progress(task, (folder,), 1, 0, log)
+except KeyboardInterrupt:
+    took = time.monotonic() - stopped[0]
+shutil.rmtree(folder)  # the cleanup that follows the interrupt
+alive = psutil.pid_exists(pids[0]) and psutil.Process(pids[0]).status() != psutil.STATUS_ZOMBIE
+ray.shutdown()
+print(json.dumps({"alive": alive, "took": took}), flush=True)
+"""
+
+
+def test_a_stopped_task_has_ended_before_the_interrupt_goes_on(hermetic):
+    """A stop signal during `run_with_progress` force-cancels the task and waits for its end, so
+    the caller's cleanup never races with it: the task's worker is gone when the interrupt
+    reaches the caller, and Ray prints no unhandled error of the task afterwards."""
+    from orchestrator.cluster import CANCEL_WAIT_S
+
+    mark = new_mark()
+    try:
+        res = run([sys.executable, "-c", STOPPED], {**hermetic["env"], **dict([mark.split("=")])},
+                  timeout=600, start_new_session=True)
+    finally:
+        kill_owned(mark, None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"the stopped task's worker was gone {out['took']:.2f} s after the interrupt: {not out['alive']}")
+    # only a machine too busy to kill a process within CANCEL_WAIT_S would leave it running
+    assert not out["alive"] or out["took"] >= CANCEL_WAIT_S, out
+    assert "Unhandled error" not in res.stderr and "FileNotFoundError" not in res.stderr, res.stderr[-3000:]
