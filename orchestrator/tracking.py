@@ -394,7 +394,9 @@ def system_metrics(tracker: Tracker, run_id: str, node_id: str | None = None, in
     """MLflow's own system-metrics monitor on `run_id` while the block runs: CPU, memory, disk,
     network, and GPU utilisation and memory when there is a GPU (``system/...`` metrics, charted
     beside the loss). `node_id` names the machine when a run spans several. Resumes its step
-    count after an earlier attempt's, so a resumed trial appends instead of overwriting."""
+    count after an earlier attempt's, so a resumed trial appends instead of overwriting. The
+    last, cut-short interval is logged too, with a sample taken at the end, so a block shorter
+    than `interval` (a resumed attempt with little left to train) still logs a point."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
@@ -403,7 +405,13 @@ def system_metrics(tracker: Tracker, run_id: str, node_id: str | None = None, in
     try:
         yield
     finally:
-        monitor.finish()
+        monitor.finish()  # MLflow's loop drops what it sampled in an interval that finish() cuts
+        try:
+            monitor.collect_metrics()  # and one sample at the end, so there is always one to log
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # like MLflow's monitor: never fail or mask the block for this
+            warnings.warn(f"system metrics: the last sample of run {run_id} was not logged: {err}")
 
 
 __all__ = ["Tracker", "RegistryError", "resolve_uri", "flatten"]
