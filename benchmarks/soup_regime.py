@@ -11,7 +11,10 @@ be chosen on A, then the other way round (the two figures averaged):
   one basin: the paper's first sign of a learning rate that is too high);
 - the greedy soup chosen on A (the cook's rule: best first, keep an ingredient when A's
   accuracy does not drop), and how many ingredients it keeps; and the same with the reference
-  code's strict rule (keep only when A's accuracy rises: ``soup cook --strict``);
+  code's strict rule (keep only when A's accuracy rises: ``soup cook --strict``), and with two
+  rules that also read A's cross-entropy, which does not tie the way accuracy on a hundred-odd
+  images does: "loss tie-break" (keep when accuracy rises, or ties and the loss falls) and "by
+  loss" (keep when the loss does not rise; the order is still by accuracy);
 - the logit ensemble of every ingredient.
 
     .venv/bin/python benchmarks/soup_regime.py SPACE.yaml [SPACE.yaml ...] [--seeds 0,1,2] [--n 8]
@@ -41,6 +44,20 @@ def _acc(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float
     return evaluate.accuracy_of(logits[idx], labels[idx])
 
 
+def _loss(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits[idx].float(), labels[idx]).item()
+
+
+# greedy acceptance rules: (accuracy, loss) of the soup with the candidate vs. of the soup without
+RULES = {
+    "greedy": lambda acc, loss, best_acc, best_loss: acc >= best_acc,  # the paper's, the cook's
+    "strict greedy": lambda acc, loss, best_acc, best_loss: acc > best_acc,  # the reference code's
+    "loss tie-break greedy": lambda acc, loss, best_acc, best_loss: (
+        acc > best_acc or (acc == best_acc and loss < best_loss)),
+    "by-loss greedy": lambda acc, loss, best_acc, best_loss: loss <= best_loss,
+}
+
+
 def probe(space_path: Path, seed: int, n: int) -> dict:
     space = load_yaml(SearchSpace, space_path)
     cfgs = sample_configs(space, n, seed)
@@ -66,17 +83,17 @@ def probe(space_path: Path, seed: int, n: int) -> dict:
            "ensemble": 0.0, "greedy kept": 0.0}
     uniform = soup_logits([r.state_dict for r in runs])
     ens = sum(r.logits["heldout"] for r in runs)  # the cook's ensemble: summed logits
-    out.update({"strict greedy soup": 0.0, "strict greedy kept": 0.0})
+    out.update({f"{name} {what}": 0.0 for name in list(RULES)[1:] for what in ("soup", "kept")})
     for a, b in (halves, halves[::-1]):
         by_a = sorted(range(n), key=lambda i: -_acc(runs[i].logits["heldout"], labels, a))
-        for strict, name in ((False, "greedy"), (True, "strict greedy")):
-            kept, best_a = [by_a[0]], _acc(runs[by_a[0]].logits["heldout"], labels, a)
+        for name, accepts in RULES.items():
             current = runs[by_a[0]].logits["heldout"]
+            kept, best_a, best_loss = [by_a[0]], _acc(current, labels, a), _loss(current, labels, a)
             for i in by_a[1:]:
                 lg = soup_logits([runs[j].state_dict for j in kept + [i]])
-                got = _acc(lg, labels, a)
-                if got > best_a or (got == best_a and not strict):  # the paper's >=, the reference code's >
-                    kept, best_a, current = kept + [i], got, lg
+                got, loss = _acc(lg, labels, a), _loss(lg, labels, a)
+                if accepts(got, loss, best_a, best_loss):
+                    kept, best_a, best_loss, current = kept + [i], got, loss, lg
             out[f"{name} soup"] += _acc(current, labels, b) / 2
             out[f"{name} kept"] += len(kept) / 2
         out["mean ingredient"] += sum(_acc(r.logits["heldout"], labels, b) for r in runs) / n / 2
@@ -101,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         for k in keys:
             vals = [g[k] for g in got]
             fmt = (lambda v: f"{v:.1f}") if k.endswith("kept") else (lambda v: f"{100 * v:.1f}")
-            print(f"  {k:16s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
-        for name in ("greedy", "strict greedy"):
+            print(f"  {k:28s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
+        for name in RULES:
             d = [g[f"{name} soup"] - g["best individual"] for g in got]
-            print(f"  {name + ' - best':18s} mean {100 * sum(d) / len(d):+.2f} points   per seed "
+            print(f"  {name + ' - best':28s} mean {100 * sum(d) / len(d):+.2f} points   per seed "
                   f"{' '.join(f'{100 * v:+.1f}' for v in d)}", flush=True)
     return 0
 
