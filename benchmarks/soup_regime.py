@@ -26,6 +26,7 @@ compares spaces, it does not time a sweep.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -73,24 +74,25 @@ def probe(space_path: Path, seed: int, n: int) -> dict:
               file=sys.stderr, flush=True)
     model = build_model(cfgs[0], task)
 
-    def soup_logits(states) -> torch.Tensor:
-        model.load_state_dict(weighted_average(states))
+    @functools.cache  # the rules, and the two halves, often try the same soup (same order)
+    def soup_logits(members: tuple[int, ...]) -> torch.Tensor:
+        model.load_state_dict(weighted_average([runs[j].state_dict for j in members]))
         return evaluate.logits(model, task.heldout)
 
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1000 + seed))
     halves = (perm[: len(perm) // 2], perm[len(perm) // 2:])
     out = {"mean ingredient": 0.0, "best individual": 0.0, "uniform soup": 0.0, "greedy soup": 0.0,
            "ensemble": 0.0, "greedy kept": 0.0}
-    uniform = soup_logits([r.state_dict for r in runs])
+    uniform = soup_logits(tuple(range(n)))
     ens = sum(r.logits["heldout"] for r in runs)  # the cook's ensemble: summed logits
-    out.update({f"{name} {what}": 0.0 for name in list(RULES)[1:] for what in ("soup", "kept")})
+    out.update({f"{name} {what}": 0.0 for name in RULES for what in ("soup", "kept")})
     for a, b in (halves, halves[::-1]):
         by_a = sorted(range(n), key=lambda i: -_acc(runs[i].logits["heldout"], labels, a))
         for name, accepts in RULES.items():
             current = runs[by_a[0]].logits["heldout"]
             kept, best_a, best_loss = [by_a[0]], _acc(current, labels, a), _loss(current, labels, a)
             for i in by_a[1:]:
-                lg = soup_logits([runs[j].state_dict for j in kept + [i]])
+                lg = soup_logits((*kept, i))
                 got, loss = _acc(lg, labels, a), _loss(lg, labels, a)
                 if accepts(got, loss, best_a, best_loss):
                     kept, best_a, best_loss, current = kept + [i], got, loss, lg
