@@ -271,6 +271,27 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+# A header that is valid JSON but not a safetensors layout, as a hand-edited or foreign file has.
+MALFORMED_HEADERS = {
+    "offsets-number": lambda h: {**h, next(iter(h)): {**h[next(iter(h))], "data_offsets": 0}},
+    "header-list": lambda h: list(h.items()),
+    "shape-null": lambda h: {**h, next(iter(h)): {**h[next(iter(h))], "shape": None}},
+}
+
+
+def _malform_header(path: Path, how: str) -> None:
+    """Rewrite the file's JSON header with `MALFORMED_HEADERS[how]` (the tensor bytes stay)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    raw = json.dumps(MALFORMED_HEADERS[how](header)).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
 def _add_bad_runs(tracker, client, tmp, exp_id, parent_id, sweep_id, tags, state, kinds) -> dict[str, str]:
     runs = {}
     for kind in kinds:
@@ -296,6 +317,13 @@ def _add_bad_runs(tracker, client, tmp, exp_id, parent_id, sweep_id, tags, state
             _artifact_file(client, rid, "checkpoint/model.safetensors").unlink()
         elif kind == "corrupt-checkpoint":
             _corrupt(_artifact_file(client, rid, "checkpoint/model.safetensors"))
+        elif kind.startswith("malformed-"):  # malformed-<how>[-tagged]: tagged = sha256 tag updated
+            from orchestrator.hashing import file_sha256
+
+            path = _artifact_file(client, rid, "checkpoint/model.safetensors")
+            _malform_header(path, kind.removeprefix("malformed-").removesuffix("-tagged"))
+            if kind.endswith("-tagged"):
+                tracker.set_tags(rid, {"checkpoint_sha256": file_sha256(path)})
         runs[kind] = rid
     return runs
 
@@ -308,8 +336,9 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+MALFORMED_KINDS = tuple(f"malformed-{how}{tagged}" for how in MALFORMED_HEADERS for tagged in ("", "-tagged"))
 BAD_KINDS = ("missing-checkpoint", "corrupt-checkpoint", "other-arch", "other-base", "other-shape",
-             "nan-weights", "inf-weights")
+             "nan-weights", "inf-weights", *MALFORMED_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -483,6 +512,19 @@ def test_bad_input_nan_weights(world):
 @pytest.mark.slow
 def test_bad_input_inf_weights(world):
     assert "tensor 'visual.ln_pre.bias' has NaN or Inf values" in excluded_line(world, "inf-weights")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+def test_bad_input_malformed_checkpoint_header(world, kind):
+    """A header that is JSON but no safetensors layout (offsets a number, a list, a null shape),
+    with its sha256 tag updated or not: that run excluded by name, the others cooked (the cook
+    used to end in a TypeError traceback)."""
+    line = excluded_line(world, kind)
+    why = {"offsets-number": "has a corrupt data_offsets 0", "header-list": "a JSON list, not an object",
+           "shape-null": "has a corrupt shape None"}[kind.removeprefix("malformed-").removesuffix("-tagged")]
+    assert why in line, line
 
 
 def promote_is_refused(store, capsys, argv: list[str], *fragments: str) -> str:

@@ -5,6 +5,7 @@ dozen bytes) are forced where it matters, so that every tensor spans many chunks
 """
 
 import hashlib
+import re
 
 import pytest
 import torch
@@ -86,6 +87,45 @@ def test_files_are_checked_from_their_headers(world, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         read_header(tmp_path / "junk.safetensors")
+
+
+def _with_header(path, header, out):
+    """`path`'s tensor bytes behind another JSON `header` (valid JSON, any shape)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    raw = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return out
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda h, k: {**h, k: {**h[k], "data_offsets": 0}}, "has a corrupt data_offsets 0"),
+    (lambda h, k: {**h, k: {**h[k], "data_offsets": [0]}}, "has a corrupt data_offsets [0]"),
+    (lambda h, k: {**h, k: {**h[k], "shape": None}}, "has a corrupt shape None"),
+    (lambda h, k: {**h, k: {**h[k], "shape": [2.5]}}, "has a corrupt shape [2.5]"),
+    (lambda h, k: {**h, k: {**h[k], "dtype": ["F32"]}}, "unsupported dtype ['F32']"),
+    (lambda h, k: {**h, k: 7}, "corrupt header entry (not an object)"),
+    (lambda h, k: {**h, "__metadata__": [1]}, "'__metadata__' is not an object"),
+    (lambda h, k: list(h.items()), "a JSON list, not an object"),
+], ids=["offsets-number", "offsets-short", "shape-null", "shape-float", "dtype-list", "entry-int",
+        "metadata-list", "header-list"])
+def test_a_header_that_is_json_but_no_safetensors_layout_is_a_value_error(world, tmp_path, change, why):
+    # Every malformed header is a ValueError naming the file: the cook excludes such a run by
+    # catching exactly that, where a TypeError used to end the whole cook.
+    import json
+    import struct
+
+    path = world["paths"][0]
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    key = next(k for k in header if k != "__metadata__")
+    bad = _with_header(path, change(header, key), tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=re.escape(why)) as err:
+        read_header(bad)
+    assert str(bad) in str(err.value)
 
 
 def test_scan_hashes_every_byte_and_finds_non_finite_values(world, tmp_path, tiny_chunks):

@@ -69,17 +69,37 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < n <= min(MAX_HEADER, size - 8):
             raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupt safetensors header ('__metadata__' is not an object)")
     return {k: _info(path, k, v, 8 + n, size) for k, v in header.items()}, meta
 
 
-def _info(path, key: str, entry: dict, base: int, size: int) -> TensorInfo:
-    """One header entry, checked: a known dtype and a byte range that fits its shape and the file."""
-    if entry.get("dtype") not in DTYPES:
+def _ints(value, length: int | None = None) -> bool:
+    """Whether a header field is a list of non-negative integers (of `length`, if given)."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _info(path, key: str, entry, base: int, size: int) -> TensorInfo:
+    """One header entry, checked: an object with a known dtype, a shape of non-negative integers
+    and a byte range that fits its shape and the file. A header is JSON written by whoever made
+    the file, so each field's type is checked before it is used."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: tensor {key!r} has a corrupt header entry (not an object)")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
         raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {entry.get('dtype')!r}")
+    for field, length in (("shape", None), ("data_offsets", 2)):
+        if not _ints(entry.get(field), length):
+            raise ValueError(f"{path}: tensor {key!r} has a corrupt {field} {entry.get(field)!r}")
     dtype, (start, end) = DTYPES[entry["dtype"]], entry["data_offsets"]
-    info = TensorInfo(dtype, tuple(int(s) for s in entry["shape"]), base + start, end - start)
+    info = TensorInfo(dtype, tuple(entry["shape"]), base + start, end - start)
     if info.nbytes != info.numel * dtype.itemsize or base + end > size or start < 0:
         raise ValueError(f"{path}: tensor {key!r} has a corrupt byte range {start}..{end}")
     return info
