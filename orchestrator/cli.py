@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
 import sys
 import time
@@ -22,9 +23,11 @@ def _fail(command: str, err: Exception | str) -> int:
 
 
 def _store(write: bool, must_exist: bool = True) -> None:
-    """Refuse, before any work, an MLflow store the command cannot use: a sqlite store that is
-    not there where one is read (a mistyped MLFLOW_TRACKING_URI is not created empty), a path
-    that cannot be opened, or a read-only store where the command writes."""
+    """Refuse, before any work, an MLflow store the command cannot use: a URI that names no
+    database store or tracking server (a plain path, the file store, an unknown scheme), a
+    sqlite store that is not there (or is an empty database) where one is read (a mistyped
+    MLFLOW_TRACKING_URI is not created empty), a sqlite file that holds another program's
+    tables, a path that cannot be opened, or a read-only store where the command writes."""
     from .tracking import StoreError, check_store, resolve_uri
 
     try:
@@ -106,7 +109,7 @@ def keep_log(uri: str, run_id: str, log) -> str | None:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import SweepInterrupted, run_sweep
+    from .sweep import SweepInterrupted, cook_hint, run_sweep
 
     _store(write=True, must_exist=False)  # a sweep starts a new store or logs to an existing one
     try:
@@ -119,7 +122,7 @@ def cmd_sweep(args) -> int:
         print(f"detail log also on the sweep run: {where}")
     print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
           f"parent run {out.parent_run_id} in {out.tracking_uri}")
-    print(f"cook it with: soup cook --sweep {out.sweep_id}")
+    print(f"cook it with: {cook_hint(out.sweep_id)}")
     return 0 if out.finished else 1
 
 
@@ -192,7 +195,8 @@ def cmd_demo(args) -> int:
     print(f"\ndemo finished in {res['seconds']:.0f}s; registered versions: {res['versions']}")
     print(f"plot:         {res['plot']}")
     print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
-    print(f"open the UI:  mlflow ui --backend-store-uri {res['uri']} --host 127.0.0.1 --port 5000")
+    ui = f"mlflow ui --backend-store-uri {shlex.quote(res['uri'])} --host 127.0.0.1 --port 5000"
+    print(f"open the UI:  {ui}")
     if res["log"]:
         kept = keep_log(res["uri"], res["sweep_run"], res["log"])
         print(f"detail log:   {res['log']}" + (f" (also on the sweep run: {kept})" if kept else ""))

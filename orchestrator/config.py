@@ -382,6 +382,9 @@ class SweepSettings(Frozen):
     storage_path: str | None = None
     max_failures: int = Field(0, ge=0)
     seed: int = 0
+    # The most trials one sweep may make (num_samples times every grid combination): a space
+    # that asks for millions is a mistake to refuse, not a sweep to start.
+    max_trials: int = Field(10000, ge=1)
     # On a cluster (RAY_ADDRESS) whose nodes cannot yet run one trial: true starts the sweep and
     # waits for the autoscaler to add a node; false refuses it. A local Ray is always refused.
     autoscale: bool = False
@@ -445,7 +448,36 @@ class SearchSpace(Frozen):
             raise FieldError(*problem)
         if self.sweep.search_alg == "grid" and any(d.kind != "grid" for d in self.search.values()):
             raise FieldError("sweep.search_alg", "search_alg 'grid' needs every searched key to be a grid")
+        if self.trial_count > self.sweep.max_trials:
+            raise FieldError("sweep.max_trials", (
+                f"this space makes {trials_made(self)}, above sweep.max_trials "
+                f"{self.sweep.max_trials:,}; lower sweep.num_samples or the grid, or raise sweep.max_trials"))
         return self
+
+    @property
+    def grid_points(self) -> int:
+        """Combinations of the grid axes (1 without any): Tune runs every one of them for each
+        of the num_samples samples."""
+        return math.prod(len(d.grid) for d in self.search.values() if d.kind == "grid")
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep makes, counted as Tune counts them (`tune.TuneConfig.num_samples`:
+        with grid_search, the grid is repeated num_samples times)."""
+        return self.sweep.num_samples * self.grid_points
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def trials_made(space: SearchSpace) -> str:
+    """How many trials the space makes and how: ``8 trials (num_samples 8)``, or
+    ``8 trials (2 grid points × num_samples 4)``."""
+    how = f"num_samples {space.sweep.num_samples:,}"
+    if any(d.kind == "grid" for d in space.search.values()):
+        how = f"{_counted(space.grid_points, 'grid point')} × {how}"
+    return f"{_counted(space.trial_count, 'trial')} ({how})"
 
 
 def batch_split(batch_size: int, workers: int, micro_batch_size: int | None) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shlex
 import signal
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .config import (
     FinetuneConfig,
     SearchSpace,
     load_yaml,
+    trials_made,
     with_overrides,
 )
 from .hashing import text_sha256
@@ -221,7 +223,7 @@ def _sweep_description(sweep_id: str, space: SearchSpace, space_path: Path) -> s
     return "\n".join([
         (f"**Sweep `{sweep_id}`** of space `{space_path.name}`: {s.num_samples} samples of `{m.arch}` "
          f"(pretrained `{m.pretrained}`) fine-tuned on `{space.base.data.dataset}`, searching {searched}."),
-        "", (f"Its trials are the nested runs below it. Cook it with `soup cook --sweep {sweep_id}`: "
+        "", (f"Its trials are the nested runs below it. Cook it with `{cook_hint(sweep_id)}`: "
              "the comparison of its soups with the best trial and the ensemble then replaces this text.")])
 
 
@@ -238,35 +240,66 @@ def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
         raise ConfigError(f"{space_path}: key 'base.model.pretrained': {err}") from None
 
 
+# --- commands a person copies: every id and path quoted for a POSIX shell ---------------------
+
+def _shell(*words: str | Path) -> str:
+    """A command line that a POSIX shell splits back into `words` (ids and paths may hold spaces)."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def cook_hint(sweep_id: str) -> str:
+    """The command that cooks sweep `sweep_id`."""
+    return _shell("soup", "cook", "--sweep", sweep_id)
+
+
+def sweep_hint(space_path: str | Path, sweep_id: str, resume: bool) -> str:
+    """The command that starts (or, with `resume`, continues) sweep `sweep_id` of a space."""
+    return _shell("soup", "sweep", space_path, "--name", sweep_id, *(["--resume"] if resume else []))
+
+
 class SweepInterrupted(RuntimeError):
     """The sweep was stopped by a signal; its run is KILLED with the reason, and resumable."""
 
     def __init__(self, sweep_id: str, signal_name: str, space_path: Path):
         super().__init__(f"sweep {sweep_id} interrupted by {signal_name}; continue it with: "
-                         f"soup sweep {space_path} --name {sweep_id} --resume")
+                         f"{sweep_hint(space_path, sweep_id, resume=True)}")
         self.signal_name = signal_name
 
 
-MAX_SWEEP_ID = 100  # it names Tune's folder, whose trial folders add their own long names
+# It names Tune's folder, whose trial folders add their own long names. Folder names are limited
+# in bytes (255 on Linux's file systems), so the limit is in UTF-8 bytes: 100 ASCII characters,
+# fewer accented or CJK ones.
+MAX_SWEEP_ID = 100
 
 
 def _sweep_id(space_path: Path, name: str | None, resume: bool) -> str:
     """The sweep id: `name`, or the space's name and the time; checked before anything starts."""
+    if name == "":  # not "no name": an empty --name would silently become a generated id
+        raise ConfigError("--name '': a sweep id must not be empty")
     if resume and not name:
         raise ConfigError("--resume needs --name: the sweep id printed when the sweep started")
     sweep_id = name or f"{space_path.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if not sweep_id.strip() or not searchable(sweep_id):
         raise ConfigError(f"sweep id {sweep_id!r}: must be non-empty, without quotes or backslashes "
                           "(it is matched in MLflow searches)")
-    bad = [c for c in sweep_id if c == "/" or not c.isprintable()]
-    if len(sweep_id) > MAX_SWEEP_ID or bad or sweep_id in (".", ".."):
-        raise ConfigError(f"sweep id {sweep_id[:40]!r}{'...' if len(sweep_id) > 40 else ''}: must be "
-                          f"at most {MAX_SWEEP_ID} printable characters without '/' (it names a folder); "
-                          f"it has {len(sweep_id)}")
+    _check_folder_name(sweep_id)
     return sweep_id
 
 
-def _check_unique(tracker: Tracker, sweep_id: str, space: SearchSpace, resume: bool) -> None:
+def _check_folder_name(sweep_id: str) -> None:
+    """Refuse an id that cannot name Tune's folder: too many bytes, a '/', unprintable, or a
+    name the file system reserves."""
+    size = len(sweep_id.encode("utf-8"))
+    bad = [c for c in sweep_id if c == "/" or not c.isprintable()]
+    if size > MAX_SWEEP_ID or bad or sweep_id in (".", ".."):
+        raise ConfigError(f"sweep id {sweep_id[:40]!r}{'...' if len(sweep_id) > 40 else ''}: must be "
+                          f"at most {MAX_SWEEP_ID} printable characters without '/' and at most "
+                          f"{MAX_SWEEP_ID} bytes in UTF-8 (it names a folder, and folder names are "
+                          f"limited in bytes); it has {len(sweep_id)} characters, {size} bytes")
+
+
+def _check_unique(tracker: Tracker, sweep_id: str, space: SearchSpace, space_path: Path,
+                  resume: bool) -> None:
     """A sweep id names one sweep in the whole store: a new sweep may not reuse it in any
     experiment, and ``--resume`` needs it, in the space's experiment (so `soup cook --sweep ID`
     never has to choose)."""
@@ -277,10 +310,11 @@ def _check_unique(tracker: Tracker, sweep_id: str, space: SearchSpace, resume: b
         raise ConfigError(f"sweep id {sweep_id!r} is taken by a sweep in experiment {exp!r} of "
                           f"{tracker.uri}; sweep ids are unique in a store: choose another --name")
     if resume and parent is None:
-        raise ConfigError(f"--resume: no sweep {sweep_id!r} in experiment {wanted!r} at {tracker.uri}")
+        raise ConfigError(f"--resume: no sweep {sweep_id!r} in experiment {wanted!r} at {tracker.uri}; "
+                          f"start it with: {sweep_hint(space_path, sweep_id, resume=False)}")
     if not resume and parent is not None:
-        raise ConfigError(f"sweep {sweep_id!r} already exists; pass --resume to continue it "
-                          "or --name to start another")
+        raise ConfigError(f"sweep {sweep_id!r} already exists: choose another --name to start another "
+                          f"sweep, or continue it with: {sweep_hint(space_path, sweep_id, resume=True)}")
 
 
 def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]) -> None:
@@ -326,9 +360,10 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     sweep_id = _sweep_id(space_path, name, resume)
     tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
-    _check_unique(tracker, sweep_id, space, resume)
+    _check_unique(tracker, sweep_id, space, space_path, resume)
     cluster.init_ray(log)
     _check_fits(space, space_path, log)
+    log(f"sweep {sweep_id}: {trials_made(space)}")
     with stop_signals():
         exp_id = tracker.experiment_id(space.tracking.experiment_name)
         try:
