@@ -4,18 +4,44 @@ The gate: a version takes the alias only if its held-out accuracy is a number an
 current holder's; `force` overrides it and records why. Accuracies are version tags, which anyone
 may edit in the UI, so a tag that is not a number is shown as ``-`` and never crashes a listing
 or the gate. Everything goes through `tracking.Tracker`.
+
+A promotion is all or nothing: everything it will write (the alias, the tag keys and values) is
+checked against MLflow's rules first, then the tags are recorded, then the alias moves; if MLflow
+still refuses the move, the tags are put back as they were.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 
-from .tracking import RegistryError, Tracker, searchable
+from .tracking import (
+    MAX_MODEL_REGISTRY_TAG_KEY_LENGTH,
+    MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH,
+    MAX_REGISTERED_MODEL_ALIAS_LENGTH,
+    RegistryError,
+    Tracker,
+    searchable,
+)
+
+# MLflow's rule for alias names (mlflow.utils.validation._validate_model_alias_name, private, so
+# restated here): non-empty, only letters, digits, underscores and dashes. Matched whole, so a
+# trailing newline, which MLflow's `^...$` lets through but its tag keys do not, is refused too.
+# Its other rule, reserved names ('latest' in any case, and v<number>), is left to MLflow: the
+# alias then moves last, and a refusal there puts the recorded tags back.
+_ALIAS = re.compile(r"[\w-]+")
+FORCED_TAG = "forced_promotion"
+
+
+def promoted_tag(alias: str) -> str:
+    """The version tag recording when `alias` last moved to the version."""
+    return f"promoted_{alias}_at"
 
 
 class PromotionError(ValueError):
-    """A promotion was refused (gate, or no such version); the alias did not move."""
+    """A promotion was refused (gate, no such version, or an alias or reason that MLflow could
+    not record); nothing in the registry changed."""
 
 
 def _version(tracker: Tracker, model_name: str, version: str | int):
@@ -74,6 +100,57 @@ def _gate(cand, current, alias: str) -> None:
             f"{alias!r} (version {current.version}, {theirs:.2%}); pass --force to override")
 
 
+def _shown(text: str, keep: int = 24) -> str:
+    """`text` for a one-line message: whole if short, else its start, an ellipsis and its length."""
+    return repr(text) if len(text) <= keep else f"{text[:keep]!r}… ({len(text)} characters)"
+
+
+def _check_request(alias: str, force: bool, reason: str) -> None:
+    """Refuse, before anything is written, an alias or reason MLflow would not take: the alias
+    itself, the tag keys the promotion writes (``promoted_<alias>_at``, ``forced_promotion``)
+    and, with `force`, the tag value holding the reason."""
+    if not alias or not _ALIAS.fullmatch(alias):
+        raise PromotionError(f"alias {_shown(alias)} is not one MLflow accepts: it must be non-empty "
+                             "and hold only letters, digits, underscores (_) and dashes (-)")
+    limit = MAX_MODEL_REGISTRY_TAG_KEY_LENGTH - len(promoted_tag(""))  # 238 in MLflow 3
+    why = (f"its promotion is recorded in the version tag {promoted_tag('<alias>')}, which MLflow "
+           f"limits to {MAX_MODEL_REGISTRY_TAG_KEY_LENGTH}")
+    if MAX_REGISTERED_MODEL_ALIAS_LENGTH < limit:
+        limit, why = MAX_REGISTERED_MODEL_ALIAS_LENGTH, "MLflow's limit for aliases"
+    if len(alias) > limit:
+        raise PromotionError(f"alias {_shown(alias)} is too long: at most {limit} characters ({why})")
+    for key in (promoted_tag(alias), FORCED_TAG):  # both fit once the alias does; checked anyway
+        if len(key) > MAX_MODEL_REGISTRY_TAG_KEY_LENGTH:
+            raise PromotionError(f"version tag {_shown(key)} is too long for MLflow: at most "
+                                 f"{MAX_MODEL_REGISTRY_TAG_KEY_LENGTH} characters")
+    room = MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH - len(_forced_value(_now(), "")) + len(_NO_REASON)
+    if force and len(reason) > room:
+        raise PromotionError(f"reason is too long ({len(reason)} characters): at most {room} (it is "
+                             f"recorded after the time in the version tag {FORCED_TAG}, which MLflow "
+                             f"limits to {MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH} characters)")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+_NO_REASON = "no reason given"
+
+
+def _forced_value(now: str, reason: str) -> str:
+    """The ``forced_promotion`` tag's value: when, and why."""
+    return f"{now}: {reason or _NO_REASON}"
+
+
+def _restore(tracker: Tracker, model_name: str, version: str, before: dict[str, str | None]) -> None:
+    """Put version tags back as `before` holds them: its value, or no tag where it held None."""
+    for key, value in before.items():
+        if value is None:
+            tracker.delete_version_tag(model_name, version, key)
+        else:
+            tracker.set_version_tag(model_name, version, key, value)
+
+
 def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = "champion",
             force: bool = False, reason: str = "") -> str:
     """Point `alias` at `version` if its held-out accuracy is at least the current holder's.
@@ -83,19 +160,38 @@ def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = 
     alias has a holder whose figure is not a number, it refuses too, as nothing shows that the
     candidate is no worse. `force` overrides the gate; the reason and the time are recorded in
     the version's tags.
+
+    All or nothing: first the alias, the tag keys and the reason are checked against MLflow's
+    limits and the version and the gate are checked (`PromotionError`, nothing written); then the
+    time (``promoted_<alias>_at``) and, with `force`, the reason (``forced_promotion``) are
+    recorded; then the alias moves. If MLflow refuses the move (a reserved alias: 'latest',
+    'v3'), or anything fails after the first write, those tags are put back as they were (removed,
+    or their earlier values restored) before the error is raised.
     """
+    _check_request(alias, force, reason)
     cand = _version(tracker, model_name, version)
     if not force:
         _gate(cand, tracker.version_by_alias(model_name, alias), alias)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    try:
-        tracker.set_alias(model_name, alias, cand.version)
-    except RegistryError as err:
-        raise PromotionError(f"alias {alias!r} refused by MLflow: {err}") from None
-    tracker.set_version_tag(model_name, cand.version, f"promoted_{alias}_at", now)
+    now = _now()
+    tags = {promoted_tag(alias): now}
     if force:
-        tracker.set_version_tag(model_name, cand.version, "forced_promotion",
-                                f"{now}: {reason or 'no reason given'}")
+        tags[FORCED_TAG] = _forced_value(now, reason)
+    before = {key: cand.tags.get(key) for key in tags}
+    try:
+        for key, value in tags.items():
+            tracker.set_version_tag(model_name, cand.version, key, value)
+        tracker.set_alias(model_name, alias, cand.version)
+    except BaseException as err:
+        left = ""
+        try:
+            _restore(tracker, model_name, cand.version, before)
+        except Exception as undo:  # noqa: BLE001 - whatever it is, it is reported with the cause
+            left = (f"; the version tags {', '.join(tags)} of version {cand.version} could not be "
+                    f"put back: {undo}")
+            err.add_note(left[2:])
+        if isinstance(err, RegistryError):
+            raise PromotionError(f"alias {alias!r} refused by MLflow: {err}{left}") from None
+        raise
     return cand.version
 
 

@@ -40,6 +40,17 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 
+try:  # MLflow's public limits (mlflow.utils.validation): promotion checks them before writing
+    from mlflow.utils.validation import (
+        MAX_MODEL_REGISTRY_TAG_KEY_LENGTH,
+        MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH,
+        MAX_REGISTERED_MODEL_ALIAS_LENGTH,
+    )
+except ImportError:  # their values in MLflow 3.x, should a release move or rename them
+    MAX_MODEL_REGISTRY_TAG_KEY_LENGTH = 250
+    MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH = 100_000
+    MAX_REGISTERED_MODEL_ALIAS_LENGTH = 255
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 _PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
@@ -349,6 +360,10 @@ class Tracker:
 
     def set_version_tag(self, name: str, version: str | int, key: str, value: str) -> None:
         retry(lambda: self.client.set_model_version_tag(name, str(version), key, value))
+
+    def delete_version_tag(self, name: str, version: str | int, key: str) -> None:
+        """Remove tag `key` from version `version` of registered model `name` (none there: no-op)."""
+        retry(lambda: self.client.delete_model_version_tag(name, str(version), key))
 
     @staticmethod
     def _or_none(fetch: Callable[[], Any]):
