@@ -295,29 +295,51 @@ class Tracker:
         runs = self.search(experiment_id, f"tags.`{ROLE}` = 'sweep' and tags.{SWEEP_ID} = {quoted(sweep_id)}")
         return runs[0] if runs else None
 
+    def _trials_filter(self, experiment_id: str, sweep_id: str) -> str | None:
+        """The filter of the trial runs of the live sweep `sweep_id`: nested under its run, not
+        only tagged with its id. A sweep id may be reused once its sweep run was deleted, and
+        MLflow leaves the deleted sweep's trials active: they belong to no live sweep."""
+        parent = self.find_sweep(experiment_id, sweep_id)
+        if parent is None:
+            return None
+        return (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)} "
+                f"and tags.`mlflow.parentRunId` = {quoted(parent.info.run_id)}")
+
     def trial_runs(self, experiment_id: str, sweep_id: str, status: str | None = None):
         """The sweep's trial runs, best held-out accuracy first."""
-        f = f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)}"
+        f = self._trials_filter(experiment_id, sweep_id)
+        if f is None:
+            return []
         if status:
             f += f" and attributes.status = {quoted(status)}"
         return self.search(experiment_id, f, order_by=["metrics.heldout_acc DESC"])
 
     def find_trial(self, experiment_id: str, sweep_id: str, trial_key: str):
         """Runs of one trial, matched by its key (see `trial.trial_key`)."""
-        f = (f"tags.`{ROLE}` = 'trial' and tags.{SWEEP_ID} = {quoted(sweep_id)} "
-             f"and tags.trial_key = {quoted(trial_key)}")
-        return self.search(experiment_id, f)
+        f = self._trials_filter(experiment_id, sweep_id)
+        return [] if f is None else self.search(experiment_id, f + f" and tags.trial_key = {quoted(trial_key)}")
 
     def discard_stale(self, runs: Iterable) -> None:
-        """A trial restarted from scratch replaces its unfinished run: end it KILLED, delete it."""
+        """A trial restarted from scratch replaces its unfinished run: end it KILLED, delete it
+        with the logged models it produced (else they would stay PENDING in the Models tab)."""
         for run in runs:
             if run.info.status != FINISHED:
                 if run.info.status == RUNNING:
                     self.end_run(run.info.run_id, KILLED)
-                if run.data.tags.get(MODEL_TAG):  # its logged model goes with it
-                    with contextlib.suppress(mlflow.exceptions.MlflowException):
-                        self.client.delete_logged_model(run.data.tags[MODEL_TAG])
+                models = {m.model_id for m in self.logged_models_of(run.info.experiment_id, run.info.run_id)}
+                for model_id in models | ({run.data.tags[MODEL_TAG]} if run.data.tags.get(MODEL_TAG) else set()):
+                    self.delete_logged_model(model_id)
                 retry(lambda: self.client.delete_run(run.info.run_id))
+
+    def logged_models_of(self, experiment_id: str, run_id: str, status: str | None = None) -> list:
+        """The logged models run `run_id` produced (of `status`, e.g. PENDING, if given)."""
+        f = f"source_run_id = {quoted(run_id)}" + (f" AND status = {quoted(status)}" if status else "")
+        return list(retry(lambda: self.client.search_logged_models([experiment_id], filter_string=f)))
+
+    def delete_logged_model(self, model_id: str) -> None:
+        """Delete a logged model (one already gone is no error)."""
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            self.client.delete_logged_model(model_id)
 
     def delete_run(self, run_id: str) -> None:
         """Delete a run (it moves to MLflow's deleted lifecycle stage)."""

@@ -178,6 +178,34 @@ def test_a_sweep_id_names_one_sweep_in_the_whole_store(swept, tmp_path):
     assert [e.name for e in client.search_experiments()] == before and not ray.is_initialized()
 
 
+def test_a_sweep_id_reused_after_its_sweep_run_was_deleted_means_the_new_sweep(swept, tmp_path):
+    """Delete sweep s3's run, sweep s3 again with 2 trials: MLflow leaves the deleted sweep's 3
+    trials active, but they belong to no live sweep, so the new sweep counts 2 and the cook
+    cooks those 2 (it used to count 5 and keep a deleted sweep's trial in the greedy soup)."""
+    import ray
+
+    from conftest import tiny_space
+    from orchestrator.sweep import run_sweep
+
+    uri = copy_store(swept, tmp_path / "s")
+    tracker, exp, old = _trials(uri)
+    tracker.delete_run(tracker.find_sweep(exp, SWEEP).info.run_id)
+    try:
+        out = run_sweep(tiny_space(tmp_path / "tiny2.yaml", 2), name=SWEEP, log=QUIET,
+                        storage_path=str(tmp_path / "ray_results"), tracking_uri=uri)
+    finally:
+        ray.shutdown()
+    assert (out.finished, out.failed) == (2, 0)
+    new = {r.info.run_id for r in tracker.trial_runs(exp, SWEEP, "FINISHED")}
+    assert len(new) == 2 and not new & {r.info.run_id for r in old}
+    lines = []
+    cooked = cook(SWEEP, recipes=("uniform", "greedy"), tracking_uri=uri, use_ray=False, log=lines.append)
+    assert any(line.startswith("cooking 2 ingredients of sweep s3") for line in lines), lines
+    for recipe, version in cooked.versions.items():
+        kept = set(tracker.model_version(MODEL, version).tags["ingredients"].split(","))
+        assert kept and kept <= new, (recipe, kept)
+
+
 @pytest.mark.parametrize("resources, message", [
     ("{cpu: 64, gpu: 0}", r"a trial worker asks for 64 CPU and 0 GPU, but the largest node of this Ray has \d+ CPU"),
     ("{workers: 64, cpu: 1}", r"a trial of 64 workers asks for 64 CPU and 0 GPU, but this local Ray has \d+ CPU"),
