@@ -155,7 +155,7 @@ def cmd_cook(args) -> int:
         with _detail(args, "cook") as log:
             out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
                        strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
-                       partial=args.partial, resources=resources)
+                       partial=args.partial, resources=resources, rebuild=args.rebuild)
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
@@ -290,6 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--partial", action="store_true",
                     help="cook a sweep that has not finished (running, interrupted or failed) from "
                          "the trials finished so far; its versions are tagged partial_sweep=true")
+    sp.add_argument("--rebuild", action="store_true",
+                    help="build and evaluate the soups again even when this sweep is already cooked "
+                         "with the same trials, recipes and settings (nothing is registered twice)")
     _output_options(sp, "cook")
     sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -96,6 +97,7 @@ class CookContext:
     tmp: Path
     partial: bool = False  # the sweep had not finished: its soups are tagged partial_sweep
     names: dict[str, str] = field(default_factory=dict)  # ingredient run id -> its run name
+    record: str = ""  # `record_key` of this cook's inputs: where its record is kept
 
 
 @dataclass
@@ -284,17 +286,27 @@ def cook_resources(space: SearchSpace, cpu: float | None = None, gpu: float | No
 def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
          tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
          log: Callable[[str], None] = print, learned_mode: str | None = None,
-         partial: bool = False, resources: Mapping[str, float | None] | None = None) -> CookOutcome:
+         partial: bool = False, resources: Mapping[str, float | None] | None = None,
+         rebuild: bool = False) -> CookOutcome:
     """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
 
     `recipes` default to the built-in ones; `learned_mode` overrides the space's
     ``cook.learned_mode`` (``streaming`` or ``stacked``), `resources` its ``cook.resources``
     (``cpu``, ``gpu``, ``memory_gib``). A sweep that has not FINISHED (still running,
     interrupted or failed) is cooked only with `partial`, and its soups say so.
+
+    A sweep already cooked from the same trials, recipes and settings is recognised before
+    anything is fetched or built (its record, `cook/records/`, and every soup's run and version
+    are there): the recorded table is returned, at no forward pass. `rebuild` builds and
+    evaluates it again all the same (what is registered is reused, never duplicated).
     """
     table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
     tracker, space, parent = target.tracker, target.space, target.parent
+    options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
+    record = record_key(target, table, options)
+    if not rebuild and (done := already_cooked(target, record, log)) is not None:
+        return done
     res = cook_resources(space, **(resources or {}))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -307,7 +319,6 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
             f"(best held-out {checkpoints[0].heldout_acc:.1%}): {', '.join(r.name for r in table)} "
             f"on {_device_words(res)}")
-        options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
         built = _build_soups(space.base.model_dump(mode="json"), checkpoints, table, options, res,
                              use_ray, tracker.uri, _flushed(log), space.sweep.autoscale)
         built.phases = [fetched, *(p for p in built.phases if p["name"] != "fetch" or p["bytes"])]
@@ -315,10 +326,56 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         ctx = CookContext(tracker, target.experiment_id, parent.info.run_id, sweep_id, space, built.used,
                           model_name=target.model_name, options=options, tmp=Path(tmp),
                           partial=parent.info.status != FINISHED,
-                          names={c.run_id: c.name for c in checkpoints})
+                          names={c.run_id: c.name for c in checkpoints}, record=record)
         out = _log_all(ctx, built, excluded, log)
         _report_cost(ctx, built, log)
         return out
+
+
+RECORDS_DIR = "cook/records"  # on the sweep run: one JSON per cook, named by its inputs
+
+
+def record_key(target: CookTarget, table: Sequence, options: RecipeOptions) -> str:
+    """Identity of a cook's inputs, read from MLflow's records alone (nothing downloaded): the
+    trials (run, checkpoint and logits digests, held-out figure), the sweep's state, the
+    registered model, the recipes and their settings."""
+    trials = [[r.info.run_id, r.data.tags.get("checkpoint_sha256"), r.data.tags.get(SHA_TAG),
+               r.data.metrics.get("heldout_acc")] for r in target.runs]
+    recipes = [[r.name, r.settings(options)] for r in table]
+    return json_sha256([target.model_name, target.parent.info.status, trials, recipes])[:24]
+
+
+def already_cooked(target: CookTarget, record: str, log: Callable[[str], None]) -> CookOutcome | None:
+    """The outcome of an earlier cook of the same inputs whose every soup is still logged and
+    registered (said per recipe, with a cost table of no forward pass), or None."""
+    start = time.perf_counter()
+    try:
+        rec = json.loads(read_artifact_text(target.tracker, target.parent.info.run_id,
+                                            f"{RECORDS_DIR}/{record}.json"))
+    except Exception:  # noqa: BLE001 - no record (never cooked, or by a release that kept none)
+        return None
+    found = {}
+    for recipe, key in rec["soups"].items():
+        run, version = find_soup(target.tracker, target.experiment_id, key), \
+            find_version(target.tracker, target.model_name, key)
+        if run is None or version is None:
+            return None  # deleted since: cook it again
+        found[recipe] = (run.info.run_id, version.version)
+    for recipe, (run_id, version) in found.items():
+        log(f"{recipe} soup: already cooked as run {run_id}, version {version}")
+    phases = [{"name": "already cooked", "passes": 0, "bytes": 0, "seconds": time.perf_counter() - start}]
+    for line in ["nothing built: every soup of these inputs is already cooked", *phase_table(phases)]:
+        log(line)
+    return CookOutcome(target.parent.data.tags.get("sweep_id", ""), rec["rows"], rec["excluded"],
+                       {r: v for r, (_, v) in found.items()}, {r: i for r, (i, _) in found.items()},
+                       reused=list(found), phases=phases, singles=rec["singles"],
+                       parent_run_id=target.parent.info.run_id, tracking_uri=target.tracker.uri)
+
+
+def _keep_record(ctx: CookContext, built: Built, excluded: dict[str, str], keys: dict[str, str]) -> None:
+    """What `already_cooked` returns for a later cook of the same inputs."""
+    rec = {"soups": keys, "rows": built.rows, "singles": built.singles, "excluded": excluded}
+    ctx.tracker.log_text(ctx.parent_run_id, json.dumps(rec, indent=1), f"{RECORDS_DIR}/{ctx.record}.json")
 
 
 def _device_words(res: CookResources) -> str:
@@ -353,7 +410,7 @@ def _check_finished(parent, sweep_id: str, partial: bool) -> None:
     why = parent.data.tags.get("end_reason", "")
     raise CookError(
         f"sweep {sweep_id!r} has not finished (its run is {status}{': ' + why if why else ''}); "
-        f"finish it (soup sweep SPACE --name {sweep_id} --resume) or pass --partial to cook "
+        f"finish it (soup sweep SPACE --name {shlex.quote(sweep_id)} --resume) or pass --partial to cook "
         "the trials finished so far")
 
 
@@ -374,11 +431,12 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
                       singles=built.singles, parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracker.uri)
     plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
     out.plot_png = plot.read_bytes()
-    by_name = {r["name"]: r for r in built.rows}
+    by_name, keys = {r["name"]: r for r in built.rows}, {}
     for recipe, result in built.soups.items():
         settings = get_recipe(recipe).settings(ctx.options)
         soup = SoupRecord(recipe, soup_key(recipe, ctx.run_ids, settings), settings, result,
                           by_name[f"{recipe} soup"])
+        keys[recipe] = soup.key
         run_id, version, reused = _log_and_register(ctx, soup, built, plot, log)
         out.soup_runs[recipe], out.versions[recipe] = run_id, version
         if reused:
@@ -391,6 +449,7 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
     ctx.tracker.log_artifact(ctx.parent_run_id, plot, "cook")
     ctx.tracker.describe(ctx.parent_run_id, _sweep_description(ctx, built.rows))
     ctx.tracker.describe_model(ctx.model_name, MODEL_DESCRIPTION.format(name=ctx.model_name))
+    _keep_record(ctx, built, excluded, keys)
     return out
 
 
@@ -451,22 +510,65 @@ def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Pa
         concurrency.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
     weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
                            {"recipe": soup.recipe})
-    run_id, model_id = (existing.info.run_id, None) if existing else _log_soup_run(ctx, soup, weights, plot)
     config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
               "image_size": int(models.arch_config(ctx.space.base.model.arch)["vision_cfg"]["image_size"])}
-    logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example),
-                            name=f"{soup.recipe}-soup", model_id=model_id)
-    mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id),
-                       description=_soup_description(ctx, soup, run_id))
+    started: dict[str, str] = {}  # what this call created, withdrawn if it is interrupted
+    try:
+        if existing is None:
+            run_id, model_id = _log_soup_run(ctx, soup, weights, plot, started)
+            logged = None
+        else:  # logged by a cook killed before it registered: its logged model is finished, not doubled
+            run_id = existing.info.run_id
+            logged, model_id = _left_model(ctx, soup, run_id, started)
+        if logged is None:
+            logged = log_soup_model(ctx.tracker, run_id, weights, config, encode_image(built.example),
+                                    model_id=model_id)
+        mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id),
+                           description=_soup_description(ctx, soup, run_id))
+    except BaseException:  # Ctrl-C or SIGTERM (`cluster.stop_signals`), or an error
+        _withdraw(ctx, soup.key, started)
+        raise
     return concurrency.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
                               what, log)
+
+
+def _left_model(ctx: CookContext, soup: SoupRecord, run_id: str, started: dict[str, str]):
+    """(READY logged model, None) or (None, id of a model to finish) for a soup run that a killed
+    cook left unregistered: its READY model is registered as it is, else its PENDING one gets its
+    files; any other is deleted, so the Models tab lists the soup once. A new one when none."""
+    left = ctx.tracker.logged_models_of(ctx.experiment_id, run_id)
+    left.sort(key=lambda m: m.status != "READY")  # a READY one first, then PENDING ones
+    for extra in left[1:]:
+        ctx.tracker.delete_logged_model(extra.model_id)
+    if left and left[0].status == "READY":
+        return left[0], None
+    if left and left[0].status == "PENDING":
+        return None, left[0].model_id
+    if left:  # FAILED: nothing to finish
+        ctx.tracker.delete_logged_model(left[0].model_id)
+    started["model"] = _create_soup_model(ctx, soup, run_id)
+    return None, started["model"]
+
+
+def _withdraw(ctx: CookContext, key: str, started: dict[str, str]) -> None:
+    """After an interruption between a soup run and its registration: delete the logged model and
+    the run this call created, so that nothing stays PENDING and a rerun logs the soup once.
+    What a registered version already points at is kept."""
+    if not started or find_version(ctx.tracker, ctx.model_name, key) is not None:
+        return
+    if "model" in started:
+        ctx.tracker.delete_logged_model(started["model"])
+    if "run" in started:
+        ctx.tracker.end_run(started["run"], "KILLED")
+        ctx.tracker.delete_run(started["run"])
 
 
 def _version_tags(ctx: CookContext, soup: SoupRecord, run_id: str) -> dict[str, Any]:
     return {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key,
             "soup_run_id": run_id, **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
             **({"partial_sweep": "true"} if ctx.partial else {}),
-            **{metric_key(k): f"{v:.4f}" for k, v in soup.row.items() if isinstance(v, float)}}
+            # full precision (repr): a rounded tag, rounded again for display, showed 53.3% for 53.35%
+            **{metric_key(k): repr(v) for k, v in soup.row.items() if isinstance(v, float)}}
 
 
 def metric_key(column: str) -> str:
@@ -475,21 +577,31 @@ def metric_key(column: str) -> str:
     return f"{column}_acc" if column in ("heldout", "test", "shift_mean") else f"shift_{column}_acc"
 
 
-def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path) -> tuple[str, str]:
+def _soup_params(ctx: CookContext, soup: SoupRecord) -> dict[str, Any]:
+    return {"recipe": soup.recipe, "n_ingredients": len(ctx.run_ids), "n_kept": len(soup.result.kept)}
+
+
+def _create_soup_model(ctx: CookContext, soup: SoupRecord, run_id: str) -> str:
+    """The soup's logged model (PENDING until its files are in), produced by its run."""
+    return ctx.tracker.create_model(run_id, f"{soup.recipe}-soup", {**_soup_params(ctx, soup), **soup.settings},
+                                    {"soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe})
+
+
+def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path,
+                  started: dict[str, str]) -> tuple[str, str]:
     """The soup's run (FINISHED) and its logged model (PENDING until its files are in): the
-    ingredients' datasets as its inputs, its accuracies as the model's metrics on them."""
+    ingredients' datasets as its inputs, its accuracies as the model's metrics on them. The ids
+    go into `started` as soon as they exist, for `_withdraw`."""
     tracker, ids, res = ctx.tracker, ctx.run_ids, soup.result
-    rid = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
+    rid = started["run"] = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
         "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
         "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids),
         concurrency.OWNER_TAG: concurrency.this_owner(),
         **({"partial_sweep": "true"} if ctx.partial else {})},
         parent_run_id=ctx.parent_run_id)
-    params = {"recipe": soup.recipe, "n_ingredients": len(ids), "n_kept": len(res.kept)}
-    tracker.log_params(rid, params)
+    tracker.log_params(rid, _soup_params(ctx, soup))
     datasets = tracker.copy_datasets(ids[0], rid)
-    model_id = tracker.create_model(rid, f"{soup.recipe}-soup", {**params, **soup.settings},
-                                    {"soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe})
+    model_id = started["model"] = _create_soup_model(ctx, soup, rid)
     tracker.describe(rid, _soup_description(ctx, soup))
     tracker.log_metrics(rid, {metric_key(k): v for k, v in soup.row.items()
                               if isinstance(v, float) and not math.isnan(v)},

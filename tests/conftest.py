@@ -112,7 +112,8 @@ def swept3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cooked(tmp_path_factory):
-    """One tiny sweep, cooked twice (Ray task, then in-process), shared by the cook and serving tests."""
+    """One tiny sweep, cooked twice (Ray task, then built again in-process, `rebuild`), shared by
+    the cook and serving tests."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -124,7 +125,7 @@ def cooked(tmp_path_factory):
     sweep = run_sweep(SPACES / "tiny4.yaml", name="c4", storage_path=str(tmp / "ray_results"),
                       tracking_uri=uri)
     first = cook("c4", tracking_uri=uri)
-    second = cook("c4", tracking_uri=uri, use_ray=False)
+    second = cook("c4", tracking_uri=uri, use_ray=False, rebuild=True)  # built again, registered once
     ray.shutdown()
     yield {"tmp": tmp, "uri": uri, "sweep": sweep, "first": first, "second": second,
            "client": MlflowClient(uri), "env": {**os.environ, "MLFLOW_TRACKING_URI": uri}}

@@ -5,10 +5,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
-from mlflow.entities import ViewType
+from mlflow.entities import LoggedModelStatus, ViewType
 from mlflow.tracking import MlflowClient
 
 from conftest import SPACES, run, venv_bin
@@ -77,6 +78,58 @@ def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic, swept3
     assert all(r.info.status == "FINISHED" for r in soups)
     versions = MlflowClient(hermetic["uri"]).search_model_versions("name = 'tiny4-soup'")
     assert sorted(v.tags["recipe"] for v in versions) == sorted(RECIPES)
+
+
+# `soup cook` sending itself the signal `sys.argv[1]` as it calls `orchestrator.cook.<sys.argv[2]>`:
+# a Ctrl-C (or a kill) as the soup's logged model gets its files, or as it is registered.
+STOP_AT = """
+import os, signal, sys, time
+import orchestrator.cook as cook
+sig, point = signal.Signals[sys.argv[1]], sys.argv[2]
+real = getattr(cook, point)
+def stopped(*args, **kwargs):
+    os.kill(os.getpid(), sig)
+    time.sleep(30)  # SIGINT is handled at the next bytecode; SIGKILL never returns
+    return real(*args, **kwargs)
+setattr(cook, point, stopped)
+from orchestrator.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _soup_models(uri) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny4").experiment_id
+    return [m for m in client.search_logged_models([exp]) if m.name == "uniform-soup"]
+
+
+@pytest.mark.parametrize("sig, point, left_as", [
+    ("SIGINT", "log_soup_model", None), ("SIGKILL", "log_soup_model", LoggedModelStatus.PENDING),
+    ("SIGKILL", "register_soup", LoggedModelStatus.READY)], ids=["ctrl-c", "kill-pending", "kill-ready"])
+def test_cook_stopped_between_soup_run_and_registration_leaves_nothing_pending(hermetic, swept3, sig, point,
+                                                                              left_as):
+    """Ctrl-C between a soup's run and its registration withdraws the run and its logged model
+    (nothing is left PENDING); after a SIGKILL there, which no code outlives, the rerun finishes
+    the model it finds (PENDING: its files uploaded; READY: registered as it is). Either way the
+    Models tab lists the soup once, READY, with one version (it used to keep a PENDING model for
+    ever, and a rerun made a second one)."""
+    shutil.copy(swept3["root"] / "mlflow.db", hermetic["tmp"] / "mlflow.db")
+    cook = ["cook", "--sweep", swept3["sweep"], "--no-ray", "--recipes", "uniform", "--verbose"]
+    stopped = run([sys.executable, "-c", STOP_AT, sig, point, *cook], hermetic["env"], timeout=900)
+    left = _soup_models(hermetic["uri"])
+    if sig == "SIGINT":
+        assert stopped.returncode == 130 and "soup cook: interrupted by SIGINT" in stopped.stderr, stopped.stderr[-3000:]
+        assert left == [] and _runs(hermetic["uri"], "soup") == []  # withdrawn, nothing PENDING
+    else:
+        assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+        assert [m.status for m in left] == [left_as] and len(_runs(hermetic["uri"], "soup")) == 1
+    again = run([venv_bin("soup"), *cook], hermetic["env"], timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    models = _soup_models(hermetic["uri"])
+    assert [m.status for m in models] == [LoggedModelStatus.READY], models
+    assert sig == "SIGINT" or [m.model_id for m in models] == [m.model_id for m in left]  # not doubled
+    versions = MlflowClient(hermetic["uri"]).search_model_versions("name = 'tiny4-soup'")
+    assert len(versions) == 1 and models[0].model_id in versions[0].source  # models:/ID or its location
 
 
 def _trial_logged(uri) -> bool:
