@@ -131,3 +131,34 @@ def cooked(tmp_path_factory):
            "client": MlflowClient(uri), "env": {**os.environ, "MLFLOW_TRACKING_URI": uri}}
 
 
+HAND = "hand-soup"  # the registered model of the hand-made registry (versions 1-3, no training)
+
+
+@pytest.fixture(scope="session")
+def registry_template(tmp_path_factory) -> Path:
+    """A store with one registered model made by hand, no sweep: versions 1-3 with held-out
+    accuracy 0.90, 0.80, 0.95; version 1 is 'champion' (shared: tests use `registry`, a copy)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("registry") / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model(HAND)
+    for acc in ("0.90", "0.80", "0.95"):
+        client.create_model_version(HAND, str(db.parent / "model"), tags={
+            "recipe": "uniform", "heldout_acc": acc, "test_acc": "0.50", "shift_mean_acc": "0.40"})
+    client.set_registered_model_alias(HAND, "champion", "1")
+    return db
+
+
+@pytest.fixture
+def registry(registry_template, tmp_path, monkeypatch):
+    """This test's own copy of the hand-made registry, named by MLFLOW_TRACKING_URI."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(registry_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return {"db": db, "uri": uri, "client": MlflowClient(uri, registry_uri=uri), "tmp": tmp_path}

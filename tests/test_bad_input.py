@@ -63,7 +63,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import venv_bin
+from conftest import HAND, venv_bin
 from orchestrator.cli import main
 
 MODEL = "tiny4-soup"  # the default registered model of tests/spaces/tiny4.yaml
@@ -678,35 +678,6 @@ def test_bad_input_sweep_store_cannot_be_opened(hermetic, capsys, monkeypatch, w
     assert one_error_line(err, "sweep") == f"soup sweep: error: MLflow store {uri} {why.format(tmp=tmp)}"
     assert not ray.is_initialized()
     assert sorted(tmp.rglob("*")) == before, "a refused sweep created files or folders"
-
-
-HAND = "hand-soup"  # the registered model of the hand-made registry
-
-
-@pytest.fixture(scope="module")
-def registry_template(tmp_path_factory) -> Path:
-    """A store with one registered model made by hand, no sweep: versions 1-3 with held-out
-    accuracy 0.90, 0.80, 0.95; version 1 is 'champion'."""
-    db = tmp_path_factory.mktemp("registry") / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    client = MlflowClient(uri, registry_uri=uri)
-    client.create_registered_model(HAND)
-    for acc in ("0.90", "0.80", "0.95"):
-        client.create_model_version(HAND, str(db.parent / "model"), tags={
-            "recipe": "uniform", "heldout_acc": acc, "test_acc": "0.50", "shift_mean_acc": "0.40"})
-    client.set_registered_model_alias(HAND, "champion", "1")
-    return db
-
-
-@pytest.fixture
-def registry(registry_template, tmp_path, monkeypatch):
-    """This test's own copy of the hand-made registry, named by MLFLOW_TRACKING_URI."""
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(registry_template, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return {"db": db, "uri": uri, "client": MlflowClient(uri, registry_uri=uri), "tmp": tmp_path}
 
 
 def _unwritable(path: Path) -> bool:

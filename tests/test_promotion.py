@@ -10,44 +10,16 @@ restored. The registry is made by hand (three versions, no training, no Ray), co
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import HAND
 from orchestrator.cli import main
 
-HAND = "hand-soup"  # versions 1-3, held-out 0.90, 0.80, 0.95; version 1 is 'champion'
 KEY_LIMIT = 250  # MLflow's limit on a model version tag key
 LONGEST = KEY_LIMIT - len("promoted__at")  # 238: the longest alias whose tag key fits
 WHEN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-
-
-@pytest.fixture(scope="module")
-def registry_template(tmp_path_factory) -> Path:
-    """A store with one registered model made by hand, no sweep: versions 1-3 with held-out
-    accuracy 0.90, 0.80, 0.95; version 1 is 'champion'."""
-    db = tmp_path_factory.mktemp("registry") / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    client = MlflowClient(uri, registry_uri=uri)
-    client.create_registered_model(HAND)
-    for acc in ("0.90", "0.80", "0.95"):
-        client.create_model_version(HAND, str(db.parent / "model"), tags={
-            "recipe": "uniform", "heldout_acc": acc, "test_acc": "0.50", "shift_mean_acc": "0.40"})
-    client.set_registered_model_alias(HAND, "champion", "1")
-    return db
-
-
-@pytest.fixture
-def registry(registry_template, tmp_path, monkeypatch):
-    """This test's own copy of the hand-made registry, named by MLFLOW_TRACKING_URI."""
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(registry_template, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return {"db": db, "uri": uri, "client": MlflowClient(uri, registry_uri=uri), "tmp": tmp_path}
 
 
 def snapshot(client: MlflowClient) -> dict:
