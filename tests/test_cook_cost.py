@@ -97,7 +97,7 @@ def test_the_build_runs_on_its_tasks_device_and_threads(cooked, tmp_path):
     try:
         for cpus in (2, 1):
             out = cook("c4", recipes=("uniform",), tracking_uri=uri, resources={"cpu": cpus},
-                       log=lambda s: None)
+                       log=lambda s: None, rebuild=True)  # the same soup built again, on other threads
             assert out.where == {"device": "cpu", "precision": "fp32", "threads": cpus,
                                  "input_devices": ["cpu"]}, out.where
         versions = MlflowClient(uri).search_model_versions("name = 'tiny4-soup'")
