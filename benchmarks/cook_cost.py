@@ -91,8 +91,8 @@ def _child(args) -> None:
                 "orchestrator.evaluate", "orchestrator.soups.learned", "open_clip", "mlflow"):
         with contextlib.suppress(ImportError):  # every import before the clock starts
             importlib.import_module(mod)
-    from orchestrator.cook import cook
-    from orchestrator.models import ImageClassifier
+    from orchestrator.cook.driver import cook
+    from orchestrator.train.models import ImageClassifier
 
     passes = [0]
 
@@ -163,7 +163,7 @@ def _hermetic(tmp: Path) -> None:
                        "PYTHONWARNINGS": "ignore"})
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("XDG_CACHE_HOME", None)  # the tiny world's cache goes under the private HOME
-    from orchestrator.cluster import LOOPBACK_ONLY  # imports no ray
+    from orchestrator.runtime.cluster import LOOPBACK_ONLY  # imports no ray
 
     os.environ.update(LOOPBACK_ONLY)
 
@@ -189,7 +189,7 @@ def _vit_space(tmp: Path) -> Path:
     import yaml
     from safetensors.torch import save_file
 
-    from orchestrator.imagenet import imagenet_r_wnids, imagenet_wnids
+    from orchestrator.data.imagenet import imagenet_r_wnids, imagenet_wnids
 
     root = tmp / "data"
     for i, w in enumerate(imagenet_wnids()[:3]):
@@ -218,7 +218,7 @@ def _vit_space(tmp: Path) -> Path:
 
 def run_sweep(kind: str, tmp: Path) -> dict:
     """Sweep `kind` with this working tree's code into its own store under tmp/kind/store."""
-    from orchestrator.sweep import run_sweep as sweep
+    from orchestrator.sweep.driver import run_sweep as sweep
 
     root = tmp / kind
     store = root / "store"

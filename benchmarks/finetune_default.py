@@ -9,7 +9,7 @@ import time
 import torch
 
 from orchestrator.config import FinetuneConfig
-from orchestrator.finetune import finetune
+from orchestrator.train.finetune import finetune
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from orchestrator.accel import accel_for
 from orchestrator.config import DataConfig, TrainConfig
-from orchestrator.imagenet import ImageFiles, imagenet_wnids, load_imagenet_task
+from orchestrator.data.imagenet import ImageFiles, imagenet_wnids, load_imagenet_task
+from orchestrator.train.accel import accel_for
 
 CLASSES = 8
 

@@ -63,8 +63,8 @@ def _order(names: list[str]) -> list[str]:
 
 def run_one(space_text: str, seed: int, split_seed: bool, recipes: list[str] | None, work: Path) -> dict:
     """Sweep and cook one seed's variant of the space; the cook's rows, ingredients and timings."""
-    from orchestrator.cook import cook
-    from orchestrator.sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.sweep.driver import run_sweep
 
     path = work / f"space-seed{seed}.yaml"
     path.write_text(_space_for(space_text, seed, split_seed))
@@ -133,7 +133,7 @@ def _pts(x: float) -> str:
 
 
 def tables(results: list[dict], summary: dict) -> str:
-    from orchestrator.tables import text_table
+    from orchestrator.cook.report import text_table
 
     k = len(results)
     per, diffs = summary["per"], summary["diffs"]
@@ -225,7 +225,7 @@ def _run_all(todo: list[tuple[int, Path]], space_text: str, split_seed: bool, re
         os.environ.update(hermetic_env(work))
         os.environ.pop("RAY_ADDRESS", None)
         os.environ["HOME"] = str(work)  # Tune's and Ray's defaults under ~ stay in the temp dir
-        from orchestrator import cluster
+        from orchestrator.runtime import cluster
 
         try:
             for n, (s, f) in enumerate(todo, 1):

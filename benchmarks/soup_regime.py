@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from orchestrator import evaluate
 from orchestrator.config import SearchSpace, load_yaml
 from orchestrator.data import load_task
-from orchestrator.finetune import build_model, finetune
-from orchestrator.soups.weights import weighted_average
-from orchestrator.sweep import sample_configs
+from orchestrator.soups.io.weights import weighted_average
+from orchestrator.sweep.driver import sample_configs
+from orchestrator.train import evaluate
+from orchestrator.train.finetune import build_model, finetune
 
 
 def _acc(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:

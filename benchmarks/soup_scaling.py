@@ -130,7 +130,7 @@ def _w_ours(args) -> dict:
 def _w_reference(args) -> dict:
     from safetensors.torch import load_file
 
-    from orchestrator.soups.weights import weighted_average
+    from orchestrator.soups.io.weights import weighted_average
 
     t = time.perf_counter()
     states = [load_file(p) for p in args.files]
@@ -182,7 +182,7 @@ def _vit_classifier():
     import open_clip
     import torch
 
-    from orchestrator.models import ImageClassifier
+    from orchestrator.train.models import ImageClassifier
 
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
@@ -214,7 +214,7 @@ def make_ingredients(n: int, tmp: Path) -> list[Path]:
     `base_file(tmp)`: Model Stock's pretrained weights."""
     import torch
 
-    from orchestrator.soups.weights import save_weights
+    from orchestrator.soups.io.weights import save_weights
 
     base = {k: v.detach().contiguous() for k, v in _vit_classifier().state_dict().items()}
     save_weights(base, base_file(tmp))
@@ -333,11 +333,12 @@ def bench_greedy(tmp: Path, n: int) -> None:
     rejection: same soup, fewer held-out examples."""
     import torch
 
-    from orchestrator import data, finetune, models
+    from orchestrator import data
     from orchestrator.config import FinetuneConfig, validate
-    from orchestrator.evaluate import heldout_counter
     from orchestrator.soups.greedy import greedy_soup
-    from orchestrator.soups.weights import save_weights
+    from orchestrator.soups.io.weights import save_weights
+    from orchestrator.train import finetune, models
+    from orchestrator.train.evaluate import heldout_counter
 
     print(f"\n== Greedy soup on the tiny world: {n} one-epoch fine-tunes ==")
     # A sweep's spread of learning rates, as tiny4/tiny_digits sample them, up to one too high

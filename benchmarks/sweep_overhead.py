@@ -62,8 +62,8 @@ def measure(space: Path, workers: int | None) -> dict:
         path.write_text(yaml.safe_dump(text))
         import ray
 
-        from orchestrator.sweep import run_sweep
-        from orchestrator.tracking import Tracker
+        from orchestrator.record.tracking import Tracker
+        from orchestrator.sweep.driver import run_sweep
 
         t0 = time.perf_counter()
         out = run_sweep(path, name="bench", storage_path=f"{tmp}/ray_results")
@@ -120,14 +120,13 @@ def floor(trials: int, workers: int) -> tuple[float, list[tuple[str, float, floa
     and that time by stage (`_stages`)."""
     with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
         _hermetic(tmp)
-        from orchestrator import cluster  # before ray: the local Ray stays on loopback
-
         import ray.train
         from ray import tune
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from orchestrator.sweep import DRIVER_BUNDLE
+        from orchestrator.runtime import cluster  # before ray: the local Ray stays on loopback
+        from orchestrator.sweep.driver import DRIVER_BUNDLE
 
         def worker(config):
             ray.train.report({"waited": time.time() - config["t0"]})

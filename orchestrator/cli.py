@@ -11,9 +11,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import (LEARNED_MODES, ConfigError, FinetuneConfig, load_yaml, one_line, parse_yaml,
-                     with_overrides)
-from .tables import text_table, verdict
+from orchestrator.config import (
+    LEARNED_MODES,
+    ConfigError,
+    FinetuneConfig,
+    load_yaml,
+    one_line,
+    parse_yaml,
+    with_overrides,
+)
+from orchestrator.cook.report import text_table, verdict
 
 
 def _fail(command: str, err: Exception | str) -> int:
@@ -28,7 +35,7 @@ def _store(write: bool, must_exist: bool = True) -> None:
     sqlite store that is not there (or is an empty database) where one is read (a mistyped
     MLFLOW_TRACKING_URI is not created empty), a sqlite file that holds another program's
     tables, a path that cannot be opened, or a read-only store where the command writes."""
-    from .tracking import StoreError, check_store, resolve_uri
+    from orchestrator.record.tracking import StoreError, check_store, resolve_uri
 
     try:
         check_store(resolve_uri(), write=write, must_exist=must_exist)
@@ -52,7 +59,7 @@ def _finetune_config(path: str | None, sets: Sequence[str] | None) -> FinetuneCo
 
 
 def cmd_zeroshot(args) -> int:
-    from .quickstart import zeroshot_report
+    from orchestrator.quickstart import zeroshot_report
 
     cfg = _finetune_config(args.config, args.set)
     print(text_table([zeroshot_report(cfg)]))
@@ -60,8 +67,8 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
-    from .soups import save_weights
+    from orchestrator.soups import save_weights
+    from orchestrator.train.finetune import finetune
 
     cfg = _finetune_config(args.config, args.set)
     t0 = time.perf_counter()
@@ -78,7 +85,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_pair(args) -> int:
-    from .quickstart import pair_soup
+    from orchestrator.quickstart import pair_soup
 
     base = _finetune_config(args.config, None)
     cfg_a = with_overrides(base, _overrides(args.a), "--a")
@@ -89,7 +96,7 @@ def cmd_pair(args) -> int:
 
 def _detail(args, command: str):
     """The block whose detail goes to the log file (`cluster.detail_to`); none with --verbose."""
-    from . import cluster
+    from orchestrator.runtime import cluster
 
     return cluster.detail_to(None if args.verbose else args.log_file or cluster.default_log_file(command))
 
@@ -97,7 +104,7 @@ def _detail(args, command: str):
 def keep_log(uri: str, run_id: str, log) -> str | None:
     """The detail log `log` (None with --verbose) kept on run `run_id` too; its artifact path, or
     None. A store that refuses it costs a line, not the finished work: the file stays on disk."""
-    from .tracking import Tracker
+    from orchestrator.record.tracking import Tracker
 
     if log is None or not Path(log).exists():
         return None
@@ -109,7 +116,7 @@ def keep_log(uri: str, run_id: str, log) -> str | None:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import SweepInterrupted, cook_hint, run_sweep
+    from orchestrator.sweep.driver import SweepInterrupted, cook_hint, run_sweep
 
     _store(write=True, must_exist=False)  # a sweep starts a new store or logs to an existing one
     try:
@@ -128,7 +135,7 @@ def cmd_sweep(args) -> int:
 
 def _recipes(text: str | None) -> tuple[str, ...] | None:
     """The recipes named on the command line, each checked against the recipe table."""
-    from .soups.recipe import get_recipe
+    from orchestrator.soups.recipe import get_recipe
 
     if text is None:
         return None  # the cook's default
@@ -144,7 +151,7 @@ def _recipes(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_cook(args) -> int:
-    from .cook import CookError, cook
+    from orchestrator.cook.driver import CookError, cook
 
     recipes = _recipes(args.recipes)
     resources = {"cpu": args.cpus, "gpu": args.gpus, "memory_gib": args.memory_gib}
@@ -167,8 +174,8 @@ def cmd_cook(args) -> int:
 
 
 def _cook_plan(args, recipes, resources) -> int:
-    from .cook import CookError
-    from .cookplan import plan_cook
+    from orchestrator.cook.driver import CookError
+    from orchestrator.cook.plan import plan_cook
 
     _store(write=False)
     try:
@@ -186,7 +193,7 @@ def _table_rows(rows: list[dict]) -> list[dict]:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from orchestrator.demo import run_demo
 
     res = run_demo(args.workdir, **({"space": args.space} if args.space else {}), verbose=args.verbose)
     print("\n" + text_table(_table_rows(res["rows"])))
@@ -204,8 +211,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from .promotion import PromotionError, promote
-    from .tracking import Tracker
+    from orchestrator.record.promotion import PromotionError, promote
+    from orchestrator.record.tracking import Tracker
 
     _store(write=True)
     try:
@@ -217,8 +224,8 @@ def cmd_promote(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .promotion import PromotionError, list_versions
-    from .tracking import Tracker
+    from orchestrator.record.promotion import PromotionError, list_versions
+    from orchestrator.record.tracking import Tracker
 
     _store(write=False)
     try:
@@ -229,7 +236,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_pretrain_base(args) -> int:
-    from .pretrain import pretrain
+    from orchestrator.train.pretrain import pretrain
 
     path = pretrain(args.out, steps=args.steps, seed=args.seed)
     print(f"base checkpoint written to {path}")
@@ -237,7 +244,7 @@ def cmd_pretrain_base(args) -> int:
 
 
 def _recipes_help() -> str:
-    from .soups.recipe import RECIPES, default_recipes, recipe_names
+    from orchestrator.soups.recipe import RECIPES, default_recipes, recipe_names
 
     known = "; ".join(f"{n}: {RECIPES[n].summary}" if RECIPES[n].summary else n for n in recipe_names())
     return (f"comma-separated recipes (default: {','.join(default_recipes())}). Known recipes: "
@@ -331,14 +338,14 @@ def _output_options(sp, command: str) -> None:
 def _no_artifact_progress_bars():
     """MLflow draws a progress bar on stderr for every artifact download, which would bury the
     one-line error of a refused command; set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true to see them."""
-    from .cluster import env_default
+    from orchestrator.runtime.cluster import env_default
 
     return env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `soup` console script."""
-    from . import cluster  # imports no ray
+    from orchestrator.runtime import cluster  # imports no ray
 
     args = _parser().parse_args(argv)
     # The cook stops on SIGINT or SIGTERM in any phase (the sweep hands them to Tune itself).

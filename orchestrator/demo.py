@@ -37,9 +37,9 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))
     os.environ.pop("RAY_ADDRESS", None)
-    from . import cluster
-    from .cook import cook
-    from .sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.runtime import cluster
+    from orchestrator.sweep.driver import run_sweep
 
     log_file = None if verbose else workdir / "soup.log"
     t0 = time.perf_counter()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import data, evaluate, models, splits
-from .config import FinetuneConfig
-from .finetune import finetune
-from .soups import weighted_average
+from orchestrator import data
+from orchestrator.config import FinetuneConfig
+from orchestrator.data import splits
+from orchestrator.soups import weighted_average
+from orchestrator.train import evaluate, models
+from orchestrator.train.finetune import finetune
 
 
 def _row(name: str, model, task: splits.TaskData) -> dict:

@@ -80,12 +80,6 @@ def _cause(err: Exception) -> str:
     return str(err) or type(err).__name__
 
 
-def encode_image(tensor: torch.Tensor) -> bytes:
-    """A (3, H, W) tensor in [0, 1] as PNG bytes: how a client sends an image."""
-    arr = (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def bad_input(message: str) -> MlflowException:
@@ -134,8 +128,8 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from orchestrator.config import ModelConfig
-        from orchestrator.models import build_classifier
-        from orchestrator.soups.stream import read_weights
+        from orchestrator.soups.io.stream import read_weights
+        from orchestrator.train.models import build_classifier
 
         with open(context.artifacts["config"]) as f:
             cfg = json.load(f)

@@ -1,11 +1,11 @@
 import atexit
 import os
-import tempfile
 import shutil
 import socket
 import subprocess
-import uuid
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ os.environ.update({
     "MLFLOW_TRACKING_URI": "sqlite:///" + str(_SESSION_HOME / "unused-mlflow.db"),
 })
 os.environ.pop("RAY_ADDRESS", None)
-from orchestrator.cluster import LOOPBACK_ONLY  # noqa: E402 - imports no ray
+from orchestrator.runtime.cluster import LOOPBACK_ONLY  # noqa: E402 - imports no ray
 
 os.environ.update(LOOPBACK_ONLY)  # every local Ray the suite starts listens on 127.0.0.1 only
 
@@ -98,7 +98,7 @@ def swept3(tmp_path_factory):
     shared read-only: tests that change it work on a copy (test_trust, test_cook_stops)."""
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     root = tmp_path_factory.mktemp("swept3") / "store"
     root.mkdir()
@@ -117,8 +117,8 @@ def cooked(tmp_path_factory):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cook import cook
-    from orchestrator.sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.sweep.driver import run_sweep
 
     tmp = tmp_path_factory.mktemp("cook")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

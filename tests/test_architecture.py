@@ -2,10 +2,12 @@
 
 - the package's own modules import each other without cycles, counting every import: module
   level and inside functions, absolute (``orchestrator.x``) and relative (``.x``, ``..x``);
-- each upstream library is imported only by the module that wraps it (DESIGN.md's table);
+- each package imports only the packages its pipeline stage may (`LAYERS`, DESIGN.md's table);
+- each upstream library is imported only by the package or module that wraps it;
 - no private name of an upstream library is used: its internals change without notice.
 
-``python tests/test_architecture.py`` prints the module graph (module -> imports) and its cycles.
+``python tests/test_architecture.py`` prints the package graph, the module graph (module ->
+imports), and any cycle or import against the layering.
 """
 
 from __future__ import annotations
@@ -17,9 +19,24 @@ from pathlib import Path
 
 PACKAGE = "orchestrator"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-# upstream top-level package -> the only modules allowed to import it
-OWNERS = {"mlflow": {"orchestrator.tracking", "orchestrator.serving"},
-          "ray": {"orchestrator.sweep", "orchestrator.trial", "orchestrator.cluster"}}
+# upstream top-level package -> the only modules (or packages, with all they hold) that import it
+OWNERS = {"mlflow": {"orchestrator.record", "orchestrator.serving"},
+          "ray": {"orchestrator.sweep", "orchestrator.runtime"}}
+# The layering, by pipeline stage: package -> the packages of `orchestrator` it may import (its own
+# modules aside). `hashing` is a leaf any of them may use. The top-level modules (`cli`, `demo`,
+# `quickstart`, `serving`, the package's `__init__`) may import everything below them.
+LAYERS = {
+    "hashing": set(),
+    "config": set(),
+    "runtime": set(),
+    "data": {"config", "hashing"},
+    "train": {"config", "data", "hashing"},
+    "soups": {"train"},
+    "record": {"hashing"},
+    "sweep": {"config", "data", "train", "record", "runtime", "hashing"},
+    "cook": {"config", "data", "train", "soups", "record", "runtime", "hashing"},
+}
+TOP = {"cli", "demo", "quickstart", "serving"}
 GUARDED = ("ray", "mlflow", "torch", "open_clip")  # whose private names must not be used
 
 
@@ -166,11 +183,45 @@ def all_imports(root: Path = ROOT) -> list[Import]:
     return [imp for name, path in module_files(root).items() for imp in imports_of(name, path, parse(path))]
 
 
+def _within(module: str, owners: set[str]) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in owners)
+
+
 def boundary_violations(root: Path = ROOT) -> list[str]:
     """Imports of an upstream library by a module that does not own it."""
     return [f"{imp.source}:{imp.line} imports {imp.module}" for imp in all_imports(root)
             for top, owners in OWNERS.items()
-            if imp.module.split(".")[0] == top and imp.source not in owners]
+            if imp.module.split(".")[0] == top and not _within(imp.source, owners)]
+
+
+def stage(module: str) -> str:
+    """The package (pipeline stage) a module belongs to: ``orchestrator.cook.build`` -> cook;
+    a top-level module is its own name, the package's ``__init__`` is ``orchestrator``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else PACKAGE
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Stage -> the other stages its modules import."""
+    out: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        out.setdefault(stage(module), set()).update(stage(t) for t in targets)
+    return {k: v - {k} for k, v in out.items()}
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports across stages that `LAYERS` does not allow (a stage missing from it and the top
+    may import anything; a stage must not import the top)."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        src = stage(module)
+        for t in sorted(targets):
+            dst = stage(t)
+            if dst == src or src in TOP or src == PACKAGE:
+                continue
+            if dst in TOP or dst == PACKAGE or dst not in LAYERS.get(src, set()):
+                found.append(f"{module} imports {t}: {src} may import {', '.join(sorted(LAYERS.get(src, ()))) or 'nothing of the package'}")
+    return found
 
 
 def _private(name: str) -> bool:
@@ -247,6 +298,16 @@ def test_no_import_cycles():
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
+def test_every_stage_imports_only_the_stages_below_it():
+    """The layering table holds, and every package of the package is in it (a new package has
+    to say what it may import)."""
+    graph = module_graph()
+    stages = {stage(m) for m in graph} - TOP - {PACKAGE}
+    assert stages == set(LAYERS), f"packages missing from LAYERS or gone: {stages ^ set(LAYERS)}"
+    found = layering_violations(graph)
+    assert not found, "imports against the layering:\n" + "\n".join(found)
+
+
 def test_upstream_libraries_only_through_their_owner():
     found = boundary_violations()
     owners = "; ".join(f"{lib} only in {', '.join(sorted(mods))}" for lib, mods in OWNERS.items())
@@ -259,12 +320,19 @@ def test_no_private_upstream_names():
 
 
 def print_graph(root: Path = ROOT) -> None:
-    """The module graph, one ``module -> imports`` line each, then its cycles."""
+    """The package graph (stage -> the stages it imports), the module graph (one
+    ``module -> imports`` line each), then cycles and layering violations, if any."""
     graph = module_graph(root)
+    print("packages (stage -> stages it imports):")
+    for name, targets in sorted(package_graph(graph).items()):
+        print(f"  {name} -> {', '.join(sorted(targets)) or '(nothing)'}")
+    print("modules:")
     for name in sorted(graph):
-        print(f"{name} -> {', '.join(sorted(graph[name])) or '(nothing)'}")
+        print(f"  {name} -> {', '.join(sorted(graph[name])) or '(nothing)'}")
     for cycle in cycles(graph):
         print("cycle:", " -> ".join(cycle))
+    for line in layering_violations(graph):
+        print("against the layering:", line)
 
 
 if __name__ == "__main__":

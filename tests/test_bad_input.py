@@ -59,11 +59,11 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 import yaml
+from conftest import HAND, venv_bin
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import HAND, venv_bin
 from orchestrator.cli import main
 
 MODEL = "tiny4-soup"  # the default registered model of tests/spaces/tiny4.yaml
@@ -254,7 +254,7 @@ def _add_run(tracker, tmp: Path, exp_id, parent_id, sweep_id, name, tags, state=
 
 def _hand_made_sweep(tracker, exp_id, real_parent, sweep_id: str) -> str:
     """A sweep's parent run as `soup sweep` leaves it (tags and resolved config), with no trials."""
-    from orchestrator.tracking import read_artifact_text
+    from orchestrator.record.tracking import read_artifact_text
 
     tags = {k: v for k, v in real_parent.data.tags.items() if not k.startswith("mlflow.")}
     rid = tracker.create_run(exp_id, sweep_id, {**tags, "sweep_id": sweep_id})
@@ -346,7 +346,7 @@ def world(swept3, tmp_path_factory):
     """A copy of the shared real 3-trial sweep's store (conftest's `swept3`; its artifacts stay
     where the sweep put them); a bad run of every kind added to it; two hand-made sweeps (one with
     no FINISHED trial, one whose every trial is bad); one cook of the real sweep."""
-    from orchestrator.tracking import CHECKPOINT_PATH, Tracker
+    from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
 
     tmp = tmp_path_factory.mktemp("bad-input")
     shutil.copy(swept3["root"] / "mlflow.db", tmp / "mlflow.db")

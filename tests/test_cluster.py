@@ -8,16 +8,16 @@ import sys
 import threading
 
 import pytest
-
 from conftest import run
-from orchestrator.cluster import LOOPBACK_ENV, is_loopback
 from servers import RayHead, kill_owned, listening_addresses, new_mark, owned_pids
+
+from orchestrator.runtime.cluster import LOOPBACK_ENV, is_loopback
 
 pytestmark = [pytest.mark.integration]
 
 REPORT = """
 import json, sys
-from orchestrator.cluster import init_ray
+from orchestrator.runtime.cluster import init_ray
 init_ray(log=lambda line: None)
 import ray
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
@@ -104,7 +104,7 @@ def test_every_entry_point_keeps_a_local_ray_on_loopback(hermetic):
 STOPPED = """
 import json, os, shutil, sys, tempfile, time
 import psutil
-from orchestrator import cluster
+from orchestrator.runtime import cluster
 cluster.init_ray(log=lambda line: None)
 import ray
 
@@ -140,7 +140,7 @@ def test_a_stopped_task_has_ended_before_the_interrupt_goes_on(hermetic):
     """A stop signal during `run_with_progress` force-cancels the task and waits for its end, so
     the caller's cleanup never races with it: the task's worker is gone when the interrupt
     reaches the caller, and Ray prints no unhandled error of the task afterwards."""
-    from orchestrator.cluster import CANCEL_WAIT_S
+    from orchestrator.runtime.cluster import CANCEL_WAIT_S
 
     mark = new_mark()
     try:

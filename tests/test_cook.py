@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from orchestrator.cook import CookError, cook
-from orchestrator.soups.recipe import default_recipes
-from orchestrator.soups.stream import read_weights
-from orchestrator.soups.weights import save_weights, weighted_average
+from orchestrator.cook.driver import CookError, cook
 from orchestrator.hashing import file_sha256
+from orchestrator.soups.io.stream import read_weights
+from orchestrator.soups.io.weights import save_weights, weighted_average
+from orchestrator.soups.recipe import default_recipes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RECIPES = default_recipes()  # uniform, greedy, learned, learned-layerwise, model-stock
@@ -99,8 +99,10 @@ def test_a_cooked_sweep_is_recognised_before_anything_is_built(cooked, tmp_path,
 def _base_state():
     """The weights every trial of tiny4 started from: the pretrained classifier, zero-shot head."""
     from conftest import SPACES
-    from orchestrator import data, models
+
+    from orchestrator import data
     from orchestrator.config import SearchSpace, load_yaml
+    from orchestrator.train import models
 
     space = load_yaml(SearchSpace, SPACES / "tiny4.yaml")
     return models.build_classifier(space.base.model, data.load_task(space.base.data).classnames).state_dict()
@@ -135,7 +137,7 @@ def test_soups_equal_their_recorded_weighted_sums(cooked, tmp_path):
 def test_bad_ingredients_are_excluded_by_name(cooked, tmp_path):
     import shutil
 
-    from orchestrator.tracking import Tracker
+    from orchestrator.record.tracking import Tracker
 
     shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -6,15 +6,14 @@ import hashlib
 import shutil
 
 import pytest
+from conftest import SPACES
 from mlflow.tracking import MlflowClient
 
 from orchestrator import cli, data
 from orchestrator.config import SearchSpace, load_yaml
-from orchestrator.cook import CookError, cook
-from orchestrator.cookplan import plan_cook
+from orchestrator.cook.driver import CookError, cook
+from orchestrator.cook.plan import plan_cook
 from orchestrator.soups.recipe import default_recipes
-
-from conftest import SPACES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASELINES = ("zero-shot", "best individual", "ensemble", "greedy ensemble")

@@ -22,8 +22,8 @@ from conftest import run, venv_bin
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from orchestrator import cluster
-from orchestrator.cluster import LOST_BOUND_S
+from orchestrator.runtime import cluster
+from orchestrator.runtime.cluster import LOST_BOUND_S
 
 RECIPES = ("greedy", "learned")
 MID_BUILD = "greedy soup:"  # the build's first greedy line (the logging phase's comes much later)

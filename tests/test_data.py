@@ -1,12 +1,11 @@
-import ast
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from orchestrator import data, tinyworld
+from orchestrator import data
 from orchestrator.config import DataConfig
+from orchestrator.data import digits as tinyworld
 
 
 def test_splits_are_fixed_disjoint_and_stratified():
@@ -55,29 +54,21 @@ def test_unknown_data_set_names_the_known_ones():
         data.load_task(cfg)
 
 
-def _package_imports(module: str) -> set[str]:
-    """The orchestrator modules `module` imports (relative or absolute)."""
-    tree = ast.parse((Path(data.__file__).parent / f"{module}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        mod = getattr(node, "module", None) or ""
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or mod.split(".")[0] == "orchestrator"):
-            sub = mod if node.level else mod.removeprefix("orchestrator").lstrip(".")
-            found |= {sub} if sub else {a.name for a in node.names}
-    return found
-
-
 def test_data_modules_import_one_way():
-    # splits <- tinyworld, imagenet <- data: neither world reaches the other or the table
-    assert _package_imports("splits") <= {"config"}
-    assert _package_imports("tinyworld") <= {"config", "splits", "hashing"}
-    assert _package_imports("imagenet") <= {"config", "splits"}
-    assert _package_imports("data") == {"config", "imagenet", "splits", "tinyworld"}
+    # splits <- digits, imagenet <- the table (data/__init__): neither world reaches the other
+    from test_architecture import module_graph
+
+    graph = module_graph()
+    d = "orchestrator.data"
+    assert graph[f"{d}.splits"] <= {"orchestrator.config"}
+    assert graph[f"{d}.digits"] <= {"orchestrator.config", f"{d}.splits", "orchestrator.hashing"}
+    assert graph[f"{d}.imagenet"] <= {"orchestrator.config", f"{d}.splits"}
+    assert graph[d] == {"orchestrator.config", f"{d}.imagenet", f"{d}.splits", f"{d}.digits"}
 
 
 def test_the_built_tiny_world_is_cached_and_read_back_identical(tmp_path, monkeypatch):
-    from orchestrator import tinyworld
     from orchestrator.config import DataConfig
+    from orchestrator.data import digits as tinyworld
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cfg = DataConfig(split_seed=3)

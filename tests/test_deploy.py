@@ -11,7 +11,6 @@ import json
 import math
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import jsonschema
 import mlflow
 import pytest
 import ray
+import tomllib
 import yaml
 
 from orchestrator.cli import _parser

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator import data, imagenet, models, probe
+from orchestrator import data
 from orchestrator.config import (
     TINY_ARCH,
     TINY_PRETRAINED,
@@ -25,6 +25,8 @@ from orchestrator.config import (
     load_yaml,
     with_overrides,
 )
+from orchestrator.data import imagenet
+from orchestrator.train import models, probe
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 IMAGE_SIZE = 32  # the tiny tower's input size (patch size divides it)
@@ -129,7 +131,7 @@ def cheap(space: SearchSpace, root: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(("path", "key", "value"), list(cases()))
 def test_space_branch_trains_one_step(path, key, value, imagenet_root, shared_zeroshot_heads, monkeypatch):
-    from orchestrator.finetune import finetune
+    from orchestrator.train.finetune import finetune
 
     space = load_yaml(SearchSpace, path)
     cfg = with_overrides(space.base, {**cheap(space, imagenet_root), key: value}, str(path))

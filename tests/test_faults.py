@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
+from conftest import SPACES, run, venv_bin
 from mlflow.entities import LoggedModelStatus, ViewType
 from mlflow.tracking import MlflowClient
-
-from conftest import SPACES, run, venv_bin
 from servers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,8 +35,8 @@ def _runs(uri, role, view=ViewType.ACTIVE_ONLY):
 
 
 def test_failing_trial_is_retried_then_failed_and_never_an_ingredient(hermetic):
-    from orchestrator.cook import cook
-    from orchestrator.sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.sweep.driver import run_sweep
 
     bad = "  model.pretrained: {grid: [tiny-glyphs, /nonexistent/base.safetensors]}\n"
     out = run_sweep(_space(hermetic["tmp"], 1, bad, failures=1), name="retry", storage_path=hermetic["storage"])
@@ -84,7 +83,7 @@ def test_cook_sigkilled_mid_greedy_then_rerun_has_no_duplicates(hermetic, swept3
 # a Ctrl-C (or a kill) as the soup's logged model gets its files, or as it is registered.
 STOP_AT = """
 import os, signal, sys, time
-import orchestrator.cook as cook
+import orchestrator.cook.driver as cook
 sig, point = signal.Signals[sys.argv[1]], sys.argv[2]
 real = getattr(cook, point)
 def stopped(*args, **kwargs):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestrator.config import with_overrides
-from orchestrator.finetune import finetune
+from orchestrator.train.finetune import finetune
 
 pytestmark = pytest.mark.slow
 

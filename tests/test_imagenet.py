@@ -9,8 +9,9 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from pydantic import ValidationError
 
-from orchestrator import data, imagenet, splits
+from orchestrator import data
 from orchestrator.config import DataConfig
+from orchestrator.data import imagenet, splits
 
 SIZE = 16
 # 1000-class indices of the tiny tree's training classes, chosen to cover the subsets:

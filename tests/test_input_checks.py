@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_bad_input import one_error_line, snapshot, space_is_refused, write_space
 
 from orchestrator.cli import main
-from test_bad_input import one_error_line, snapshot, space_is_refused, write_space
 
 # --- 1: the number of trials a space makes --------------------------------------------------------
 
@@ -55,7 +55,7 @@ def test_trials_are_counted_as_tune_makes_them(tmp_path):
     from ray.tune.search.variant_generator import generate_variants
 
     from orchestrator.config import ConfigError, SearchSpace, load_yaml, trials_made
-    from orchestrator.sweep import param_space
+    from orchestrator.sweep.driver import param_space
 
     space = load_yaml(SearchSpace, write_space(tmp_path, {"search": {
         "train.seed": {"grid": [0, 1]}, "train.epochs": {"grid": [1, 2, 3]}}, "sweep": {"num_samples": 4}}))
@@ -90,7 +90,7 @@ def _sweep(hermetic, capsys, space: Path, *args: str) -> str:
 def test_a_sweep_id_of_too_many_bytes_is_refused_before_anything_starts(hermetic, capsys):
     """100 characters of 3 bytes each are 300 bytes, too long for a folder name: this used to end
     in `OSError: [Errno 36] File name too long` and a FAILED sweep run."""
-    from orchestrator.sweep import _sweep_id
+    from orchestrator.sweep.driver import _sweep_id
 
     line = _sweep(hermetic, capsys, write_space(hermetic["tmp"], {}), "--name", "€" * 100)
     assert line == (f"soup sweep: error: sweep id {'€' * 40!r}...: must be at most 100 printable "
@@ -120,7 +120,7 @@ def _command_after(text: str, marker: str) -> list[str]:
 
 
 def test_printed_commands_quote_ids_and_paths_for_the_shell():
-    from orchestrator.sweep import SweepInterrupted, cook_hint
+    from orchestrator.sweep.driver import SweepInterrupted, cook_hint
 
     stopped = SweepInterrupted("a b", "SIGINT", Path("my spaces/it's.yaml"))
     assert _command_after(str(stopped), "continue it with: ") == [
@@ -234,7 +234,7 @@ def test_an_empty_database_holds_no_store_to_read_but_a_sweep_may_start_one(tmp_
                                                                                capsys, kind):
     """The commands that read a store (cook, cook --plan, promote, models) refuse an empty
     database, unchanged; `soup sweep`, which starts a store, may use it."""
-    from orchestrator.tracking import check_store
+    from orchestrator.record.tracking import check_store
 
     db = tmp_path / "mlflow.db"
     _empty_database(db, kind)

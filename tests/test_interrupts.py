@@ -8,9 +8,8 @@ import subprocess
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import run, tiny_space, venv_bin
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

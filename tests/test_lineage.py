@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import DESCRIPTION, metric_split, model_name
-from orchestrator.trial import trial_label
+from orchestrator.record.tracking import DESCRIPTION, metric_split, model_name
+from orchestrator.sweep.trial import trial_label
 
 ROOT = Path(__file__).resolve().parents[1]
 

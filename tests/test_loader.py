@@ -6,9 +6,10 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from orchestrator import evaluate, imagenet, splits
-from orchestrator.accel import CPU, Accel, images_on
 from orchestrator.config import DataConfig
+from orchestrator.data import imagenet, splits
+from orchestrator.train import evaluate
+from orchestrator.train.accel import CPU, Accel, images_on
 
 SIZE = 12
 IDX = (1, 6, 11)  # ImageNet-1k classes that are also ImageNet-R classes

@@ -6,7 +6,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from orchestrator import logitstore
+from orchestrator.record import logits as logitstore
 
 
 def _labeled(n=50, classes=10, seed=0):

@@ -10,22 +10,12 @@ import torch
 import torch.nn.functional as F
 from blobs import blobs, finetune, make_model
 
-from orchestrator.soups import stream
+from orchestrator.data.splits import TensorSplit
+from orchestrator.soups.io import stream
+from orchestrator.soups.io.weights import save_weights
 from orchestrator.soups.learned import cook_learned_layerwise, learned_soup
-from orchestrator.soups.model_stock import (
-    cook_model_stock,
-    model_stock_soup,
-    model_stock_t,
-)
-from orchestrator.soups.recipe import (
-    BUILTIN,
-    RecipeInputs,
-    RecipeOptions,
-    default_recipes,
-    get_recipe,
-)
-from orchestrator.soups.weights import save_weights
-from orchestrator.splits import TensorSplit
+from orchestrator.soups.model_stock import cook_model_stock, model_stock_soup, model_stock_t
+from orchestrator.soups.recipe import BUILTIN, RecipeInputs, RecipeOptions, default_recipes, get_recipe
 
 QUIET = lambda s: None
 

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from orchestrator import data, models, tinyworld
+from orchestrator import data
 from orchestrator.config import DataConfig, ModelConfig
-from orchestrator.evaluate import accuracy
+from orchestrator.data import digits as tinyworld
 from orchestrator.hashing import file_sha256
+from orchestrator.train import models
+from orchestrator.train.evaluate import accuracy
 
 
 def test_tiny_arch_is_registered_with_open_clip():

@@ -7,9 +7,8 @@ then read back through the server's REST API (the artifacts through its mlflow-a
 import hashlib
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import tiny_space
+from mlflow.tracking import MlflowClient
 from servers import MlflowServer, pg_bindir, start_postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,8 +40,8 @@ def _sha(path) -> str:
 def test_sweep_and_cook_against_postgres_backed_server(pg_mlflow, monkeypatch, tmp_path):
     import ray
 
-    from orchestrator.cook import cook
-    from orchestrator.sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.sweep.driver import run_sweep
 
     uri = pg_mlflow["server"].uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

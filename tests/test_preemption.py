@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run, venv_bin
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import run, venv_bin
 from servers import kill_owned, new_mark, owned_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -155,7 +154,7 @@ def uninterrupted(tmp_path_factory):
     """The sha256 and weights of the final checkpoint of the same trial, never interrupted."""
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     tmp = tmp_path_factory.mktemp("clean")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -274,8 +273,8 @@ def test_two_gloo_workers_train_what_one_worker_trains(hermetic, uninterrupted):
     about lr per step on weights whose gradient is near zero (its update is m / sqrt(v)). So the
     yardstick is the same reordering on one process: accumulating two micro-batches of 8."""
     from orchestrator.config import SearchSpace, load_yaml, with_overrides
-    from orchestrator.finetune import finetune
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.train.finetune import finetune
 
     out = run_sweep(_space(hermetic["tmp"], "two", workers=2), name="two", storage_path=hermetic["storage"])
     assert out.finished == 1

@@ -6,10 +6,11 @@ import warnings
 import pytest
 import torch
 
-from orchestrator import data, evaluate, models, probe
-from orchestrator.accel import CPU, Accel
+from orchestrator import data
 from orchestrator.config import DataConfig, ModelConfig
-from orchestrator.splits import TensorSplit
+from orchestrator.data.splits import TensorSplit
+from orchestrator.train import evaluate, models, probe
+from orchestrator.train.accel import CPU, Accel
 
 
 @pytest.fixture(scope="module", autouse=True)

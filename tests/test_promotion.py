@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import HAND
 from mlflow.tracking import MlflowClient
 
-from conftest import HAND
 from orchestrator.cli import main
 
 KEY_LIMIT = 250  # MLflow's limit on a model version tag key
@@ -147,8 +147,8 @@ def test_promotion_reason_too_long_for_its_tag_is_refused(registry, capsys):
 def test_promotion_store_failure_while_moving_takes_the_tags_back(registry, monkeypatch):
     """Not only a refusal: any failure after the tags are written (here the store, as the alias
     moves) puts them back before the error goes on."""
-    from orchestrator.promotion import promote
-    from orchestrator.tracking import Tracker
+    from orchestrator.record.promotion import promote
+    from orchestrator.record.tracking import Tracker
 
     client = registry["client"]
     client.set_model_version_tag(HAND, "2", "promoted_canary_at", "2020-01-01T00:00:00Z")  # earlier

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import SPACES, run, venv_bin
 
-from orchestrator import cluster, models
 from orchestrator.config import ModelConfig
+from orchestrator.runtime import cluster
+from orchestrator.train import models
 
 RANDOM_INIT = "No pretrained weights loaded for model"
 

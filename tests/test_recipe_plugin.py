@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.soups.io.weights import stream_weighted_sum
 from orchestrator.soups.recipe import RECIPES, RecipeInputs, SoupResult, register
-from orchestrator.soups.weights import stream_weighted_sum
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Sorts after the built-in recipes, so that the "known: greedy, learned, uniform" of other tests'

@@ -3,15 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from blobs import blobs, finetune, make_model
 
 from orchestrator.soups.ensemble import greedy_ensemble, logit_ensemble
 from orchestrator.soups.greedy import cook_greedy, greedy_soup
+from orchestrator.soups.io.weights import check_compatible, weighted_average
 from orchestrator.soups.learned import cook_learned, heldout_loss_and_acc, learned_soup
 from orchestrator.soups.recipe import RECIPES, SoupResult, get_recipe
 from orchestrator.soups.uniform import cook_uniform, uniform_soup
-from orchestrator.soups.weights import check_compatible, weighted_average
-
-from blobs import blobs, finetune, make_model
 
 QUIET = lambda s: None  # noqa: E731
 
@@ -45,8 +44,8 @@ def test_registry_knows_the_recipes():
 @pytest.mark.parametrize("name", ["uniform", "greedy", "learned"])
 def test_every_recipe_takes_the_one_inputs_object(world, name):
     """The cook calls every recipe the same way: `build(RecipeInputs)` -> `SoupResult`."""
+    from orchestrator.data.splits import TensorSplit
     from orchestrator.soups.recipe import RecipeInputs, RecipeOptions
-    from orchestrator.splits import TensorSplit
 
     heldout = TensorSplit("heldout", world["x"], world["y"])
     inputs = RecipeInputs(world["states"], [f"run{i}" for i in range(5)], world["scores"],
@@ -73,7 +72,7 @@ def test_soup_keys_keep_the_first_releases_layout():
     import hashlib
     import json
 
-    from orchestrator.cook import soup_key
+    from orchestrator.cook.driver import soup_key
 
     def old(recipe, ids, strict, mode="streaming"):
         key = [recipe, strict if recipe == "greedy" else None, ids]

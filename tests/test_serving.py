@@ -8,8 +8,8 @@ import sys
 import urllib.request
 
 import pytest
-
 from conftest import free_port, venv_bin
+
 from orchestrator.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,7 +55,7 @@ def test_promotion_gate_force_and_listing(store, capsys):
 def _examples(n=12):
     from orchestrator import data
     from orchestrator.config import DataConfig
-    from orchestrator.serving import encode_image
+    from orchestrator.data.images import encode_image
 
     test = data.load_task(DataConfig()).test
     return [encode_image(test.images[i]) for i in range(n)], test.labels[:n].tolist()

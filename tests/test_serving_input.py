@@ -16,11 +16,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.scoring_server import invocations
 
-from orchestrator import models, tinyworld
 from orchestrator.config import ModelConfig
-from orchestrator.serving import encode_image
+from orchestrator.data import digits as tinyworld
+from orchestrator.data.images import encode_image
+from orchestrator.record.tracking import Tracker, log_soup_model
 from orchestrator.soups import save_weights
-from orchestrator.tracking import Tracker, log_soup_model
+from orchestrator.train import models
 
 COLUMNS = ["label", "label_index", "probabilities"]
 NOT_AN_IMAGE = "not an encoded image (PNG or JPEG bytes, or their base64 text)"

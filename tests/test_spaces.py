@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import ConfigError, FinetuneConfig, SearchSpace, load_yaml
-from orchestrator.sweep import param_space, sample_configs
+from orchestrator.sweep.driver import param_space, sample_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml")) + sorted((REPO / "tests" / "spaces").glob("*.yaml"))

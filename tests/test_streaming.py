@@ -9,17 +9,21 @@ import re
 
 import pytest
 import torch
+from blobs import blobs, finetune, make_model
 from safetensors.torch import load_file
 
-from orchestrator.soups import stream
-from orchestrator.evaluate import HeldoutCounter
 from orchestrator.soups.greedy import greedy_soup, hopeless
+from orchestrator.soups.io import stream
+from orchestrator.soups.io.stream import read_header, read_weights, scan_file
+from orchestrator.soups.io.weights import (
+    check_compatible,
+    save_weights,
+    stream_weighted_sum,
+    weighted_average,
+)
 from orchestrator.soups.learned import heldout_loss_and_acc, learned_soup
-from orchestrator.soups.stream import read_header, read_weights, scan_file
 from orchestrator.soups.uniform import uniform_soup
-from orchestrator.soups.weights import (check_compatible, save_weights, stream_weighted_sum,
-                                        weighted_average)
-from blobs import blobs, finetune, make_model
+from orchestrator.train.evaluate import HeldoutCounter
 
 QUIET = lambda s: None  # noqa: E731
 

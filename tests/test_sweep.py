@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import SPACES, run, tiny_space, venv_bin
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES, run, tiny_space, venv_bin
-from orchestrator.logitstore import load_logits
-from orchestrator.sweep import run_sweep
+from orchestrator.record.logits import load_logits
+from orchestrator.sweep.driver import run_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
@@ -86,8 +86,9 @@ def test_existing_sweep_name_needs_resume(hermetic):
 
 def test_ray_job_submit_runs_the_sweep(hermetic):
     from conftest import REPO
-    from orchestrator.cluster import is_loopback
     from servers import RayHead, listening_addresses
+
+    from orchestrator.runtime.cluster import is_loopback
 
     env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     space = tiny_space(hermetic["tmp"] / "tiny2.yaml", 2)  # the job's path to the sweep is under test

@@ -5,7 +5,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import Tracker, system_metrics
+from orchestrator.record.tracking import Tracker, system_metrics
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import data, trainstate
+from orchestrator import data
 from orchestrator.config import ConfigError, FinetuneConfig, SearchSpace, validate, with_overrides
-from orchestrator.finetune import Hooks, Plan, finetune
+from orchestrator.train import state as trainstate
+from orchestrator.train.finetune import Hooks, Plan, finetune
 
 pytestmark = pytest.mark.slow
 

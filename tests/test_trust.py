@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPACES, venv_bin
 from mlflow.tracking import MlflowClient
 
-from conftest import SPACES, venv_bin
 from orchestrator.config import ConfigError
-from orchestrator.cook import CookError, cook
+from orchestrator.cook.driver import CookError, cook
 from orchestrator.hashing import file_sha256
-from orchestrator.soups.stream import read_weights
-from orchestrator.soups.weights import save_weights
-from orchestrator.tracking import CHECKPOINT_PATH, Tracker
+from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
+from orchestrator.soups.io.stream import read_weights
+from orchestrator.soups.io.weights import save_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SWEEP, MODEL = "s3", "tiny4-soup"  # the sweep of conftest's `swept3`
@@ -121,7 +121,7 @@ def test_logits_logged_for_another_label_order_are_scored_again(swept, tmp_path)
     scored again, named in a message, and the trial is cooked as usual."""
     from safetensors import safe_open
 
-    from orchestrator import logitstore
+    from orchestrator.record import logits as logitstore
 
     uri = copy_store(swept, tmp_path / "s")
     tracker, _, runs = _trials(uri)
@@ -164,7 +164,7 @@ def test_byte_identical_checkpoints_are_cooked_once(swept, tmp_path):
 def test_a_sweep_id_names_one_sweep_in_the_whole_store(swept, tmp_path):
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     uri = copy_store(swept, tmp_path / "s")
     other = tmp_path / "other.yaml"
@@ -183,9 +183,9 @@ def test_a_sweep_id_reused_after_its_sweep_run_was_deleted_means_the_new_sweep(s
     trials active, but they belong to no live sweep, so the new sweep counts 2 and the cook
     cooks those 2 (it used to count 5 and keep a deleted sweep's trial in the greedy soup)."""
     import ray
-
     from conftest import tiny_space
-    from orchestrator.sweep import run_sweep
+
+    from orchestrator.sweep.driver import run_sweep
 
     uri = copy_store(swept, tmp_path / "s")
     tracker, exp, old = _trials(uri)
@@ -213,7 +213,7 @@ def test_a_sweep_id_reused_after_its_sweep_run_was_deleted_means_the_new_sweep(s
 def test_a_sweep_that_could_never_be_scheduled_is_refused_before_anything_is_logged(hermetic, resources, message):
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     space = hermetic["tmp"] / "huge.yaml"
     space.write_text((SPACES / "tiny4.yaml").read_text().replace("resources: {cpu: 1}", f"resources: {resources}")
@@ -278,7 +278,7 @@ def test_two_cooks_at_once_register_each_soup_once(swept, tmp_path, ray_task):
 def test_a_sweep_id_too_long_for_a_folder_is_refused_before_anything_starts(hermetic):
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     with pytest.raises(ConfigError, match="must be at most 100 printable characters without '/'.*it has 300"):
         run_sweep(SPACES / "tiny4.yaml", name="s" * 300, storage_path=hermetic["storage"])

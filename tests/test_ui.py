@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from servers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -360,8 +359,8 @@ def _runs_sorted_by_heldout_rank_the_models(browser, server, experiment_id, rank
 def _registered_model_page_shows_each_version(browser, server, client, shots):
     """Step 2: the registered model lists each soup version with its recipe and accuracies (tags
     and description); returns the version a person following the promotion gate picks."""
-    from orchestrator.promotion import list_versions
-    from orchestrator.tracking import Tracker
+    from orchestrator.record.promotion import list_versions
+    from orchestrator.record.tracking import Tracker
 
     rows = list_versions(Tracker(server), MODEL)  # the CLI's `soup models`: figures, aliases
     assert len(rows) >= 3
@@ -422,9 +421,9 @@ def _alias_resolves_and_loads(client, server, store, version):
 
     from orchestrator import data
     from orchestrator.config import DataConfig
-    from orchestrator.promotion import PromotionError, promote
-    from orchestrator.serving import encode_image
-    from orchestrator.tracking import Tracker
+    from orchestrator.record.promotion import PromotionError, promote
+    from orchestrator.record.tracking import Tracker
+    from orchestrator.data.images import encode_image
 
     mv = client.get_model_version_by_alias(MODEL, ALIAS)  # the page showed it once the server had it
     assert str(mv.version) == version

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tables import verdict
+from orchestrator.cook.report import verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 

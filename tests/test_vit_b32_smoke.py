@@ -26,7 +26,7 @@ def _images(folder, n: int, seed: int) -> None:
 
 
 def _tree(root) -> None:
-    from orchestrator.imagenet import imagenet_r_wnids, imagenet_wnids
+    from orchestrator.data.imagenet import imagenet_r_wnids, imagenet_wnids
 
     wnids = imagenet_wnids()[:CLASSES]
     for i, w in enumerate(wnids):
@@ -65,8 +65,8 @@ def _space(tmp, base: str) -> str:
 def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
     import ray
 
-    from orchestrator.cook import cook
-    from orchestrator.sweep import run_sweep
+    from orchestrator.cook.driver import cook
+    from orchestrator.sweep.driver import run_sweep
 
     tmp = hermetic["tmp"]
     _tree(tmp / "data")

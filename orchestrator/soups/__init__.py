@@ -6,9 +6,9 @@ Ingredients are safetensors files (streamed chunk by chunk, never all in memory)
 `read_weights` is the one way a whole checkpoint is read into memory.
 """
 
-from . import greedy, learned, model_stock, uniform  # noqa: F401 - each registers its recipe(s)
-from .stream import read_header, read_weights, scan_file
-from .weights import save_weights, stream_weighted_sum, weighted_average
+from orchestrator.soups import greedy, learned, model_stock, uniform  # noqa: F401 - each registers its recipe(s)
+from orchestrator.soups.io.stream import read_header, read_weights, scan_file
+from orchestrator.soups.io.weights import save_weights, stream_weighted_sum, weighted_average
 
 __all__ = ["read_header", "read_weights", "save_weights", "scan_file", "stream_weighted_sum",
            "weighted_average"]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .greedy import improves, rank_best_first
+from orchestrator.soups.greedy import improves, rank_best_first
 
 
 def logit_ensemble(logits_list: Sequence[torch.Tensor]) -> torch.Tensor:

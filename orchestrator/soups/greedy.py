@@ -15,10 +15,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..evaluate import HeldoutCounter, heldout_counter
-from .recipe import RecipeInputs, RecipeOptions, SoupResult, register
-from .stream import Ingredient, is_file, read_weights
-from .weights import StateDict, check_compatible, float_keys, stream_add, stream_mean_with
+from orchestrator.soups.io.stream import Ingredient, is_file, read_weights
+from orchestrator.soups.io.weights import (
+    StateDict,
+    check_compatible,
+    float_keys,
+    stream_add,
+    stream_mean_with,
+)
+from orchestrator.soups.recipe import RecipeInputs, RecipeOptions, SoupResult, register
+from orchestrator.train.evaluate import HeldoutCounter, heldout_counter
 
 
 def rank_best_first(order_scores: Sequence[float], n: int) -> list[int]:

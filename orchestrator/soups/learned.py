@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..evaluate import eval_mode
-from .recipe import RecipeInputs, RecipeOptions, SoupResult, register
-from .stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
-from .weights import (
+from orchestrator.soups.io.stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
+from orchestrator.soups.io.weights import (
     StateDict,
     check_compatible,
     float_keys,
     stream_dots,
     stream_weighted_sum,
 )
+from orchestrator.soups.recipe import RecipeInputs, RecipeOptions, SoupResult, register
+from orchestrator.train.evaluate import eval_mode
 
 MODES = ("streaming", "stacked", "memory")
 # Held-out images the cooked learned soup fits its coefficients on, read into memory (ImageNet's

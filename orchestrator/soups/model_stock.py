@@ -19,8 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .recipe import RecipeInputs, SoupResult, register
-from .stream import (
+from orchestrator.soups.io.stream import (
     Chunk,
     Ingredient,
     TensorInfo,
@@ -30,8 +29,9 @@ from .stream import (
     plan,
     read_weights,
 )
-from .uniform import uniform_soup
-from .weights import check_compatible, float_keys
+from orchestrator.soups.io.weights import check_compatible, float_keys
+from orchestrator.soups.recipe import RecipeInputs, SoupResult, register
+from orchestrator.soups.uniform import uniform_soup
 
 
 @register("model-stock")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .recipe import RecipeInputs, SoupResult, register
-from .stream import Ingredient
-from .weights import stream_weighted_sum
+from orchestrator.soups.io.stream import Ingredient
+from orchestrator.soups.io.weights import stream_weighted_sum
+from orchestrator.soups.recipe import RecipeInputs, SoupResult, register
 
 
 @register("uniform")

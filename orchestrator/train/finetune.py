@@ -28,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from . import data, evaluate, models, splits, trainstate
-from .accel import Accel, accel_for
-from .config import FinetuneConfig, TrainConfig, batch_split
-from .trainstate import Position, TrainState
+from orchestrator import data
+from orchestrator.config import FinetuneConfig, TrainConfig, batch_split
+from orchestrator.data import splits
+from orchestrator.train import evaluate, models
+from orchestrator.train import state as trainstate
+from orchestrator.train.accel import Accel, accel_for
+from orchestrator.train.state import Position, TrainState
 
 
 @dataclass
@@ -190,7 +193,7 @@ def build_model(cfg: FinetuneConfig, task: splits.TaskData, accel: Accel | None 
     is fitted on the lead process only: DDP copies rank 0's weights to every worker."""
     model = models.build_classifier(cfg.model, task.classnames)
     if cfg.model.head_init == "linear_probe" and lead:
-        from . import probe
+        from orchestrator.train import probe
 
         probe.fit_probe_head(model, task.train, cfg.model.probe_images,
                              accel or accel_for(cfg.train, cfg.data.workers), seed=cfg.train.seed)

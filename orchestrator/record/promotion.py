@@ -16,7 +16,7 @@ import math
 import re
 import time
 
-from .tracking import (
+from orchestrator.record.tracking import (
     MAX_MODEL_REGISTRY_TAG_KEY_LENGTH,
     MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH,
     MAX_REGISTERED_MODEL_ALIAS_LENGTH,

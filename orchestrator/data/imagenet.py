@@ -27,8 +27,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .config import ASSETS, DataConfig
-from .splits import FolderSplit, TaskData
+from orchestrator.config import ASSETS, DataConfig
+from orchestrator.data.splits import FolderSplit, TaskData
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OBJECTNET_BORDER = 2  # the reference code crops 2 px a side to remove ObjectNet's 1-px red frame

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
-from .splits import LoaderOptions, to_float_images
+from orchestrator.config import TrainConfig
+from orchestrator.data.splits import LoaderOptions, to_float_images
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

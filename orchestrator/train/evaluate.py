@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .accel import CPU, Accel, for_device
-from .splits import Split
+from orchestrator.data.splits import Split
+from orchestrator.train.accel import CPU, Accel, for_device
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -1,8 +1,11 @@
-"""The one table from data set name to the loader that builds its task.
+"""Data: the one table from data set name to the loader that builds its task.
 
-Each data set lives in its own module (`tinyworld`, `imagenet`) and returns a `splits.TaskData`;
-this module only chooses between them, so neither needs to know the other, and says what a
-task's splits are (`describe`: name, role, digest, source) for tracking to log as datasets.
+Each data set lives in its own module (`digits`, the tiny world; `imagenet`) and returns a
+`splits.TaskData`; this module only chooses between them, so neither needs to know the other, and
+says what a task's splits are (`describe`: name, role, digest, source) for tracking to log as
+datasets. `images` encodes images as a client sends them.
+
+May import: config, hashing (and torch, torchvision, PIL, scikit-learn).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from . import imagenet, tinyworld
-from .config import DataConfig
-from .splits import TaskData, fingerprint
+from orchestrator.config import DataConfig
+from orchestrator.data import digits
+from orchestrator.data import imagenet
+from orchestrator.data.splits import TaskData, fingerprint
 
 LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
-    "tiny_digits": tinyworld.load_digits_task,
+    "tiny_digits": digits.load_digits_task,
     "imagenet": imagenet.load_imagenet_task,
 }
 
@@ -44,7 +48,7 @@ class SplitInfo:
 
 def describe(cfg: DataConfig, task: TaskData) -> list[SplitInfo]:
     """Every split of `task` (train, held-out, test, each shift) as a `SplitInfo`."""
-    source = cfg.root or ("sklearn.datasets.load_digits (orchestrator/tinyworld.py, split seed "
+    source = cfg.root or ("sklearn.datasets.load_digits (orchestrator/data/digits.py, split seed "
                           f"{cfg.split_seed})" if cfg.dataset == "tiny_digits" else cfg.dataset)
     roles = {"train": task.train, "heldout": task.heldout, "test": task.test}
     out = [SplitInfo(f"{cfg.dataset}/{k}", k, k, fingerprint(s), source, len(s)) for k, s in roles.items()]

@@ -18,18 +18,20 @@ from pathlib import Path
 
 import torch
 
-from . import data, evaluate, logitstore, models
-from .accel import Accel, resolve_device, resolve_precision
-from .config import FinetuneConfig, SearchSpace, validate
-from .cookmeter import Meter
-from .hashing import file_sha256
-from .logitstore import LOGITS_PATH
-from .soups.ensemble import GreedyEnsemble
-from .soups.greedy import rank_best_first
-from .soups.recipe import Recipe, RecipeInputs, RecipeOptions, SoupResult
-from .soups.stream import read_weights
-from .splits import LoaderOptions, TaskData
-from .tracking import CHECKPOINT_PATH, Tracker
+from orchestrator import data
+from orchestrator.config import FinetuneConfig, SearchSpace, validate
+from orchestrator.cook.meter import Meter
+from orchestrator.data.splits import LoaderOptions, TaskData
+from orchestrator.hashing import file_sha256
+from orchestrator.record import logits as logitstore
+from orchestrator.record.logits import LOGITS_PATH
+from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
+from orchestrator.soups.ensemble import GreedyEnsemble
+from orchestrator.soups.greedy import rank_best_first
+from orchestrator.soups.io.stream import read_weights
+from orchestrator.soups.recipe import Recipe, RecipeInputs, RecipeOptions, SoupResult
+from orchestrator.train import evaluate, models
+from orchestrator.train.accel import Accel, resolve_device, resolve_precision
 
 
 class CookError(ValueError):

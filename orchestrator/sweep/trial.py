@@ -38,9 +38,9 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .config import FinetuneConfig, validate, with_overrides
-from .hashing import json_sha256
-from .tracking import (
+from orchestrator.config import FinetuneConfig, validate, with_overrides
+from orchestrator.hashing import json_sha256
+from orchestrator.record.tracking import (
     CHECKPOINT_PATH,
     FAILED,
     FINISHED,
@@ -270,8 +270,8 @@ def train_worker(config: dict) -> None:
     """Runs on each Ray Train worker: `finetune` as rank r of W (the process group is Ray's)."""
     import torch
 
-    from .finetune import Dist, finetune
-    from .tracking import log_trial_result
+    from orchestrator.record.tracking import log_trial_result
+    from orchestrator.train.finetune import Dist, finetune
 
     t_enter = time.time()
     ctx = ray.train.get_context()
@@ -310,7 +310,7 @@ def _inputs(tracker: Tracker, run_id: str, cfg: FinetuneConfig) -> tuple[str, di
     """The trial's logged model id and its splits as datasets (split -> (name, digest)), which
     are logged as the run's inputs on its first attempt. The task is built here once; `finetune`
     gets the same object from `data.load_task`'s cache."""
-    from .data import describe, load_task
+    from orchestrator.data import describe, load_task
 
     run = tracker.client.get_run(run_id)
     model_id = run.data.tags.get(MODEL_TAG)
@@ -353,7 +353,7 @@ class RayTrainHooks:
 
     def resume_folder(self) -> Path | None:
         if self.folder is not None and self.tracker is not None:
-            from .trainstate import peek
+            from orchestrator.train.state import peek
 
             state = peek(self.folder)
             self.tracker.set_tags(self.run_id, {"resumed_from": self.folder.name})

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .accel import Accel
-from .evaluate import eval_mode
-from .models import ImageClassifier
-from .splits import Split
+from orchestrator.data.splits import Split
+from orchestrator.train.accel import Accel
+from orchestrator.train.evaluate import eval_mode
+from orchestrator.train.models import ImageClassifier
 
 PROBE_C = 10.0  # inverse L2 strength, as scikit-learn's C (the head fitted before LP-FT)
 LBFGS_MAX_ITER = 500  # L-BFGS iterations (the problem is convex; it stops earlier when converged)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ASSETS, TINY_ARCH, TINY_PRETRAINED, ModelConfig
-from .hashing import file_sha256, text_sha256
+from orchestrator.config import ASSETS, TINY_ARCH, TINY_PRETRAINED, ModelConfig
+from orchestrator.hashing import file_sha256, text_sha256
 
 TINY_ARCH_JSON = ASSETS / f"{TINY_ARCH}.json"
 TINY_CHECKPOINT = ASSETS / f"{TINY_ARCH}.safetensors"

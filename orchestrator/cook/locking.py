@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .tracking import Tracker, find_version, soup_runs, stale_soups
+from orchestrator.record.tracking import Tracker, find_version, soup_runs, stale_soups
 
 OWNER_TAG = "cook_owner"
 # A cook on another host cannot be checked; its unfinished run counts as in progress this long

@@ -21,9 +21,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
-from .config import DataConfig
-from .hashing import text_sha256
-from .splits import TaskData, TensorSplit
+from orchestrator.config import DataConfig
+from orchestrator.data.splits import TaskData, TensorSplit
+from orchestrator.hashing import text_sha256
 
 IMAGE_SIZE = 32
 DIGITS = tuple(str(d) for d in range(10))

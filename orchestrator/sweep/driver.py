@@ -24,8 +24,7 @@ import yaml
 from ray import tune
 from ray.tune.search.sample import Domain, Sampler
 
-from . import cluster
-from .config import (
+from orchestrator.config import (
     ConfigError,
     Distribution,
     FinetuneConfig,
@@ -34,9 +33,8 @@ from .config import (
     trials_made,
     with_overrides,
 )
-from .hashing import text_sha256
-from .models import describe_arch, pretrained_ref
-from .tracking import (
+from orchestrator.hashing import text_sha256
+from orchestrator.record.tracking import (
     FAILED,
     FINISHED,
     KILLED,
@@ -46,14 +44,9 @@ from .tracking import (
     locate_sweep,
     searchable,
 )
-from .trial import (
-    METRIC,
-    EndTrialRuns,
-    TrialContext,
-    TrialProgress,
-    run_trial,
-    trial_label,
-)
+from orchestrator.runtime import cluster
+from orchestrator.sweep.trial import METRIC, EndTrialRuns, TrialContext, TrialProgress, run_trial, trial_label
+from orchestrator.train.models import describe_arch, pretrained_ref
 
 # --- search space -----------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ except ImportError:  # their values in MLflow 3.x, should a release move or rena
     MAX_REGISTERED_MODEL_ALIAS_LENGTH = 255
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_PACKAGE = Path(__file__).resolve().parent  # shipped with a logged soup: serving.py loads from it
+_PACKAGE = Path(__file__).resolve().parents[1]  # shipped with a logged soup: serving.py loads from it
 ROLE, SWEEP_ID, TRIAL_ID = "soup.role", "sweep_id", "trial_id"
 CHECKPOINT_PATH = "checkpoint/model.safetensors"
 LOGS_DIR = "logs"  # the detail logs of the commands that worked on a run
@@ -404,8 +404,8 @@ def log_trial_result(tracker: Tracker, run_id: str, result, step: int | None = N
     value. With `model_id` the final metrics are also the logged model's, on their `datasets`."""
     from safetensors.torch import save_file
 
-    from .hashing import file_sha256
-    from .logitstore import LOGITS_PATH, SHA_TAG, SPLITS_TAG, save_logits, splits_tag
+    from orchestrator.hashing import file_sha256
+    from orchestrator.record.logits import LOGITS_PATH, SHA_TAG, SPLITS_TAG, save_logits, splits_tag
 
     final = result.metrics()
     if result.curves:

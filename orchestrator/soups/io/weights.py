@@ -18,8 +18,19 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .stream import (Chunk, FileSink, Ingredient, MemorySink, StateDict, TensorInfo, Worker,
-                     is_file, layout, map_chunks, plan)
+from orchestrator.soups.io.stream import (
+    Chunk,
+    FileSink,
+    Ingredient,
+    MemorySink,
+    StateDict,
+    TensorInfo,
+    Worker,
+    is_file,
+    layout,
+    map_chunks,
+    plan,
+)
 
 Coefficients = Sequence[float] | Mapping[str, Sequence[float]]
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from . import cluster, concurrency, models
-from .config import ConfigError, CookResources, SearchSpace, validate
-from .cook_build import (
+from orchestrator.config import ConfigError, CookResources, SearchSpace, validate
+from orchestrator.cook import locking
+from orchestrator.cook.build import (
     BuildResources,
     Built,
     CookError,
@@ -38,20 +38,11 @@ from .cook_build import (
     build_with_progress,
     reference_state,
 )
-from .cookmeter import phase_table
-from .hashing import file_sha256, json_sha256
-from .logitstore import LOGITS_PATH, SHA_TAG
-from .soups.recipe import (
-    RecipeOptions,
-    SoupResult,
-    default_recipes,
-    get_recipe,
-    option_defaults,
-)
-from .soups.stream import scan_file
-from .soups.weights import check_compatible, save_weights
-from .tables import markdown_table, verdict
-from .tracking import (
+from orchestrator.cook.meter import phase_table
+from orchestrator.cook.report import markdown_table, verdict
+from orchestrator.hashing import file_sha256, json_sha256
+from orchestrator.record.logits import LOGITS_PATH, SHA_TAG
+from orchestrator.record.tracking import (
     CHECKPOINT_PATH,
     FINISHED,
     Tracker,
@@ -62,6 +53,11 @@ from .tracking import (
     read_artifact_text,
     register_soup,
 )
+from orchestrator.runtime import cluster
+from orchestrator.soups.io.stream import scan_file
+from orchestrator.soups.io.weights import check_compatible, save_weights
+from orchestrator.soups.recipe import RecipeOptions, SoupResult, default_recipes, get_recipe, option_defaults
+from orchestrator.train import models
 
 
 @dataclass
@@ -425,7 +421,7 @@ def _sweep_space(tracker: Tracker, parent, sweep_id: str) -> SearchSpace:
 
 
 def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> CookOutcome:
-    from .plots import soup_figure
+    from orchestrator.cook.report import soup_figure
 
     out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where,
                       singles=built.singles, parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracker.uri)
@@ -497,17 +493,17 @@ def _columns(rows: list[dict]) -> list[str]:
 def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Path,
                       log: Callable[[str], None]) -> tuple[str, str, bool]:
     """(soup run id, registered version, whether both existed already) for one soup; another cook
-    logging the same soup meanwhile is waited for, or settled with (`concurrency`)."""
-    from .serving import encode_image
+    logging the same soup meanwhile is waited for, or settled with (`locking`)."""
+    from orchestrator.data.images import encode_image
 
     what = f"{soup.recipe} soup"
-    concurrency.wait_for_other_cooks(ctx.tracker, ctx.experiment_id, ctx.model_name, soup.key, what, log)
+    locking.wait_for_other_cooks(ctx.tracker, ctx.experiment_id, ctx.model_name, soup.key, what, log)
     existing = find_soup(ctx.tracker, ctx.experiment_id, soup.key)
     version = find_version(ctx.tracker, ctx.model_name, soup.key)
     if existing is not None and version is not None:
         return existing.info.run_id, version.version, True
     if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
-        concurrency.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
+        locking.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
     weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
                            {"recipe": soup.recipe})
     config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
@@ -528,7 +524,7 @@ def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Pa
     except BaseException:  # Ctrl-C or SIGTERM (`cluster.stop_signals`), or an error
         _withdraw(ctx, soup.key, started)
         raise
-    return concurrency.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
+    return locking.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
                               what, log)
 
 
@@ -596,7 +592,7 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path,
     rid = started["run"] = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
         "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
         "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids),
-        concurrency.OWNER_TAG: concurrency.this_owner(),
+        locking.OWNER_TAG: locking.this_owner(),
         **({"partial_sweep": "true"} if ctx.partial else {})},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(rid, _soup_params(ctx, soup))

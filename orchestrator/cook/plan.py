@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from . import data, logitstore
-from .cook import cook_resources, find_target, recipes_named
-from .cookmeter import MIB
-from .logitstore import LOGITS_PATH, SHA_TAG, SPLITS_TAG
-from .soups.learned import HELDOUT_LIMIT
-from .soups.recipe import RecipeOptions
-from .tracking import CHECKPOINT_PATH
+from orchestrator import data
+from orchestrator.cook.driver import cook_resources, find_target, recipes_named
+from orchestrator.cook.meter import MIB
+from orchestrator.record import logits as logitstore
+from orchestrator.record.logits import LOGITS_PATH, SHA_TAG, SPLITS_TAG
+from orchestrator.record.tracking import CHECKPOINT_PATH
+from orchestrator.soups.learned import HELDOUT_LIMIT
+from orchestrator.soups.recipe import RecipeOptions
 
 LEARNED_STEPS, LEARNED_BATCH = 50, 256  # `learned_soup`'s defaults, as the cook runs it
 

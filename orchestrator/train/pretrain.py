@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from . import data, models, tinyworld
-from .config import DataConfig, ModelConfig
-from .finetune import warmup_cosine
+from orchestrator import data
+from orchestrator.config import DataConfig, ModelConfig
+from orchestrator.data import digits as tinyworld
+from orchestrator.train import models
+from orchestrator.train.finetune import warmup_cosine
 
 CAPTION_TEMPLATES = {
     "digit": ("a photo of the digit {}.", "the number {}.", "a picture of a {}.",
@@ -105,7 +107,7 @@ def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool
 
 def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
     """Monitor only: the held-out digits and rendered digits, never the test split."""
-    from .evaluate import accuracy
+    from orchestrator.train.evaluate import accuracy
 
     clip.eval()
     model = models.classifier_from_clip(clip, tokenizer, tinyworld.DIGITS, ModelConfig().templates)

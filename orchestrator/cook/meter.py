@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .soups.stream import bytes_read
+from orchestrator.soups.io.stream import bytes_read
 
 MIB = 1 << 20
 

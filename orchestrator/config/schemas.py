@@ -1,0 +1,119 @@
+"""Pydantic schemas for the model, the data and the fine-tuning hyperparameters, and the tiny
+world's asset constants.
+
+Every schema is frozen and forbids unknown keys, so a typo in a YAML file is an error rather than
+a silently ignored setting.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.config.loading import FieldError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TINY_ARCH = "tiny-clip-glyphs"
+TINY_PRETRAINED = "tiny-glyphs"  # a tag resolved by `models` to the committed base checkpoint
+DEFAULT_TEMPLATES = (  # prompts in the style of the tiny world's pretraining captions
+    "a photo of the digit {}.",
+    "the number {}.",
+    "a low resolution photo of the digit {}.",
+    "a blurry digit {}.",
+)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(Frozen):
+    """Which CLIP to start from and how to build the classification head."""
+
+    arch: str = TINY_ARCH
+    pretrained: str | None = TINY_PRETRAINED
+    head_init: Literal["zeroshot", "linear_probe"] = "zeroshot"
+    # linear_probe: the number of training images the probe is fitted on, drawn class-stratified
+    # (every class present) and held as features, not images
+    probe_images: int = Field(50_000, ge=1, le=10_000_000)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    @model_validator(mode="after")
+    def _templates_have_slot(self) -> "ModelConfig":
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return self
+
+
+IMAGENET_SHIFTS = ("imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a")
+TINY_SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
+
+
+def _shifts_of(dataset: str) -> list[str]:
+    return list(IMAGENET_SHIFTS if dataset == "imagenet" else TINY_SHIFTS)
+
+
+class DataConfig(Frozen):
+    """The data set and its fixed splits. `heldout` selects soups; `test` and shifts report."""
+
+    dataset: Literal["tiny_digits", "imagenet"] = "tiny_digits"
+    root: str | None = None  # data root for folder-based data sets (ImageNet and its shifts)
+    image_size: int = Field(224, ge=8, le=1024)  # folder data sets: resize + centre crop to this
+    workers: int = Field(0, ge=0, le=64)  # folder data sets: DataLoader worker processes
+    split_seed: int = 0
+    heldout_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.8)
+    selection_split: Literal["heldout", "test", "train"] = "heldout"
+    reporting_splits: tuple[str, ...] = ("test",)
+    shifts: tuple[Literal["rotate", "noise", "blur", "invert", "rendered", "imagenetv2", "imagenet_r",
+                          "imagenet_sketch", "objectnet", "imagenet_a"], ...] = (
+        "rotate", "noise", "blur", "invert", "rendered")
+
+    @model_validator(mode="after")
+    def _selection_not_reporting(self) -> "DataConfig":
+        if self.selection_split in self.reporting_splits:
+            raise FieldError("selection_split", (
+                f"selection split {self.selection_split!r} is also a reporting split "
+                f"(reporting_splits {list(self.reporting_splits)}); "
+                "soups must be selected on data they are not reported on"))
+        wrong = [s for s in self.shifts if (s in IMAGENET_SHIFTS) != (self.dataset == "imagenet")]
+        if wrong:
+            raise FieldError("shifts", f"shifts {wrong} do not belong to data set {self.dataset!r}; "
+                                       f"its shifts are {_shifts_of(self.dataset)}")
+        if self.heldout_fraction + self.test_fraction >= 0.9:
+            raise FieldError("test_fraction", "heldout_fraction + test_fraction leaves under 10% to train on")
+        return self
+
+
+class TrainConfig(Frozen):
+    """Fine-tuning hyperparameters: the things a sweep varies."""
+
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=65536)  # the global batch, split across a trial's workers
+    # images per forward pass on one worker; the worker accumulates gradients over
+    # batch_size / workers / micro_batch_size passes (None: one pass per step)
+    micro_batch_size: int | None = Field(None, ge=1, le=65536)
+    grad_checkpointing: bool = False  # recompute the tower's activations in backward (large towers)
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # a checkpoint also every N steps
+    log_every_steps: int = Field(10, ge=1)  # train_loss, lr and images/s every N steps
+    warmup_steps: int = Field(20, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup_alpha: float = Field(0.0, ge=0.0, le=10.0)
+    augment: Literal["none", "randaugment", "light"] = "light"
+    randaug_num_ops: int = Field(2, ge=0, le=10)
+    randaug_magnitude: int = Field(9, ge=0, le=30)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: cuda when present
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on cuda
+    channels_last: bool = True  # on cuda only: NHWC convolutions (the patch embedding, ResNets)
+
+
+class FinetuneConfig(Frozen):
+    """One fine-tuning run: model, data and hyperparameters."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()

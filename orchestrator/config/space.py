@@ -1,0 +1,247 @@
+"""The search space: searched keys as distributions, how Tune runs the sweep, where MLflow records
+it, and how the cook builds its soups; validated as a whole (every searched value makes a valid
+trial, the trial count is capped)."""
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from orchestrator.config.loading import FieldError, error_text
+from orchestrator.config.schemas import FinetuneConfig, Frozen
+
+
+class Distribution(Frozen):
+    """One searched hyperparameter: exactly one of the sampling forms, optionally switched off.
+
+    ``randint`` bounds are inclusive. ``p_off`` is the probability that the value is ``off_value``
+    instead (the paper's "mixup in about half the runs, else off").
+    """
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: tuple[Any, ...] | None = None
+    weights: tuple[float, ...] | None = None
+    grid: tuple[Any, ...] | None = None
+    p_off: float = Field(0.0, ge=0.0, le=1.0)
+    off_value: Any = None
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid")
+                    if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _exactly_one_valid_form(self) -> "Distribution":
+        forms = [k for k in ("loguniform", "uniform", "randint", "choice", "grid")
+                 if getattr(self, k) is not None]
+        if len(forms) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice, grid (got {forms or 'none'})")
+        kind = forms[0]
+        if kind in ("loguniform", "uniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if (lo > hi) if kind == "randint" else (lo >= hi):
+                raise ValueError(f"{kind} range [{lo}, {hi}] is empty")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs a positive lower bound, got {lo}")
+        elif not getattr(self, kind):
+            raise ValueError(f"{kind} needs at least one value")
+        if self.weights is not None and (kind != "choice" or len(self.weights) != len(self.choice)):
+            raise ValueError("weights need a choice of the same length")
+        if self.p_off and kind == "grid":
+            raise ValueError("p_off cannot switch off a grid axis")
+        return self
+
+
+class Resources(Frozen):
+    """Resources of one trial: its number of training workers (DDP processes) and what each
+    worker reserves; fractional GPUs pack several one-worker trials on one device."""
+
+    workers: int = Field(1, ge=1, le=4096)
+    cpu: float = Field(1.0, gt=0)  # per worker
+    gpu: float = Field(0.0, ge=0)  # per worker
+
+    @model_validator(mode="after")
+    def _whole_gpus_when_distributed(self) -> "Resources":
+        if self.workers > 1 and self.gpu and self.gpu != int(self.gpu):
+            raise FieldError("gpu", f"a trial of {self.workers} workers needs whole GPUs per worker "
+                                    f"(got {self.gpu:g}): DDP puts one process on each device")
+        return self
+
+
+class SweepSettings(Frozen):
+    """How Ray Tune runs the search."""
+
+    num_samples: int = Field(8, ge=1, le=100000)
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["none", "asha"] = "none"
+    max_concurrent_trials: int = Field(2, ge=1)
+    resources: Resources = Resources()
+    storage_path: str | None = None
+    max_failures: int = Field(0, ge=0)
+    seed: int = 0
+    # The most trials one sweep may make (num_samples times every grid combination): a space
+    # that asks for millions is a mistake to refuse, not a sweep to start.
+    max_trials: int = Field(10000, ge=1)
+    # On a cluster (RAY_ADDRESS) whose nodes cannot yet run one trial: true starts the sweep and
+    # waits for the autoscaler to add a node; false refuses it. A local Ray is always refused.
+    autoscale: bool = False
+
+
+class TrackingSettings(Frozen):
+    """Where MLflow records the sweep."""
+
+    experiment_name: str = Field("tiny-digits", min_length=1)
+    registered_model: str | None = None
+
+
+# How the learned soup may get its gradients in a cook (the schema, `soup cook --learned-mode` and
+# the learned recipe all take this one list).
+LEARNED_MODES = ("streaming", "stacked")
+
+
+class CookResources(Frozen):
+    """What the cook's build task reserves (`soup cook --cpus/--gpus/--memory-gib` override it):
+    its CPUs size torch's threads and the loaders' workers; with a GPU the soups are built and
+    evaluated on it. Its own, not the trials': a cook needs one device, however many a trial used."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0, le=1)
+    memory_gib: float = Field(0.0, ge=0)  # 0: no memory reservation
+
+
+class CookSettings(Frozen):
+    """How the cook builds the soups of this sweep (`soup cook --learned-mode` overrides it)."""
+
+    resources: CookResources = CookResources()
+
+    # streaming: each coefficient's gradient accumulated ingredient by ingredient from the files,
+    # memory flat in the number of ingredients; stacked: every ingredient held in bf16 on the
+    # accelerator (fast when they fit).
+    learned_mode: Literal[LEARNED_MODES] = "streaming"
+
+
+class SearchSpace(Frozen):
+    """A declarative sweep: a fixed fine-tuning config, searched keys, and how to run it."""
+
+    base: FinetuneConfig = FinetuneConfig()
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    sweep: SweepSettings = SweepSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    cook: CookSettings = CookSettings()
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> "SearchSpace":
+        known = _dotted_keys(self.base.model_dump())
+        for key, dist in self.search.items():
+            if key not in known:
+                raise FieldError(f"search.{key}", (
+                    f"searched key {key!r} is not a fine-tuning setting "
+                    f"(e.g. {', '.join(sorted(k for k in known if k.startswith('train.'))[:4])})"))
+            problem = _searched_value_problem(self.base, key, dist)
+            if problem:
+                raise FieldError(f"search.{key}", problem)
+        problem = _batch_split_problem(self)
+        if problem:
+            raise FieldError(*problem)
+        if self.sweep.search_alg == "grid" and any(d.kind != "grid" for d in self.search.values()):
+            raise FieldError("sweep.search_alg", "search_alg 'grid' needs every searched key to be a grid")
+        if self.trial_count > self.sweep.max_trials:
+            raise FieldError("sweep.max_trials", (
+                f"this space makes {trials_made(self)}, above sweep.max_trials "
+                f"{self.sweep.max_trials:,}; lower sweep.num_samples or the grid, or raise sweep.max_trials"))
+        return self
+
+    @property
+    def grid_points(self) -> int:
+        """Combinations of the grid axes (1 without any): Tune runs every one of them for each
+        of the num_samples samples."""
+        return math.prod(len(d.grid) for d in self.search.values() if d.kind == "grid")
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep makes, counted as Tune counts them (`tune.TuneConfig.num_samples`:
+        with grid_search, the grid is repeated num_samples times)."""
+        return self.sweep.num_samples * self.grid_points
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def trials_made(space: SearchSpace) -> str:
+    """How many trials the space makes and how: ``8 trials (num_samples 8)``, or
+    ``8 trials (2 grid points × num_samples 4)``."""
+    how = f"num_samples {space.sweep.num_samples:,}"
+    if any(d.kind == "grid" for d in space.search.values()):
+        how = f"{_counted(space.grid_points, 'grid point')} × {how}"
+    return f"{_counted(space.trial_count, 'trial')} ({how})"
+
+
+def batch_split(batch_size: int, workers: int, micro_batch_size: int | None) -> tuple[int, int]:
+    """(images per worker per step, micro-batches per step) of a global batch; ValueError when
+    the global batch does not split evenly (every worker must see the same number of images)."""
+    if batch_size % workers:
+        raise ValueError(f"train.batch_size {batch_size} does not split evenly across {workers} workers")
+    per_worker = batch_size // workers
+    micro = micro_batch_size or per_worker
+    if per_worker % micro:
+        raise ValueError(f"train.micro_batch_size {micro} does not divide the {per_worker} images "
+                         f"each of the {workers} workers takes per step (batch_size {batch_size})")
+    return per_worker, per_worker // micro
+
+
+def _batch_split_problem(space: "SearchSpace") -> tuple[str, str] | None:
+    """(key, why) when some batch size the space can draw does not split across its workers."""
+    sizes = [("base.train.batch_size", space.base.train.batch_size)]
+    if "train.batch_size" in space.search:
+        sizes = [("search.train.batch_size", v) for _, v in _candidates(space.search["train.batch_size"])]
+    for key, size in sizes:
+        try:
+            batch_split(size, space.sweep.resources.workers, space.base.train.micro_batch_size)
+        except ValueError as err:
+            return key, f"{err} (sweep.resources.workers {space.sweep.resources.workers})"
+    return None
+
+
+def _candidates(d: Distribution) -> list[tuple[str, Any]]:
+    """(label, value) for the values a distribution can yield that bound what every trial may
+    see: each choice or grid value, a range's ends (for a half-open float range, the largest
+    float below its top), and the off value."""
+    kind = d.kind
+    if kind in ("choice", "grid"):
+        out = [(f"{kind} value {v!r}", v) for v in getattr(d, kind)]
+    else:
+        lo, hi = getattr(d, kind)
+        top = hi if kind == "randint" else math.nextafter(hi, lo)
+        out = [(f"{kind} lower bound {lo!r}", lo), (f"{kind} upper bound {hi!r}", top)]
+    return out + ([(f"off_value {d.off_value!r}", d.off_value)] if d.p_off > 0 else [])
+
+
+def _searched_value_problem(base: FinetuneConfig, key: str, dist: Distribution) -> str | None:
+    """Why some value of `dist` would make an invalid trial config at `key`, or None.
+
+    Checked before a sweep starts so that a wrong type or an out-of-range bound fails at once
+    instead of in every trial."""
+    for label, value in _candidates(dist):
+        data = base.model_dump()
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        try:
+            FinetuneConfig.model_validate(data)
+        except ValidationError as err:
+            why = [error_text(e).removeprefix(f"key '{key}': ") for e in err.errors()]
+            return f"{label} would make an invalid trial: {'; '.join(why)}"
+    return None
+
+
+def _dotted_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _dotted_keys(v, key + ".") if isinstance(v, dict) else {key}
+    return out
