@@ -163,7 +163,7 @@ def _hermetic(tmp: Path) -> None:
                        "PYTHONWARNINGS": "ignore"})
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("XDG_CACHE_HOME", None)  # the tiny world's cache goes under the private HOME
-    from orchestrator.runtime.cluster import LOOPBACK_ONLY  # imports no ray
+    from orchestrator.runtime.connect import LOOPBACK_ONLY  # imports no ray
 
     os.environ.update(LOOPBACK_ONLY)
 

@@ -225,7 +225,7 @@ def _run_all(todo: list[tuple[int, Path]], space_text: str, split_seed: bool, re
         os.environ.update(hermetic_env(work))
         os.environ.pop("RAY_ADDRESS", None)
         os.environ["HOME"] = str(work)  # Tune's and Ray's defaults under ~ stay in the temp dir
-        from orchestrator.runtime import cluster
+        from orchestrator.runtime import connect
 
         try:
             for n, (s, f) in enumerate(todo, 1):
@@ -237,7 +237,7 @@ def _run_all(todo: list[tuple[int, Path]], space_text: str, split_seed: bool, re
                       f"cook {res['cook_seconds']:.0f} s -> {f}", file=sys.stderr, flush=True)
                 done.append(res)
         finally:
-            cluster.shutdown()
+            connect.shutdown()
     return done
 
 

@@ -125,7 +125,7 @@ def floor(trials: int, workers: int) -> tuple[float, list[tuple[str, float, floa
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from orchestrator.runtime import cluster  # before ray: the local Ray stays on loopback
+        from orchestrator.runtime import connect  # before ray: the local Ray stays on loopback
         from orchestrator.sweep.driver import DRIVER_BUNDLE
 
         def worker(config):
@@ -138,7 +138,7 @@ def floor(trials: int, workers: int) -> tuple[float, list[tuple[str, float, floa
                                                         name=tune.get_context().get_trial_id(),
                                                         callbacks=[TuneReportCallback()])).fit()
 
-        cluster.init_ray(lambda line: None)
+        connect.init_ray(lambda line: None)
         start = time.time()
         grid = tune.Tuner(tune.with_resources(driver, DRIVER_BUNDLE),
                           param_space={"i": tune.grid_search(list(range(trials)))},

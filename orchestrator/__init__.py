@@ -3,5 +3,5 @@
 __version__ = "0.1.0"
 
 # First: makes a local Ray loopback-only (a switch Ray reads once, when it is first imported);
-# cluster itself imports ray only inside its functions.
-from orchestrator.runtime import cluster  # noqa: E402,F401
+# connect itself imports ray only inside its functions.
+from orchestrator.runtime import connect  # noqa: E402,F401

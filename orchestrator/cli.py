@@ -35,7 +35,8 @@ def _store(write: bool, must_exist: bool = True) -> None:
     sqlite store that is not there (or is an empty database) where one is read (a mistyped
     MLFLOW_TRACKING_URI is not created empty), a sqlite file that holds another program's
     tables, a path that cannot be opened, or a read-only store where the command writes."""
-    from orchestrator.record.tracking import StoreError, check_store, resolve_uri
+    from orchestrator.record.store import StoreError, check_store
+    from orchestrator.record.tracking import resolve_uri
 
     try:
         check_store(resolve_uri(), write=write, must_exist=must_exist)
@@ -67,14 +68,15 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from orchestrator.record.schema import HELDOUT_ACC, TRAIN_LOSS
     from orchestrator.soups import save_weights
     from orchestrator.train.finetune import finetune
 
     cfg = _finetune_config(args.config, args.set)
     t0 = time.perf_counter()
-    res = finetune(cfg, on_epoch=lambda r: print(
-        f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.3f}  "
-        f"held-out {r['heldout_acc']:.1%}", flush=True))
+    res = finetune(cfg, on_epoch=lambda r: print(  # an epoch's row holds what a trial logs for it
+        f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r[TRAIN_LOSS]:.3f}  "
+        f"held-out {r[HELDOUT_ACC]:.1%}", flush=True))
     wall = time.perf_counter() - t0
     print(text_table([{"run": "finetune", **res.metrics()}]))
     print(f"test accuracy {res.test_acc:.1%}  wall time {wall:.1f}s "
@@ -95,10 +97,10 @@ def cmd_pair(args) -> int:
 
 
 def _detail(args, command: str):
-    """The block whose detail goes to the log file (`cluster.detail_to`); none with --verbose."""
-    from orchestrator.runtime import cluster
+    """The block whose detail goes to the log file (`terminal.detail_to`); none with --verbose."""
+    from orchestrator.runtime import terminal
 
-    return cluster.detail_to(None if args.verbose else args.log_file or cluster.default_log_file(command))
+    return terminal.detail_to(None if args.verbose else args.log_file or terminal.default_log_file(command))
 
 
 def keep_log(uri: str, run_id: str, log) -> str | None:
@@ -194,6 +196,7 @@ def _table_rows(rows: list[dict]) -> list[dict]:
 
 def cmd_demo(args) -> int:
     from orchestrator.demo import run_demo
+    from orchestrator.record.schema import LOCAL_ARTIFACTS
 
     res = run_demo(args.workdir, **({"space": args.space} if args.space else {}), verbose=args.verbose)
     print("\n" + text_table(_table_rows(res["rows"])))
@@ -201,7 +204,7 @@ def cmd_demo(args) -> int:
         print("\n" + "\n".join(said))
     print(f"\ndemo finished in {res['seconds']:.0f}s; registered versions: {res['versions']}")
     print(f"plot:         {res['plot']}")
-    print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/mlartifacts)")
+    print(f"MLflow store: {res['uri']} (artifacts in {res['workdir']}/{LOCAL_ARTIFACTS})")
     ui = f"mlflow ui --backend-store-uri {shlex.quote(res['uri'])} --host 127.0.0.1 --port 5000"
     print(f"open the UI:  {ui}")
     if res["log"]:
@@ -252,6 +255,8 @@ def _recipes_help() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from orchestrator.record.schema import PARTIAL_SWEEP
+
     p = argparse.ArgumentParser(prog="soup", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -296,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
                          "and bytes per phase, device) and change nothing")
     sp.add_argument("--partial", action="store_true",
                     help="cook a sweep that has not finished (running, interrupted or failed) from "
-                         "the trials finished so far; its versions are tagged partial_sweep=true")
+                         f"the trials finished so far; its versions are tagged {PARTIAL_SWEEP}=true")
     sp.add_argument("--rebuild", action="store_true",
                     help="build and evaluate the soups again even when this sweep is already cooked "
                          "with the same trials, recipes and settings (nothing is registered twice)")
@@ -338,30 +343,31 @@ def _output_options(sp, command: str) -> None:
 def _no_artifact_progress_bars():
     """MLflow draws a progress bar on stderr for every artifact download, which would bury the
     one-line error of a refused command; set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true to see them."""
-    from orchestrator.runtime.cluster import env_default
+    from orchestrator.runtime.terminal import env_default
 
     return env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `soup` console script."""
-    from orchestrator.runtime import cluster  # imports no ray
+    from orchestrator.runtime import signals, task  # import no ray
 
     args = _parser().parse_args(argv)
-    # The cook stops on SIGINT or SIGTERM in any phase (the sweep hands them to Tune itself).
-    stops = cluster.stop_signals() if args.command == "cook" else contextlib.nullcontext()
+    # The sweep and the cook stop on SIGINT or SIGTERM in any phase, the same way: interrupted
+    # once, then a bounded cleanup (while Tune runs, the sweep hands the first signal to Tune).
+    stops = signals.stop_signals() if args.command in ("sweep", "cook") else contextlib.nullcontext()
     with _no_artifact_progress_bars(), stops:
         try:
             return args.fn(args)
         except ConfigError as err:
             return _fail(args.command, err)
-        except cluster.RayLost as err:  # raised by the Ray task's wait, before anything is logged
+        except task.RayLost as err:  # raised by the Ray task's wait, before anything is logged
             code = _fail(args.command, f"{err}; nothing was logged to MLflow: run soup {args.command} again")
         except KeyboardInterrupt:
-            sig = cluster.stop_signal()
+            sig = signals.stop_signal()
             print(f"soup {args.command}: interrupted by {sig.name}", file=sys.stderr)
             code = 128 + sig.value
-    cluster.prepare_to_exit(code)  # promptly: a stopped or failed cook must end within a bound
+    task.prepare_to_exit(code)  # promptly: a stopped or failed command must end within a bound
     return code
 
 

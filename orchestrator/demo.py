@@ -31,24 +31,24 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
 
     The terminal shows the demo's own lines (each trial's start and end, the cook's progress);
     the detail (Ray's worker output, Ray Train's and Tune's lines) goes to ``<workdir>/soup.log``,
-    named on the terminal first (`cluster.detail_to`). With `verbose` it all shows, as Ray prints it,
+    named on the terminal first (`terminal.detail_to`). With `verbose` it all shows, as Ray prints it,
     and there is no log file."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="soup-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))
     os.environ.pop("RAY_ADDRESS", None)
     from orchestrator.cook.driver import cook
-    from orchestrator.runtime import cluster
+    from orchestrator.runtime import connect, terminal
     from orchestrator.sweep.driver import run_sweep
 
     log_file = None if verbose else workdir / "soup.log"
     t0 = time.perf_counter()
-    with cluster.detail_to(log_file):
+    with terminal.detail_to(log_file):
         try:
             out = run_sweep(space, name="demo", storage_path=str(workdir / "ray_results"), log=log)
             cooked = cook(out.sweep_id, log=log)
         finally:
-            cluster.shutdown()
+            connect.shutdown()
     plot = workdir / "soups.png"
     plot.write_bytes(cooked.plot_png)
     return {"rows": cooked.rows, "plot": str(plot), "workdir": str(workdir), "versions": cooked.versions,

@@ -128,16 +128,17 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from orchestrator.config import ModelConfig
+        from orchestrator.record.schema import PYFUNC_CONFIG, PYFUNC_WEIGHTS
         from orchestrator.soups.io.stream import read_weights
         from orchestrator.train.models import build_classifier
 
-        with open(context.artifacts["config"]) as f:
+        with open(context.artifacts[PYFUNC_CONFIG]) as f:
             cfg = json.load(f)
         self.classnames = cfg["classnames"]
         self.image_size = cfg["image_size"]
         self.model = build_classifier(ModelConfig(**cfg["model"]), self.classnames,
                                       pretrained_weights=False)
-        self.model.load_state_dict(read_weights(context.artifacts["weights"]))
+        self.model.load_state_dict(read_weights(context.artifacts[PYFUNC_WEIGHTS]))
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -25,7 +25,7 @@ os.environ.update({
     "MLFLOW_TRACKING_URI": "sqlite:///" + str(_SESSION_HOME / "unused-mlflow.db"),
 })
 os.environ.pop("RAY_ADDRESS", None)
-from orchestrator.runtime.cluster import LOOPBACK_ONLY  # noqa: E402 - imports no ray
+from orchestrator.runtime.connect import LOOPBACK_ONLY  # noqa: E402 - imports no ray
 
 os.environ.update(LOOPBACK_ONLY)  # every local Ray the suite starts listens on 127.0.0.1 only
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from conftest import free_port, free_ports, venv_bin
 
-from orchestrator.runtime.cluster import LOOPBACK_ONLY
+from orchestrator.runtime.connect import LOOPBACK_ONLY
 
 PG_WAIT_S = 300  # generous: a loaded CI machine can take minutes to start or stop a server
 

@@ -346,7 +346,8 @@ def world(swept3, tmp_path_factory):
     """A copy of the shared real 3-trial sweep's store (conftest's `swept3`; its artifacts stay
     where the sweep put them); a bad run of every kind added to it; two hand-made sweeps (one with
     no FINISHED trial, one whose every trial is bad); one cook of the real sweep."""
-    from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
+    from orchestrator.record.schema import CHECKPOINT_PATH
+    from orchestrator.record.tracking import Tracker
 
     tmp = tmp_path_factory.mktemp("bad-input")
     shutil.copy(swept3["root"] / "mlflow.db", tmp / "mlflow.db")

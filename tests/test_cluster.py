@@ -1,4 +1,4 @@
-"""orchestrator.cluster: a local Ray listens on loopback only, as Ray itself reports; RAY_ADDRESS
+"""orchestrator.runtime.connect and .task: a local Ray listens on loopback only, as Ray itself reports; RAY_ADDRESS
 joins the cluster it names. Each case runs in a fresh interpreter, because Ray reads the switch
 once, when it is first imported."""
 
@@ -11,13 +11,13 @@ import pytest
 from conftest import run
 from servers import RayHead, kill_owned, listening_addresses, new_mark, owned_pids
 
-from orchestrator.runtime.cluster import LOOPBACK_ENV, is_loopback
+from orchestrator.runtime.connect import LOOPBACK_ENV, is_loopback
 
 pytestmark = [pytest.mark.integration]
 
 REPORT = """
 import json, sys
-from orchestrator.runtime.cluster import init_ray
+from orchestrator.runtime.connect import init_ray
 init_ray(log=lambda line: None)
 import ray
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
@@ -86,15 +86,15 @@ def test_ray_address_joins_that_cluster(hermetic):
 
 
 def test_init_ray_refuses_a_local_ray_off_loopback(hermetic):
-    """Ray imported before orchestrator.cluster has already chosen the network address: refuse."""
-    code = "import ray\nfrom orchestrator.cluster import init_ray\ninit_ray()\n"
+    """Ray imported before orchestrator.runtime.connect has already chosen the network address: refuse."""
+    code = "import ray\nfrom orchestrator.runtime.connect import init_ray\ninit_ray()\n"
     res = run([sys.executable, "-c", code], _user_env(hermetic), timeout=300)
     assert res.returncode != 0 and "not on loopback" in res.stderr, res.stderr[-3000:]
 
 
 def test_every_entry_point_keeps_a_local_ray_on_loopback(hermetic):
     """The library's modules import ray themselves; importing any of them must already have set
-    the switch (orchestrator/__init__.py importing orchestrator.cluster does that)."""
+    the switch (orchestrator/__init__.py importing orchestrator.runtime.connect does that)."""
     code = "import orchestrator.sweep, ray\nprint(ray.util.get_node_ip_address())\n"
     res = run([sys.executable, "-c", code], _user_env(hermetic), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -104,11 +104,11 @@ def test_every_entry_point_keeps_a_local_ray_on_loopback(hermetic):
 STOPPED = """
 import json, os, shutil, sys, tempfile, time
 import psutil
-from orchestrator.runtime import cluster
-cluster.init_ray(log=lambda line: None)
+from orchestrator.runtime import connect, task
+connect.init_ray(log=lambda line: None)
 import ray
 
-def task(folder):
+def work(folder):
     yield ("log", os.getpid())
     while True:  # reads a file of the driver's, as the cook's build reads its checkpoints
         with open(os.path.join(folder, "input")) as f:
@@ -126,7 +126,7 @@ def log(pid):  # the stop signal's KeyboardInterrupt, once the task runs
     raise KeyboardInterrupt
 
 try:
-    cluster.run_with_progress(task, (folder,), 1, 0, log)
+    task.run_with_progress(work, (folder,), 1, 0, log)
 except KeyboardInterrupt:
     took = time.monotonic() - stopped[0]
 shutil.rmtree(folder)  # the cleanup that follows the interrupt
@@ -140,7 +140,7 @@ def test_a_stopped_task_has_ended_before_the_interrupt_goes_on(hermetic):
     """A stop signal during `run_with_progress` force-cancels the task and waits for its end, so
     the caller's cleanup never races with it: the task's worker is gone when the interrupt
     reaches the caller, and Ray prints no unhandled error of the task afterwards."""
-    from orchestrator.runtime.cluster import CANCEL_WAIT_S
+    from orchestrator.runtime.task import CANCEL_WAIT_S
 
     mark = new_mark()
     try:

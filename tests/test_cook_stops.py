@@ -1,5 +1,5 @@
 """A cook that loses its Ray mid-build, or is sent SIGTERM mid-build, ends within
-`cluster.LOST_BOUND_S` with one line on stderr, logs nothing to MLflow and leaves no temporary
+`task.LOST_BOUND_S` with one line on stderr, logs nothing to MLflow and leaves no temporary
 directory or process of its Ray behind; running it again registers exactly one version per recipe.
 
 Both tests cook copies of one 3-trial sweep's store with ``--recipes greedy,learned``: greedy's
@@ -22,8 +22,8 @@ from conftest import run, venv_bin
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runtime import cluster
-from orchestrator.runtime.cluster import LOST_BOUND_S
+from orchestrator.runtime import signals
+from orchestrator.runtime.task import LOST_BOUND_S
 
 RECIPES = ("greedy", "learned")
 MID_BUILD = "greedy soup:"  # the build's first greedy line (the logging phase's comes much later)
@@ -149,10 +149,10 @@ def _rerun_registers_one_version_per_recipe(cook: Cook, uri: str) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_stop_signals_interrupt_once_then_restore_the_handlers(sig):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with cluster.stop_signals():
+    with signals.stop_signals():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(sig)
-        assert cluster.stop_signal() == sig
+        assert signals.stop_signal() == sig
         signal.raise_signal(sig)  # a second one waits for the cleanup the first one started
     assert {s: signal.getsignal(s) for s in before} == before
 
@@ -161,12 +161,12 @@ def test_a_sigterm_that_ray_init_swallows_still_stops():
     def swallow(signum, frame):  # as Ray's handler does when its SystemExit is raised in a callback
         pass
 
-    with cluster.stop_signals():
-        with pytest.raises(KeyboardInterrupt), cluster._keep_stop_handler():  # around ray.init
+    with signals.stop_signals():
+        with pytest.raises(KeyboardInterrupt), signals.keep_stop_handler():  # around ray.init
             signal.signal(signal.SIGTERM, swallow)  # ray.init puts in its own
             signal.raise_signal(signal.SIGTERM)
-        assert cluster.stop_signal() == signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is cluster._stop
+        assert signals.stop_signal() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signals._stop
 
 
 @pytest.mark.integration

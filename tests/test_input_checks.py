@@ -234,7 +234,7 @@ def test_an_empty_database_holds_no_store_to_read_but_a_sweep_may_start_one(tmp_
                                                                                capsys, kind):
     """The commands that read a store (cook, cook --plan, promote, models) refuse an empty
     database, unchanged; `soup sweep`, which starts a store, may use it."""
-    from orchestrator.record.tracking import check_store
+    from orchestrator.record.store import check_store
 
     db = tmp_path / "mlflow.db"
     _empty_database(db, kind)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.record.tracking import DESCRIPTION, metric_split, model_name
+from orchestrator.record.schema import DESCRIPTION, metric_split
+from orchestrator.record.tracking import model_name
 from orchestrator.sweep.trial import trial_label
 
 ROOT = Path(__file__).resolve().parents[1]

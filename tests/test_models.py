@@ -65,3 +65,15 @@ def test_the_probe_head_lives_in_one_place():
 def test_pretrained_ref_hashes_the_file():
     ref, digest = models.pretrained_ref(ModelConfig())
     assert ref == "tiny-glyphs" and digest == file_sha256(models.TINY_CHECKPOINT)
+
+
+@pytest.mark.parametrize("arch", ["tiny-clip-glyphs", "ViT-B-32"])
+def test_the_classifier_layout_is_the_classifiers_without_building_it(arch):
+    """What the cook checks ingredients against: every tensor's name, shape and dtype of the
+    classifier, as meta tensors (no storage: nothing loaded, no zero-shot text pass)."""
+    cfg = ModelConfig(arch=arch, pretrained=None) if arch != "tiny-clip-glyphs" else ModelConfig()
+    real = models.build_classifier(cfg, ["a", "b", "c"], pretrained_weights=False).state_dict()
+    layout = models.classifier_layout(cfg, 3)
+    assert list(layout) == list(real)
+    assert all(layout[k].shape == real[k].shape and layout[k].dtype == real[k].dtype for k in real)
+    assert all(t.is_meta for t in layout.values())

@@ -14,7 +14,7 @@ import pytest
 from conftest import SPACES, run, venv_bin
 
 from orchestrator.config import ModelConfig
-from orchestrator.runtime import cluster
+from orchestrator.runtime import terminal
 from orchestrator.train import models
 
 RANDOM_INIT = "No pretrained weights loaded for model"
@@ -60,19 +60,19 @@ def test_the_filter_drops_only_that_message_from_that_thread(caplog):
 
 def test_detail_goes_to_the_log_and_own_lines_to_both(tmp_path, capsys):
     log = tmp_path / "logs" / "soup.log"
-    with cluster.detail_to(log) as path:
-        assert path == log.resolve() and cluster.detail_log() == path
+    with terminal.detail_to(log) as path:
+        assert path == log.resolve() and terminal.detail_log() == path
         print("trial t00 started")  # the command's own line
         sys.stderr.write("2026/01/01 INFO mlflow.store: Creating tables\n")  # a library's log line
         worker = threading.Thread(target=print, args=("\x1b[36m(RayTrainWorker pid=1)\x1b[0m Reporting",))
         worker.start()  # as Ray's log forwarding thread prints a worker's line
         worker.join()
-        cluster.note("detail only")
+        terminal.note("detail only")
     out, err = capsys.readouterr()
     assert out == f"detail log: {log.resolve()}\ntrial t00 started\n" and err == ""
     assert log.read_text() == ("trial t00 started\n2026/01/01 INFO mlflow.store: Creating tables\n"
                                "(RayTrainWorker pid=1) Reporting\ndetail only\n")
-    assert cluster.detail_log() is None
+    assert terminal.detail_log() is None
     print("after")
     assert capsys.readouterr().out == "after\n" and "after" not in log.read_text()
 
@@ -80,14 +80,14 @@ def test_detail_goes_to_the_log_and_own_lines_to_both(tmp_path, capsys):
 def test_no_detail_no_log_file(tmp_path, capsys):
     """A command refused before doing anything prints its one error line and leaves no file."""
     log = tmp_path / "soup.log"
-    with pytest.raises(ValueError), cluster.detail_to(log):
+    with pytest.raises(ValueError), terminal.detail_to(log):
         raise ValueError("bad input")
     assert not log.exists() and capsys.readouterr() == ("", "")
 
 
 def test_an_error_after_detail_is_logged_with_its_traceback(tmp_path, capsys):
     log = tmp_path / "soup.log"
-    with pytest.raises(RuntimeError), cluster.detail_to(log):
+    with pytest.raises(RuntimeError), terminal.detail_to(log):
         sys.stderr.write("some detail\n")
         raise RuntimeError("it broke")
     assert "Traceback" in log.read_text() and "RuntimeError: it broke" in log.read_text()
@@ -96,8 +96,8 @@ def test_an_error_after_detail_is_logged_with_its_traceback(tmp_path, capsys):
 
 def test_verbose_changes_nothing(capsys):
     stdout, stderr = sys.stdout, sys.stderr
-    with cluster.detail_to(None) as path:
-        assert path is None and cluster.detail_log() is None
+    with terminal.detail_to(None) as path:
+        assert path is None and terminal.detail_log() is None
         assert sys.stdout is stdout and sys.stderr is stderr
         print("everything", file=sys.stderr)
     assert capsys.readouterr().err == "everything\n"

@@ -19,7 +19,8 @@ from mlflow.pyfunc.scoring_server import invocations
 from orchestrator.config import ModelConfig
 from orchestrator.data import digits as tinyworld
 from orchestrator.data.images import encode_image
-from orchestrator.record.tracking import Tracker, log_soup_model
+from orchestrator.record.soups import log_soup_model
+from orchestrator.record.tracking import Tracker
 from orchestrator.soups import save_weights
 from orchestrator.train import models
 

@@ -88,7 +88,7 @@ def test_ray_job_submit_runs_the_sweep(hermetic):
     from conftest import REPO
     from servers import RayHead, listening_addresses
 
-    from orchestrator.runtime.cluster import is_loopback
+    from orchestrator.runtime.connect import is_loopback
 
     env = {**hermetic["env"], "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     space = tiny_space(hermetic["tmp"] / "tiny2.yaml", 2)  # the job's path to the sweep is under test

@@ -1,11 +1,12 @@
-"""MLflow's system metrics on trial runs (tracking.system_metrics), on a real sqlite store."""
+"""MLflow's system metrics on trial runs (trials.system_metrics), on a real sqlite store."""
 
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.record.tracking import Tracker, system_metrics
+from orchestrator.record.tracking import Tracker
+from orchestrator.record.trials import system_metrics
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import ConfigError
 from orchestrator.cook.driver import CookError, cook
 from orchestrator.hashing import file_sha256
-from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
+from orchestrator.record.schema import CHECKPOINT_PATH, LOGITS_PATH, LOGITS_SHA
+from orchestrator.record.tracking import Tracker
 from orchestrator.soups.io.stream import read_weights
 from orchestrator.soups.io.weights import save_weights
 
@@ -126,7 +127,7 @@ def test_logits_logged_for_another_label_order_are_scored_again(swept, tmp_path)
     uri = copy_store(swept, tmp_path / "s")
     tracker, _, runs = _trials(uri)
     rid = runs[-1].info.run_id
-    path = tracker.download(rid, logitstore.LOGITS_PATH, tmp_path / "l")
+    path = tracker.download(rid, LOGITS_PATH, tmp_path / "l")
     logged = logitstore.load_logits(path)
     with safe_open(str(path), "pt") as f:
         labels = {k: f.get_tensor(f"labels/{k}") for k in logged}
@@ -135,7 +136,7 @@ def test_logits_logged_for_another_label_order_are_scored_again(swept, tmp_path)
     out_path = logitstore.save_logits(tmp_path / "new" / "logits.safetensors", labeled,
                                       logitstore.checkpoint_of(path))
     _replace_artifact(tracker, rid, out_path, "logits")
-    tracker.set_tags(rid, {logitstore.SHA_TAG: file_sha256(out_path)})
+    tracker.set_tags(rid, {LOGITS_SHA: file_sha256(out_path)})
     messages = []
     out = cook(SWEEP, recipes=("uniform",), tracking_uri=uri, use_ray=False, log=messages.append)
     assert any(f"run {rid}" in m and "other labels (or another order); scoring its checkpoint again" in m

@@ -24,8 +24,8 @@ from orchestrator.cook.meter import Meter
 from orchestrator.data.splits import LoaderOptions, TaskData
 from orchestrator.hashing import file_sha256
 from orchestrator.record import logits as logitstore
-from orchestrator.record.logits import LOGITS_PATH
-from orchestrator.record.tracking import CHECKPOINT_PATH, Tracker
+from orchestrator.record.schema import CHECKPOINT_PATH, LOGITS_PATH
+from orchestrator.record.tracking import Tracker
 from orchestrator.soups.ensemble import GreedyEnsemble
 from orchestrator.soups.greedy import rank_best_first
 from orchestrator.soups.io.stream import read_weights
@@ -88,34 +88,36 @@ class Built:
 
 
 def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
-    """The classifier the sweep fine-tuned, untrained: the keys and shapes ingredients must have."""
+    """The classifier the sweep fine-tuned, as tensor names, shapes and dtypes only (meta tensors:
+    nothing built or computed): the layout ingredients must have."""
     classnames = data.load_task(space.base.data).classnames
-    return models.build_classifier(space.base.model, classnames, pretrained_weights=False).state_dict()
+    return models.classifier_layout(space.base.model, len(classnames))
 
 
-def fetch_checkpoints(checkpoints: list[TrialCheckpoint], tracking_uri: str | None, tmp: Path,
-                      verify: bool = True) -> tuple[list[Path], list[Path | None]]:
-    """Local checkpoint and logits paths for the build, wherever it runs: the driver's copies
-    when this node has them, else fresh downloads; either way their sha256 must be the one
-    checked (`verify` False trusts the driver's copies: for the driver's own process, which just
-    hashed them). A trial without usable logits has None."""
-    fetch = _Fetcher(tracking_uri, tmp, verify)
+def fetch_checkpoints(checkpoints: list[TrialCheckpoint], tracking_uri: str | None,
+                      tmp: Path) -> tuple[list[Path], list[Path | None], int]:
+    """Local checkpoint and logits paths for the build, wherever it runs, and the bytes hashed
+    here. Each file is hashed once: the driver's copies, when this node has them, were hashed by
+    the driver as it checked them (they lie in its private temporary folder); a build on another
+    node downloads its own copies and hashes those against the sha256 the driver checked. A
+    trial without usable logits has None."""
+    fetch = _Fetcher(tracking_uri, tmp)
     paths = [fetch(c.run_id, c.path, CHECKPOINT_PATH, c.sha256) for c in checkpoints]
     logits = [fetch(c.run_id, c.logits_path, LOGITS_PATH, c.logits_sha256) if c.logits_sha256 else None
               for c in checkpoints]
-    return paths, logits
+    return paths, logits, fetch.hashed
 
 
 class _Fetcher:
-    def __init__(self, tracking_uri: str | None, tmp: Path, verify: bool) -> None:
-        self.uri, self.tmp, self.verify, self.tracker = tracking_uri, tmp, verify, None
+    def __init__(self, tracking_uri: str | None, tmp: Path) -> None:
+        self.uri, self.tmp, self.tracker, self.hashed = tracking_uri, tmp, None, 0
 
     def __call__(self, run_id: str, local: Path | None, artifact: str, sha256: str) -> Path:
-        path = Path(local) if local else None
-        if path is not None and path.is_file() and (not self.verify or file_sha256(path) == sha256):
-            return path
+        if local is not None and Path(local).is_file():
+            return Path(local)
         self.tracker = self.tracker or Tracker(self.uri)
         path = self.tracker.download(run_id, artifact, self.tmp / run_id)
+        self.hashed += path.stat().st_size
         if file_sha256(path) != sha256:
             raise CookError(f"run {run_id}: {artifact} changed since it was checked "
                             f"(sha256 differs from {sha256[:12]})")
@@ -227,7 +229,7 @@ def _ensemble_rows(ctx: _Build, paths, logit_paths, checkpoints, task, scores):
 
 def build_and_evaluate(base_cfg: dict, checkpoints: list[TrialCheckpoint], recipes: list[Recipe],
                        options: RecipeOptions, tracking_uri: str | None = None,
-                       log: Callable[[str], None] = print, verify: bool = True,
+                       log: Callable[[str], None] = print,
                        resources: BuildResources = BuildResources()) -> Built:
     """Build every recipe's soup and every baseline, and evaluate them all, on the device and
     with the threads of `resources`.
@@ -235,17 +237,16 @@ def build_and_evaluate(base_cfg: dict, checkpoints: list[TrialCheckpoint], recip
     `recipes` are the table's entries, not names: a Ray task builds whatever the driver resolved,
     whether or not the module that registered it was imported in the task's process.
 
-    Checkpoints and logits are read from local files: the driver's copies when this process can
-    see them (checked again unless `verify` is False), else downloaded here from `tracking_uri`
-    (a Ray task on another node). Progress lines (``greedy soup: ...``, and one per phase with
+    Checkpoints and logits are read from local files: the driver's copies when this node can see
+    them (the driver hashed them), else downloaded here from `tracking_uri` and hashed (a Ray
+    task on another node). Progress lines (``greedy soup: ...``, and one per phase with
     its forward passes, bytes read and time) go to `log`.
     """
     with tempfile.TemporaryDirectory(prefix="soup-build-") as tmp, _threads(resources.threads):
         meter = Meter(log)
         with meter.phase("fetch"):
-            paths, logits = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp), verify)
-            if verify:  # every file was hashed again here
-                meter.add_bytes(sum(p.stat().st_size for p in [*paths, *filter(None, logits)]))
+            paths, logits, hashed = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp))
+            meter.add_bytes(hashed)  # downloads hashed here (none where the driver's copies are seen)
         return _build(validate(FinetuneConfig, base_cfg), checkpoints, paths, logits, recipes,
                       options, meter, resources)
 

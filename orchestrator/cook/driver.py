@@ -2,14 +2,14 @@
 then log and register what comes back.
 
 `cook` is the library function behind ``soup cook --sweep ID``. The compute (fetch, build,
-evaluate: `cook_build`) runs in a Ray task, so that a cluster's GPU is used when the sweep asked
+evaluate: `build`) runs in a Ray task, so that a cluster's GPU is used when the sweep asked
 for one; MLflow logging and registration stay here. Cooking the same sweep again with the same
 recipe, settings and ingredients adds nothing.
 
 Ingredients are files, never held all at once: the driver checks each checkpoint in one
 streaming pass (sha256 of its bytes, NaN/Inf scan) and from its header (keys, shapes, dtypes);
-the build task fetches the checkpoints itself by run id (it may run on another node) and checks
-their sha256 again; the recipes stream them.
+the build task reads the driver's copies where its node sees them, else downloads its own by run
+id and hashes those (each copy is hashed once); the recipes stream them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
@@ -41,19 +42,50 @@ from orchestrator.cook.build import (
 from orchestrator.cook.meter import phase_table
 from orchestrator.cook.report import markdown_table, verdict
 from orchestrator.hashing import file_sha256, json_sha256
-from orchestrator.record.logits import LOGITS_PATH, SHA_TAG
-from orchestrator.record.tracking import (
+from orchestrator.record.schema import (
+    BASE_DIGESTS,
     CHECKPOINT_PATH,
+    CHECKPOINT_SHA,
+    COEFFICIENTS,
+    COOK_COST,
+    COOK_DIR,
+    COOK_FIGURE,
+    COOK_OWNER,
+    COOK_TABLE,
+    END_REASON,
     FINISHED,
-    Tracker,
-    find_soup,
-    find_version,
-    locate_sweep,
-    log_soup_model,
-    read_artifact_text,
-    register_soup,
+    HELDOUT_ACC,
+    INGREDIENTS,
+    KEPT_INGREDIENTS,
+    KILLED,
+    LOGITS_PATH,
+    LOGITS_SHA,
+    N_INGREDIENTS,
+    N_KEPT,
+    PARTIAL_SWEEP,
+    PENDING,
+    PLOTS_DIR,
+    READY,
+    RECIPE,
+    RESOLVED_SPACE,
+    ROLE,
+    ROLE_SOUP,
+    RUN_NAME,
+    SHIFT_MEAN_ACC,
+    SOUP_DIR,
+    SOUP_HELDOUT_ACC,
+    SOUP_KEY,
+    SOUP_RUN_ID,
+    SWEEP_ID,
+    TEST_ACC,
+    accuracy_metric,
+    cook_record,
+    soup_artifact,
+    soup_run_name,
 )
-from orchestrator.runtime import cluster
+from orchestrator.record.soups import find_soup, find_version, locate_sweep, log_soup_model, register_soup
+from orchestrator.record.tracking import Tracker, read_artifact_text
+from orchestrator.runtime import connect, task
 from orchestrator.soups.io.stream import scan_file
 from orchestrator.soups.io.weights import check_compatible, save_weights
 from orchestrator.soups.recipe import RecipeOptions, SoupResult, default_recipes, get_recipe, option_defaults
@@ -129,13 +161,13 @@ def load_ingredients(tracker: Tracker, runs, parent_tags: dict, reference: dict,
         path, reason = _check_run(tracker, rid, tags, parent_tags, reference, tmp)
         if reason:
             excluded[rid] = reason
-            log(f"excluded run {rid} ({tags.get('mlflow.runName', '')}): {reason}")
+            log(f"excluded run {rid} ({tags.get(RUN_NAME, '')}): {reason}")
         else:
             logits = _fetch_logits(tracker, rid, tags, tmp, log)
             size, with_logits = size + _mib(path, logits), with_logits + bool(logits)
-            good.append(TrialCheckpoint(rid, tags.get("mlflow.runName", rid), run.data.metrics["heldout_acc"],
-                                        path, tags["checkpoint_sha256"], logits,
-                                        tags.get(SHA_TAG) if logits else None))
+            good.append(TrialCheckpoint(rid, tags.get(RUN_NAME, rid), run.data.metrics[HELDOUT_ACC],
+                                        path, tags[CHECKPOINT_SHA], logits,
+                                        tags.get(LOGITS_SHA) if logits else None))
         if k == len(runs) or time.perf_counter() - shown >= PROGRESS_EVERY_S:  # progress, not a list
             shown = time.perf_counter()
             log(f"fetch and check: {k}/{len(runs)} trials, {size:.1f} MiB ({with_logits} with logits), "
@@ -153,14 +185,14 @@ def _mib(*paths: Path | None) -> float:
 def _fetch_logits(tracker: Tracker, rid: str, tags: dict, tmp: Path, log) -> Path | None:
     """The run's logged logits, downloaded and checked against their sha256 tag; None (the build
     then scores the checkpoint again) when there are none or they cannot be trusted."""
-    if not tags.get(SHA_TAG):
+    if not tags.get(LOGITS_SHA):
         return None  # logged before logits were kept: the build says so when it scores it
     try:
         path = tracker.download(rid, LOGITS_PATH, tmp / rid)
     except Exception as err:  # noqa: BLE001 - any failure to fetch means scoring again
         log(f"run {rid}: logged logits cannot be fetched ({type(err).__name__}); they will be computed again")
         return None
-    if file_sha256(path) != tags[SHA_TAG]:
+    if file_sha256(path) != tags[LOGITS_SHA]:
         log(f"run {rid}: logged logits do not match their sha256 tag; they will be computed again")
         return None
     return path
@@ -168,7 +200,7 @@ def _fetch_logits(tracker: Tracker, rid: str, tags: dict, tmp: Path, log) -> Pat
 
 def _check_run(tracker, rid: str, tags: dict, parent_tags: dict, reference: dict, tmp: Path):
     """(local checkpoint path, None) for a usable run, else (None, why not)."""
-    for tag in ("arch_sha256", "pretrained_sha256"):
+    for tag in BASE_DIGESTS:
         if tags.get(tag) != parent_tags.get(tag):
             return None, f"{tag} {tags.get(tag, 'missing')[:12]} differs from the sweep's base"
     try:
@@ -180,7 +212,7 @@ def _check_run(tracker, rid: str, tags: dict, parent_tags: dict, reference: dict
         if reason is None:
             scan = scan_file(path)
             reason = ("checkpoint sha256 does not match its tag"
-                      if scan.sha256 != tags.get("checkpoint_sha256") else scan.nonfinite)
+                      if scan.sha256 != tags.get(CHECKPOINT_SHA) else scan.nonfinite)
     except (ValueError, OSError) as err:  # a corrupt header or a truncated file
         reason = f"unreadable checkpoint: {err}"
     return (None, reason) if reason else (path, None)
@@ -207,14 +239,11 @@ def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
 def _check_fits(res: CookResources, autoscale: bool) -> None:
     """Refuse a build task no node of this Ray can ever run (it would wait for ever), unless a
     cluster's autoscaler may still add one (``sweep.autoscale``)."""
-    nodes = cluster.node_resources()
-    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+    miss = connect.misfit(res.cpu, res.gpu)
+    if miss is None or (autoscale and not miss.local):
         return
-    if autoscale and not cluster.is_local():
-        return
-    top = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     raise CookError(f"cook.resources asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest "
-                    f"node of this Ray has {top.get('CPU', 0):g} CPU and {top.get('GPU', 0):g} GPU: "
+                    f"node of this Ray has {miss.largest_has}: "
                     "the build could never run (soup cook --cpus N --gpus N sets what it asks for)")
 
 
@@ -224,13 +253,12 @@ def _build_soups(base, checkpoints, recipes, options, res: CookResources, use_ra
     checked the files) with the same device and threads."""
     wanted = BuildResources(res.cpu, res.gpu)
     if not use_ray:
-        return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, verify=False,
-                                  resources=wanted)
-    cluster.init_ray(lambda s: None)
+        return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, resources=wanted)
+    connect.init_ray(lambda s: None)
     _check_fits(res, autoscale)
-    return cluster.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri, wanted),
-                                     num_cpus=res.cpu, num_gpus=res.gpu, log=progress,
-                                     memory_bytes=int(res.memory_gib * 2**30))
+    return task.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri, wanted),
+                                  num_cpus=res.cpu, num_gpus=res.gpu, log=progress,
+                                  memory_bytes=int(res.memory_gib * 2**30))
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -328,15 +356,13 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         return out
 
 
-RECORDS_DIR = "cook/records"  # on the sweep run: one JSON per cook, named by its inputs
-
-
 def record_key(target: CookTarget, table: Sequence, options: RecipeOptions) -> str:
     """Identity of a cook's inputs, read from MLflow's records alone (nothing downloaded): the
     trials (run, checkpoint and logits digests, held-out figure), the sweep's state, the
-    registered model, the recipes and their settings."""
-    trials = [[r.info.run_id, r.data.tags.get("checkpoint_sha256"), r.data.tags.get(SHA_TAG),
-               r.data.metrics.get("heldout_acc")] for r in target.runs]
+    registered model, the recipes and their settings. It names the cook's record on the sweep
+    run (`schema.cook_record`)."""
+    trials = [[r.info.run_id, r.data.tags.get(CHECKPOINT_SHA), r.data.tags.get(LOGITS_SHA),
+               r.data.metrics.get(HELDOUT_ACC)] for r in target.runs]
     recipes = [[r.name, r.settings(options)] for r in table]
     return json_sha256([target.model_name, target.parent.info.status, trials, recipes])[:24]
 
@@ -346,8 +372,7 @@ def already_cooked(target: CookTarget, record: str, log: Callable[[str], None]) 
     registered (said per recipe, with a cost table of no forward pass), or None."""
     start = time.perf_counter()
     try:
-        rec = json.loads(read_artifact_text(target.tracker, target.parent.info.run_id,
-                                            f"{RECORDS_DIR}/{record}.json"))
+        rec = json.loads(read_artifact_text(target.tracker, target.parent.info.run_id, cook_record(record)))
     except Exception:  # noqa: BLE001 - no record (never cooked, or by a release that kept none)
         return None
     found = {}
@@ -362,7 +387,7 @@ def already_cooked(target: CookTarget, record: str, log: Callable[[str], None]) 
     phases = [{"name": "already cooked", "passes": 0, "bytes": 0, "seconds": time.perf_counter() - start}]
     for line in ["nothing built: every soup of these inputs is already cooked", *phase_table(phases)]:
         log(line)
-    return CookOutcome(target.parent.data.tags.get("sweep_id", ""), rec["rows"], rec["excluded"],
+    return CookOutcome(target.parent.data.tags.get(SWEEP_ID, ""), rec["rows"], rec["excluded"],
                        {r: v for r, (_, v) in found.items()}, {r: i for r, (i, _) in found.items()},
                        reused=list(found), phases=phases, singles=rec["singles"],
                        parent_run_id=target.parent.info.run_id, tracking_uri=target.tracker.uri)
@@ -371,7 +396,7 @@ def already_cooked(target: CookTarget, record: str, log: Callable[[str], None]) 
 def _keep_record(ctx: CookContext, built: Built, excluded: dict[str, str], keys: dict[str, str]) -> None:
     """What `already_cooked` returns for a later cook of the same inputs."""
     rec = {"soups": keys, "rows": built.rows, "singles": built.singles, "excluded": excluded}
-    ctx.tracker.log_text(ctx.parent_run_id, json.dumps(rec, indent=1), f"{RECORDS_DIR}/{ctx.record}.json")
+    ctx.tracker.log_text(ctx.parent_run_id, json.dumps(rec, indent=1), cook_record(ctx.record))
 
 
 def _device_words(res: CookResources) -> str:
@@ -386,7 +411,7 @@ def _report_cost(ctx: CookContext, built: Built, log) -> None:
     lines = [head, *phase_table(built.phases)]
     for line in lines:
         log(line)
-    ctx.tracker.log_text(ctx.parent_run_id, "\n".join(lines) + "\n", "cook/cost.txt")
+    ctx.tracker.log_text(ctx.parent_run_id, "\n".join(lines) + "\n", COOK_COST)
 
 
 def recipes_named(names: Sequence[str] | None) -> list:
@@ -403,7 +428,7 @@ def _check_finished(parent, sweep_id: str, partial: bool) -> None:
     status = parent.info.status
     if status == FINISHED or partial:
         return
-    why = parent.data.tags.get("end_reason", "")
+    why = parent.data.tags.get(END_REASON, "")
     raise CookError(
         f"sweep {sweep_id!r} has not finished (its run is {status}{': ' + why if why else ''}); "
         f"finish it (soup sweep SPACE --name {shlex.quote(sweep_id)} --resume) or pass --partial to cook "
@@ -413,9 +438,9 @@ def _check_finished(parent, sweep_id: str, partial: bool) -> None:
 def _sweep_space(tracker: Tracker, parent, sweep_id: str) -> SearchSpace:
     """The space the sweep ran, from the copy logged with its run."""
     try:
-        text = read_artifact_text(tracker, parent.info.run_id, "space/resolved_config.yaml")
+        text = read_artifact_text(tracker, parent.info.run_id, RESOLVED_SPACE)
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-        raise CookError(f"sweep {sweep_id!r}: its logged space (space/resolved_config.yaml) cannot "
+        raise CookError(f"sweep {sweep_id!r}: its logged space ({RESOLVED_SPACE}) cannot "
                         f"be read from its artifacts ({type(err).__name__}): were they deleted?") from None
     return validate(SearchSpace, yaml.safe_load(text), f"sweep {sweep_id} config")
 
@@ -425,7 +450,8 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
 
     out = CookOutcome(ctx.sweep_id, built.rows, excluded, {}, {}, phases=built.phases, where=built.where,
                       singles=built.singles, parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracker.uri)
-    plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), ctx.tmp / "soups.png")
+    figure = ctx.tmp / Path(COOK_FIGURE).name  # logged into COOK_DIR: its name is the artifact's
+    plot = soup_figure(built.rows, built.singles, built.soups.get("greedy"), figure)
     out.plot_png = plot.read_bytes()
     by_name, keys = {r["name"]: r for r in built.rows}, {}
     for recipe, result in built.soups.items():
@@ -440,32 +466,32 @@ def _log_all(ctx: CookContext, built: Built, excluded: dict[str, str], log) -> C
             log(f"{recipe} soup: already cooked as run {run_id}, version {version}")
         else:
             log(f"{recipe} soup: run {run_id}, registered {ctx.model_name} version {version}")
-    ctx.tracker.log_text(ctx.parent_run_id, markdown_table(built.rows, _columns(built.rows)),
-                         "cook/comparison.md")
-    ctx.tracker.log_artifact(ctx.parent_run_id, plot, "cook")
-    ctx.tracker.describe(ctx.parent_run_id, _sweep_description(ctx, built.rows))
+    ctx.tracker.log_text(ctx.parent_run_id, markdown_table(built.rows, _columns(built.rows)), COOK_TABLE)
+    ctx.tracker.log_artifact(ctx.parent_run_id, plot, COOK_DIR)
+    ctx.tracker.describe(ctx.parent_run_id, _cooked_description(ctx, built.rows))
     ctx.tracker.describe_model(ctx.model_name, MODEL_DESCRIPTION.format(name=ctx.model_name))
     _keep_record(ctx, built, excluded, keys)
     return out
 
 
-MODEL_DESCRIPTION = """Model soups: weight averages of CLIP models fine-tuned from one pretrained checkpoint with different hyperparameters (Wortsman et al., 2022).
+MODEL_DESCRIPTION = f"""Model soups: weight averages of CLIP models fine-tuned from one pretrained checkpoint with different hyperparameters (Wortsman et al., 2022).
 
-Each version is one soup cooked from a sweep by `soup cook`. Its description and tags give its recipe (`recipe`), its accuracies (`heldout_acc` is the selection split; `test_acc` and `shift_mean_acc` are for reporting) and its lineage (`sweep_id`, `soup_run_id`, `ingredients`).
+Each version is one soup cooked from a sweep by `soup cook`. Its description and tags give its recipe (`{RECIPE}`), its accuracies (`{HELDOUT_ACC}` is the selection split; `{TEST_ACC}` and `{SHIFT_MEAN_ACC}` are for reporting) and its lineage (`{SWEEP_ID}`, `{SOUP_RUN_ID}`, `{INGREDIENTS}`).
 
-Pick a version on held-out accuracy, then point the `champion` alias at it (`soup promote {name} --version N --alias champion`, which refuses a version whose held-out accuracy is below the current champion's, or the UI). Production loads `models:/{name}@champion`."""
+Pick a version on held-out accuracy, then point the `champion` alias at it (`soup promote {{name}} --version N --alias champion`, which refuses a version whose held-out accuracy is below the current champion's, or the UI). Production loads `models:/{{name}}@champion`."""
 
 
-def _sweep_description(ctx: CookContext, rows: list[dict]) -> str:
+def _cooked_description(ctx: CookContext, rows: list[dict]) -> str:
     """The sweep run's description after a cook: its comparison table, the verdict, the plot."""
     return "\n".join([
         (f"**Sweep `{ctx.sweep_id}`**, cooked from {len(ctx.run_ids)} trials into registered model "
          f"`{ctx.model_name}`."), "", markdown_table(rows, _columns(rows)),
         *(f"- {line}" for line in verdict(rows)), "",
         # a path relative to the UI's page: a tracking server serves the run's artifact there
-        f"![test against mean shift accuracy](get-artifact?path=cook%2Fsoups.png&run_uuid={ctx.parent_run_id})",
+        f"![test against mean shift accuracy](get-artifact?path={quote(COOK_FIGURE, safe='')}"
+        f"&run_uuid={ctx.parent_run_id})",
         "", ("The figure (test against mean shift accuracy, every trial and soup, and the greedy path) "
-             "is `cook/soups.png` in this run's artifacts; the cost of the cook is `cook/cost.txt`.")])
+             f"is `{COOK_FIGURE}` in this run's artifacts; the cost of the cook is `{COOK_COST}`.")])
 
 
 def _soup_description(ctx: CookContext, soup: SoupRecord, run_id: str | None = None) -> str:
@@ -475,12 +501,12 @@ def _soup_description(ctx: CookContext, soup: SoupRecord, run_id: str | None = N
     settings = ", ".join(f"{k}={v}" for k, v in sorted(soup.settings.items())) or "defaults"
     lines = [f"{soup.recipe} soup of sweep `{ctx.sweep_id}` (settings: {settings}): "
              f"{len(kept)} of {len(ctx.run_ids)} ingredients kept"
-             + (" (mixing weights in `soup/coefficients.json`)." if soup.result.coefficients else "."),
+             + (f" (mixing weights in `{COEFFICIENTS}`)." if soup.result.coefficients else "."),
              "", markdown_table([soup.row], [c for c in soup.row if c not in ("kind", "name")]),
              "", "Kept ingredients, in the order added:",
              *(f"- {ctx.names.get(r, r)} (run `{r}`)" for r in kept)]
     if ctx.partial:
-        lines += ["", "Cooked from a sweep that had not finished (tag `partial_sweep`)."]
+        lines += ["", f"Cooked from a sweep that had not finished (tag `{PARTIAL_SWEEP}`)."]
     if run_id:
         lines += ["", f"Lineage: soup run `{run_id}`, under sweep run `{ctx.parent_run_id}`."]
     return "\n".join(lines)
@@ -504,8 +530,8 @@ def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Pa
         return existing.info.run_id, version.version, True
     if existing is None:  # a cook killed mid-logging left a half-logged run: replace it
         locking.discard_left_behind(ctx.tracker, ctx.experiment_id, soup.key)
-    weights = save_weights(soup.result.state_dict, ctx.tmp / f"{soup.recipe}.safetensors",
-                           {"recipe": soup.recipe})
+    weights = save_weights(soup.result.state_dict, ctx.tmp / Path(soup_artifact(soup.recipe)).name,
+                           {RECIPE: soup.recipe})
     config = {"model": ctx.space.base.model.model_dump(mode="json"), "classnames": built.classnames,
               "image_size": int(models.arch_config(ctx.space.base.model.arch)["vision_cfg"]["image_size"])}
     started: dict[str, str] = {}  # what this call created, withdrawn if it is interrupted
@@ -521,7 +547,7 @@ def _log_and_register(ctx: CookContext, soup: SoupRecord, built: Built, plot: Pa
                                     model_id=model_id)
         mv = register_soup(ctx.tracker, logged, ctx.model_name, run_id, _version_tags(ctx, soup, run_id),
                            description=_soup_description(ctx, soup, run_id))
-    except BaseException:  # Ctrl-C or SIGTERM (`cluster.stop_signals`), or an error
+    except BaseException:  # Ctrl-C or SIGTERM (`signals.stop_signals`), or an error
         _withdraw(ctx, soup.key, started)
         raise
     return locking.settle(ctx.tracker, ctx.model_name, soup.key, run_id, mv, existing is None,
@@ -533,12 +559,12 @@ def _left_model(ctx: CookContext, soup: SoupRecord, run_id: str, started: dict[s
     cook left unregistered: its READY model is registered as it is, else its PENDING one gets its
     files; any other is deleted, so the Models tab lists the soup once. A new one when none."""
     left = ctx.tracker.logged_models_of(ctx.experiment_id, run_id)
-    left.sort(key=lambda m: m.status != "READY")  # a READY one first, then PENDING ones
+    left.sort(key=lambda m: m.status != READY)  # a READY one first, then PENDING ones
     for extra in left[1:]:
         ctx.tracker.delete_logged_model(extra.model_id)
-    if left and left[0].status == "READY":
+    if left and left[0].status == READY:
         return left[0], None
-    if left and left[0].status == "PENDING":
+    if left and left[0].status == PENDING:
         return None, left[0].model_id
     if left:  # FAILED: nothing to finish
         ctx.tracker.delete_logged_model(left[0].model_id)
@@ -555,32 +581,31 @@ def _withdraw(ctx: CookContext, key: str, started: dict[str, str]) -> None:
     if "model" in started:
         ctx.tracker.delete_logged_model(started["model"])
     if "run" in started:
-        ctx.tracker.end_run(started["run"], "KILLED")
+        ctx.tracker.end_run(started["run"], KILLED)
         ctx.tracker.delete_run(started["run"])
 
 
 def _version_tags(ctx: CookContext, soup: SoupRecord, run_id: str) -> dict[str, Any]:
-    return {"recipe": soup.recipe, "sweep_id": ctx.sweep_id, "soup_key": soup.key,
-            "soup_run_id": run_id, **soup.settings, "ingredients": soup.kept_ids(ctx.run_ids),
-            **({"partial_sweep": "true"} if ctx.partial else {}),
+    return {RECIPE: soup.recipe, SWEEP_ID: ctx.sweep_id, SOUP_KEY: soup.key,
+            SOUP_RUN_ID: run_id, **soup.settings, INGREDIENTS: soup.kept_ids(ctx.run_ids),
+            **_partial_tag(ctx),
             # full precision (repr): a rounded tag, rounded again for display, showed 53.3% for 53.35%
-            **{metric_key(k): repr(v) for k, v in soup.row.items() if isinstance(v, float)}}
+            **{accuracy_metric(k): repr(v) for k, v in soup.row.items() if isinstance(v, float)}}
 
 
-def metric_key(column: str) -> str:
-    """A table column as the metric name trials use (``test`` -> ``test_acc``, ``rotate`` ->
-    ``shift_rotate_acc``), so that MLflow charts trials and soups on the same axes."""
-    return f"{column}_acc" if column in ("heldout", "test", "shift_mean") else f"shift_{column}_acc"
+def _partial_tag(ctx: CookContext) -> dict[str, str]:
+    return {PARTIAL_SWEEP: "true"} if ctx.partial else {}
 
 
 def _soup_params(ctx: CookContext, soup: SoupRecord) -> dict[str, Any]:
-    return {"recipe": soup.recipe, "n_ingredients": len(ctx.run_ids), "n_kept": len(soup.result.kept)}
+    return {RECIPE: soup.recipe, N_INGREDIENTS: len(ctx.run_ids), N_KEPT: len(soup.result.kept)}
 
 
 def _create_soup_model(ctx: CookContext, soup: SoupRecord, run_id: str) -> str:
     """The soup's logged model (PENDING until its files are in), produced by its run."""
-    return ctx.tracker.create_model(run_id, f"{soup.recipe}-soup", {**_soup_params(ctx, soup), **soup.settings},
-                                    {"soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe})
+    return ctx.tracker.create_model(run_id, soup_run_name(soup.recipe),
+                                    {**_soup_params(ctx, soup), **soup.settings},
+                                    {ROLE: ROLE_SOUP, SWEEP_ID: ctx.sweep_id, RECIPE: soup.recipe})
 
 
 def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path,
@@ -589,26 +614,25 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path,
     ingredients' datasets as its inputs, its accuracies as the model's metrics on them. The ids
     go into `started` as soon as they exist, for `_withdraw`."""
     tracker, ids, res = ctx.tracker, ctx.run_ids, soup.result
-    rid = started["run"] = tracker.create_run(ctx.experiment_id, f"{soup.recipe}-soup", {
-        "soup.role": "soup", "sweep_id": ctx.sweep_id, "recipe": soup.recipe, "soup_key": soup.key,
-        "ingredients": ",".join(ids), "kept_ingredients": soup.kept_ids(ids),
-        locking.OWNER_TAG: locking.this_owner(),
-        **({"partial_sweep": "true"} if ctx.partial else {})},
+    rid = started["run"] = tracker.create_run(ctx.experiment_id, soup_run_name(soup.recipe), {
+        ROLE: ROLE_SOUP, SWEEP_ID: ctx.sweep_id, RECIPE: soup.recipe, SOUP_KEY: soup.key,
+        INGREDIENTS: ",".join(ids), KEPT_INGREDIENTS: soup.kept_ids(ids),
+        COOK_OWNER: locking.this_owner(), **_partial_tag(ctx)},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(rid, _soup_params(ctx, soup))
     datasets = tracker.copy_datasets(ids[0], rid)
     model_id = started["model"] = _create_soup_model(ctx, soup, rid)
     tracker.describe(rid, _soup_description(ctx, soup))
-    tracker.log_metrics(rid, {metric_key(k): v for k, v in soup.row.items()
+    tracker.log_metrics(rid, {accuracy_metric(k): v for k, v in soup.row.items()
                               if isinstance(v, float) and not math.isnan(v)},
                         model_id=model_id, datasets=datasets)
     for n, step in enumerate(res.steps, start=1):  # the greedy path: accuracy per ingredient tried
-        if "heldout_acc" in step:
-            tracker.log_metrics(rid, {"soup_heldout_acc": step["heldout_acc"]}, step=n)
-    tracker.log_artifact(rid, weights, "soup")
-    tracker.log_text(rid, json.dumps({"ingredients": ids, "coefficients": res.coefficients}, indent=1),
-                     "soup/coefficients.json")
-    tracker.log_artifact(rid, plot, "plots")
+        if HELDOUT_ACC in step:  # the greedy recipes name the soup's accuracy as trials' metric
+            tracker.log_metrics(rid, {SOUP_HELDOUT_ACC: step[HELDOUT_ACC]}, step=n)
+    tracker.log_artifact(rid, weights, SOUP_DIR)  # as soup_artifact(recipe)
+    tracker.log_text(rid, json.dumps({INGREDIENTS: ids, "coefficients": res.coefficients}, indent=1),
+                     COEFFICIENTS)
+    tracker.log_artifact(rid, plot, PLOTS_DIR)
     tracker.end_run(rid, FINISHED)
     return rid, model_id
 

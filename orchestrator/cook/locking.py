@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.record.tracking import Tracker, find_version, soup_runs, stale_soups
+from orchestrator.record.schema import COOK_OWNER, SOUP_KEY, SOUP_RUN_ID
+from orchestrator.record.soups import find_version, soup_runs, stale_soups
+from orchestrator.record.tracking import Tracker
 
-OWNER_TAG = "cook_owner"
 # A cook on another host cannot be checked; its unfinished run counts as in progress this long
 # after it started (logging one soup takes seconds to minutes), then as left behind.
 REMOTE_LEASE_S = 3600.0
@@ -64,8 +65,8 @@ def _in_progress(tracker: Tracker, experiment_id: str, key: str, registered: boo
     but not yet registered when `registered` is False)."""
     me = this_owner()
     runs = (stale_soups if registered else soup_runs)(tracker, experiment_id, key)
-    return [r for r in runs if r.data.tags.get(OWNER_TAG, "") != me
-            and _alive(r.data.tags.get(OWNER_TAG, ""), r.info.start_time)]
+    return [r for r in runs if r.data.tags.get(COOK_OWNER, "") != me
+            and _alive(r.data.tags.get(COOK_OWNER, ""), r.info.start_time)]
 
 
 def wait_for_other_cooks(tracker: Tracker, experiment_id: str, model_name: str, key: str, what: str,
@@ -80,7 +81,7 @@ def wait_for_other_cooks(tracker: Tracker, experiment_id: str, model_name: str, 
 
     while (others := busy()) and time.monotonic() < deadline:
         if not said:
-            log(f"{what}: another cook ({others[0].data.tags.get(OWNER_TAG)}) is logging it as run "
+            log(f"{what}: another cook ({others[0].data.tags.get(COOK_OWNER)}) is logging it as run "
                 f"{others[0].info.run_id}; waiting for it, then reusing what it registers")
             said = True
         time.sleep(POLL_S)
@@ -90,7 +91,7 @@ def discard_left_behind(tracker: Tracker, experiment_id: str, key: str) -> None:
     """End and delete unfinished soup runs with this key whose cook is gone (killed mid-logging)."""
     busy = {r.info.run_id for r in _in_progress(tracker, experiment_id, key, registered=True)}
     tracker.discard_stale([r for r in stale_soups(tracker, experiment_id, key)
-                           if r.info.run_id not in busy and r.data.tags.get(OWNER_TAG) != this_owner()])
+                           if r.info.run_id not in busy and r.data.tags.get(COOK_OWNER) != this_owner()])
 
 
 def settle(tracker: Tracker, model_name: str, key: str, run_id: str, version, created_run: bool,
@@ -100,13 +101,13 @@ def settle(tracker: Tracker, model_name: str, key: str, run_id: str, version, cr
     If another cook registered the same soup too, the lowest version stands; a higher one of
     ours is withdrawn, with our run when we created it and the standing version does not use it.
     """
-    same = sorted((v for v in tracker.model_versions(model_name) if v.tags.get("soup_key") == key),
+    same = sorted((v for v in tracker.model_versions(model_name) if v.tags.get(SOUP_KEY) == key),
                   key=lambda v: int(v.version))
     standing = same[0] if same else version
     if str(standing.version) == str(version.version):
         return run_id, version.version, False
     tracker.delete_version(model_name, version.version)
-    their_run = standing.tags.get("soup_run_id", standing.run_id)
+    their_run = standing.tags.get(SOUP_RUN_ID, standing.run_id)
     if created_run and their_run != run_id:
         tracker.delete_run(run_id)
     log(f"{what}: another cook registered it at the same time as version {standing.version}; "
@@ -114,4 +115,4 @@ def settle(tracker: Tracker, model_name: str, key: str, run_id: str, version, cr
     return their_run, standing.version, True
 
 
-__all__ = ["OWNER_TAG", "this_owner", "wait_for_other_cooks", "discard_left_behind", "settle"]
+__all__ = ["this_owner", "wait_for_other_cooks", "discard_left_behind", "settle"]

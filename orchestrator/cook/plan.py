@@ -16,8 +16,15 @@ from orchestrator import data
 from orchestrator.cook.driver import cook_resources, find_target, recipes_named
 from orchestrator.cook.meter import MIB
 from orchestrator.record import logits as logitstore
-from orchestrator.record.logits import LOGITS_PATH, SHA_TAG, SPLITS_TAG
-from orchestrator.record.tracking import CHECKPOINT_PATH
+from orchestrator.record.schema import (
+    BASE_DIGESTS,
+    CHECKPOINT_PATH,
+    CHECKPOINT_SHA,
+    HELDOUT_ACC,
+    LOGITS_PATH,
+    LOGITS_SHA,
+    LOGITS_SPLITS,
+)
 from orchestrator.soups.learned import HELDOUT_LIMIT
 from orchestrator.soups.recipe import RecipeOptions
 
@@ -75,15 +82,15 @@ def _ingredients(target, splits) -> tuple[list[str], dict[str, str], dict[str, s
     wanted = {k: s.labels for k, s in splits.items()}
     parent_tags = target.parent.data.tags
     usable, excluded, rescored, sizes, seen = [], {}, {}, {}, {}
-    for run in sorted(target.runs, key=lambda r: -r.data.metrics.get("heldout_acc", 0.0)):
+    for run in sorted(target.runs, key=lambda r: -r.data.metrics.get(HELDOUT_ACC, 0.0)):
         rid, tags = run.info.run_id, run.data.tags
         why = _excluded_by_tags(tags, parent_tags, seen)
         if why:
             excluded[rid] = why
             continue
-        seen[tags["checkpoint_sha256"]] = rid
+        seen[tags[CHECKPOINT_SHA]] = rid
         usable.append(rid)
-        found = logitstore.from_tag(tags.get(SPLITS_TAG)) if tags.get(SHA_TAG) else None
+        found = logitstore.from_tag(tags.get(LOGITS_SPLITS)) if tags.get(LOGITS_SHA) else None
         if (bad := logitstore.mismatch(found, wanted)) is not None:
             rescored[rid] = bad
         sizes[rid] = (_size(target.tracker, rid, CHECKPOINT_PATH),
@@ -92,13 +99,13 @@ def _ingredients(target, splits) -> tuple[list[str], dict[str, str], dict[str, s
 
 
 def _excluded_by_tags(tags: dict, parent_tags: dict, seen: dict) -> str | None:
-    for tag in ("arch_sha256", "pretrained_sha256"):
+    for tag in BASE_DIGESTS:
         if tags.get(tag) != parent_tags.get(tag):
             return f"{tag} {tags.get(tag, 'missing')[:12]} differs from the sweep's base"
-    if not tags.get("checkpoint_sha256"):
-        return "no checkpoint_sha256 tag: no checkpoint was logged"
-    if tags["checkpoint_sha256"] in seen:
-        return f"checkpoint byte-identical to run {seen[tags['checkpoint_sha256']]}: cooked once, as that run"
+    if not tags.get(CHECKPOINT_SHA):
+        return f"no {CHECKPOINT_SHA} tag: no checkpoint was logged"
+    if tags[CHECKPOINT_SHA] in seen:
+        return f"checkpoint byte-identical to run {seen[tags[CHECKPOINT_SHA]]}: cooked once, as that run"
     return None
 
 

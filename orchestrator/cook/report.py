@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from orchestrator.record.schema import HELDOUT_ACC  # noqa: E402
+
 
 def cell(value: Any) -> str:
     """One value as it is shown: floats as percentages with one decimal."""
@@ -91,7 +93,7 @@ def soup_figure(rows: list[dict], singles: list[dict], greedy, path: str | Path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     if greedy is not None and greedy.steps:
         xs = list(range(1, len(greedy.steps) + 1))
-        ax1.plot(xs, [s["heldout_acc"] for s in greedy.steps], "-o", label="greedy soup")
+        ax1.plot(xs, [s[HELDOUT_ACC] for s in greedy.steps], "-o", label="greedy soup")  # the soup's
     ranked = sorted((s["heldout"] for s in singles), reverse=True)
     ax1.plot(range(1, len(ranked) + 1), ranked, "x", color="grey", label="ingredient k (ranked)")
     ax1.set(xlabel="ingredients considered (best first)", ylabel="held-out accuracy",

@@ -28,10 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-LOGITS_PATH = "logits/logits.safetensors"
+# The file's path in a run and the run's tags about it are `schema`'s (LOGITS_PATH, LOGITS_SHA,
+# LOGITS_SPLITS); its metadata names the checkpoint under the run's tag for it (CHECKPOINT_SHA).
+from orchestrator.record.schema import CHECKPOINT_SHA
+
 FORMAT = "soup-logits/1"
-SPLITS_TAG = "logits_splits"  # run tag: {split: [n, labels sha256]} (JSON)
-SHA_TAG = "logits_sha256"  # run tag: sha256 of the logged file
 
 
 def labels_sha256(labels: torch.Tensor) -> str:
@@ -77,7 +78,7 @@ def save_logits(path: str | Path, labeled: Mapping[str, tuple[torch.Tensor, torc
         tensors[f"labels/{split}"] = labels.to(torch.int32).contiguous()
         splits[split] = [len(labels), labels_sha256(labels)]
     save_file(tensors, str(path), metadata={"format": FORMAT, "splits": json.dumps(splits),
-                                            "checkpoint_sha256": checkpoint_sha256})
+                                            CHECKPOINT_SHA: checkpoint_sha256})
     return Path(path)
 
 
@@ -89,7 +90,7 @@ def splits_tag(labeled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
 def checkpoint_of(path: str | Path) -> str:
     """The sha256 of the checkpoint a logits file was computed with ("" when not recorded)."""
     with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("checkpoint_sha256", "")
+        return (f.metadata() or {}).get(CHECKPOINT_SHA, "")
 
 
 def load_logits(path: str | Path) -> dict[str, SplitLogits]:

@@ -16,6 +16,14 @@ import math
 import re
 import time
 
+from orchestrator.record.schema import (
+    FORCED_PROMOTION,
+    HELDOUT_ACC,
+    RECIPE,
+    SHIFT_MEAN_ACC,
+    TEST_ACC,
+    promoted_tag,
+)
 from orchestrator.record.tracking import (
     MAX_MODEL_REGISTRY_TAG_KEY_LENGTH,
     MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH,
@@ -31,12 +39,6 @@ from orchestrator.record.tracking import (
 # Its other rule, reserved names ('latest' in any case, and v<number>), is left to MLflow: the
 # alias then moves last, and a refusal there puts the recorded tags back.
 _ALIAS = re.compile(r"[\w-]+")
-FORCED_TAG = "forced_promotion"
-
-
-def promoted_tag(alias: str) -> str:
-    """The version tag recording when `alias` last moved to the version."""
-    return f"promoted_{alias}_at"
 
 
 class PromotionError(ValueError):
@@ -63,7 +65,7 @@ def _versions(tracker: Tracker, model_name: str) -> list:
     return tracker.model_versions(model_name)
 
 
-def _figure(mv, key: str = "heldout_acc") -> float | None:
+def _figure(mv, key: str = HELDOUT_ACC) -> float | None:
     """The version's accuracy tag `key` as a finite number, or None (missing, or e.g. 'n/a')."""
     try:
         value = float(mv.tags.get(key, ""))
@@ -74,9 +76,9 @@ def _figure(mv, key: str = "heldout_acc") -> float | None:
 
 def _not_a_number(mv) -> str:
     """How a held-out figure that is not a number is named in a refusal."""
-    raw = mv.tags.get("heldout_acc")
-    return "no held-out accuracy (tag heldout_acc missing)" if raw is None else \
-        f"held-out accuracy {raw!r} (tag heldout_acc), not a number"
+    raw = mv.tags.get(HELDOUT_ACC)
+    return f"no held-out accuracy (tag {HELDOUT_ACC} missing)" if raw is None else \
+        f"held-out accuracy {raw!r} (tag {HELDOUT_ACC}), not a number"
 
 
 def _gate(cand, current, alias: str) -> None:
@@ -119,14 +121,14 @@ def _check_request(alias: str, force: bool, reason: str) -> None:
         limit, why = MAX_REGISTERED_MODEL_ALIAS_LENGTH, "MLflow's limit for aliases"
     if len(alias) > limit:
         raise PromotionError(f"alias {_shown(alias)} is too long: at most {limit} characters ({why})")
-    for key in (promoted_tag(alias), FORCED_TAG):  # both fit once the alias does; checked anyway
+    for key in (promoted_tag(alias), FORCED_PROMOTION):  # both fit once the alias does; checked anyway
         if len(key) > MAX_MODEL_REGISTRY_TAG_KEY_LENGTH:
             raise PromotionError(f"version tag {_shown(key)} is too long for MLflow: at most "
                                  f"{MAX_MODEL_REGISTRY_TAG_KEY_LENGTH} characters")
     room = MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH - len(_forced_value(_now(), "")) + len(_NO_REASON)
     if force and len(reason) > room:
         raise PromotionError(f"reason is too long ({len(reason)} characters): at most {room} (it is "
-                             f"recorded after the time in the version tag {FORCED_TAG}, which MLflow "
+                             f"recorded after the time in the version tag {FORCED_PROMOTION}, which MLflow "
                              f"limits to {MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH} characters)")
 
 
@@ -175,7 +177,7 @@ def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = 
     now = _now()
     tags = {promoted_tag(alias): now}
     if force:
-        tags[FORCED_TAG] = _forced_value(now, reason)
+        tags[FORCED_PROMOTION] = _forced_value(now, reason)
     before = {key: cand.tags.get(key) for key in tags}
     try:
         for key, value in tags.items():
@@ -195,7 +197,7 @@ def promote(tracker: Tracker, model_name: str, version: str | int, alias: str = 
     return cand.version
 
 
-_ACCURACY_TAGS = (("held-out", "heldout_acc"), ("test", "test_acc"), ("mean shift", "shift_mean_acc"))
+_ACCURACY_TAGS = (("held-out", HELDOUT_ACC), ("test", TEST_ACC), ("mean shift", SHIFT_MEAN_ACC))
 
 
 def _or_dash(value: float | None) -> float | str:
@@ -213,7 +215,7 @@ def list_versions(tracker: Tracker, model_name: str) -> list[dict]:
         aliases.setdefault(str(ver), []).append(alias)
     rows = []
     for v in sorted(versions, key=lambda v: -int(v.version)):
-        rows.append({"version": v.version, "recipe": v.tags.get("recipe", ""),
+        rows.append({"version": v.version, "recipe": v.tags.get(RECIPE, ""),
                      **{col: _or_dash(_figure(v, key)) for col, key in _ACCURACY_TAGS},
                      "aliases": ",".join(sorted(aliases.get(str(v.version), []))) or "-"})
     return rows

@@ -9,12 +9,11 @@ alone tells the story of the sweep.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import functools
 import os
 import shlex
 import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,17 +33,28 @@ from orchestrator.config import (
     with_overrides,
 )
 from orchestrator.hashing import text_sha256
-from orchestrator.record.tracking import (
+from orchestrator.record.schema import (
+    ARCH_SHA,
+    BASE_ARCH,
+    END_REASON,
     FAILED,
     FINISHED,
     KILLED,
+    PRETRAINED,
+    PRETRAINED_SHA,
+    RESOLVED_SPACE,
+    ROLE,
+    ROLE_SWEEP,
     RUNNING,
-    Tracker,
-    flatten,
-    locate_sweep,
-    searchable,
+    SPACE_DIR,
+    SPACE_NAME,
+    SWEEP_ID,
+    TRIALS_FAILED,
+    TRIALS_FINISHED,
 )
-from orchestrator.runtime import cluster
+from orchestrator.record.soups import locate_sweep
+from orchestrator.record.tracking import Tracker, flatten, searchable
+from orchestrator.runtime import connect, signals, terminal
 from orchestrator.sweep.trial import METRIC, EndTrialRuns, TrialContext, TrialProgress, run_trial, trial_label
 from orchestrator.train.models import describe_arch, pretrained_ref
 
@@ -190,8 +200,8 @@ def _storage(space: SearchSpace, override: str | None) -> str:
 
 def _sweep_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
     ref, digest = pretrained_ref(space.base.model)
-    return {"base_arch": space.base.model.arch, "pretrained": ref, "pretrained_sha256": digest,
-            "arch_sha256": text_sha256(describe_arch(space.base.model.arch)), "space": space_path.stem}
+    return {BASE_ARCH: space.base.model.arch, PRETRAINED: ref, PRETRAINED_SHA: digest,
+            ARCH_SHA: text_sha256(describe_arch(space.base.model.arch)), SPACE_NAME: space_path.stem}
 
 
 def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, space: SearchSpace,
@@ -200,10 +210,9 @@ def _open_parent(tracker: Tracker, exp_id: str, sweep_id: str, resume: bool, spa
     if parent is not None:  # resuming (`_check_unique` refused any other case)
         tracker.reopen_run(parent.info.run_id)
         return parent.info.run_id
-    run_id = tracker.create_run(exp_id, sweep_id, {**tags, "soup.role": "sweep", "sweep_id": sweep_id})
-    tracker.log_artifact(run_id, space_path, "space")
-    tracker.log_text(run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False),
-                     "space/resolved_config.yaml")
+    run_id = tracker.create_run(exp_id, sweep_id, {**tags, ROLE: ROLE_SWEEP, SWEEP_ID: sweep_id})
+    tracker.log_artifact(run_id, space_path, SPACE_DIR)
+    tracker.log_text(run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), RESOLVED_SPACE)
     tracker.log_params(run_id, {f"sweep.{k}": v for k, v in flatten(space.sweep.model_dump()).items()})
     tracker.describe(run_id, _sweep_description(sweep_id, space, space_path))
     return run_id
@@ -317,20 +326,16 @@ def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]
     A local Ray is all there is. A cluster (``RAY_ADDRESS``) may add nodes: with
     ``sweep.autoscale: true`` the sweep starts and waits for them; without, it is refused."""
     res = space.sweep.resources
-    nodes = cluster.node_resources()
-    fits = [n for n in nodes if n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu]
-    total_cpu, total_gpu = res.workers * res.cpu, res.workers * res.gpu
-    if fits and (not cluster.is_local() or (sum(n.get("CPU", 0) for n in nodes) >= total_cpu
-                                             and sum(n.get("GPU", 0) for n in nodes) >= total_gpu)):
+    miss = connect.misfit(res.cpu, res.gpu, count=res.workers)
+    if miss is None:
         return
-    biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-    if fits:  # local, one worker fits but not all of them
-        what = (f"a trial of {res.workers} workers asks for {total_cpu:g} CPU and {total_gpu:g} GPU, "
-                f"but this local Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
+    if miss.one_fits:  # local, one worker fits but not all of them
+        what = (f"a trial of {res.workers} workers asks for {res.workers * res.cpu:g} CPU and "
+                f"{res.workers * res.gpu:g} GPU, but this local Ray has {miss.largest_has}")
     else:
         what = (f"a trial worker asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but the largest node of "
-                f"this Ray has {biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU")
-    if cluster.is_local():
+                f"this Ray has {miss.largest_has}")
+    if miss.local:
         raise ConfigError(f"{space_path}: key 'sweep.resources': {what}: it could never run")
     if not space.sweep.autoscale:
         raise ConfigError(f"{space_path}: key 'sweep.resources': {what}; set sweep.autoscale: true "
@@ -344,9 +349,10 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     """Run (or, with `resume`, continue) the sweep described by a search-space YAML.
 
     Every check (the space, the id, its uniqueness, whether a trial fits the cluster) comes
-    before anything is logged. SIGINT or SIGTERM stops the sweep the way Tune stops on Ctrl-C (its
-    state saved for ``--resume``): the sweep run ends KILLED with the reason, no trial run is left
-    RUNNING, and `SweepInterrupted` is raised.
+    before anything is logged. SIGINT or SIGTERM (`signals`: the first one; later ones wait for the
+    bounded cleanup) stops the sweep the way Tune stops on Ctrl-C (its state saved for
+    ``--resume``): the sweep run ends KILLED with the reason, no trial run is left RUNNING (within
+    `END_SWEEP_S`), and `SweepInterrupted` is raised.
     """
     space_path = Path(space_path)
     space = load_yaml(SearchSpace, space_path)
@@ -354,15 +360,18 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
     _check_unique(tracker, sweep_id, space, space_path, resume)
-    cluster.init_ray(log)
+    connect.init_ray(log)
     _check_fits(space, space_path, log)
     log(f"sweep {sweep_id}: {trials_made(space)}")
-    with stop_signals():
+    with signals.stop_signals():
         exp_id = tracker.experiment_id(space.tracking.experiment_name)
         try:
             return _sweep(tracker, exp_id, sweep_id, space, space_path, tags, storage_path, resume, log)
         except BaseException as err:
-            _end_sweep(tracker, exp_id, sweep_id, err)
+            ending = functools.partial(_end_sweep, tracker, exp_id, sweep_id, err)
+            if not signals.bounded(END_SWEEP_S, ending, "end-sweep"):
+                log(f"sweep {sweep_id}: MLflow at {tracker.uri} did not end its runs within "
+                    f"{END_SWEEP_S:.0f} s; the sweep run and its unfinished trials may still show RUNNING")
             raise
 
 
@@ -373,16 +382,16 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     log(f"sweep {sweep_id}: MLflow {tracker.uri}, experiment {space.tracking.experiment_name!r}, "
         f"parent run {parent}; Tune state in {storage}/{sweep_id}")
     res = space.sweep.resources
-    ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base.model_dump(mode="json"), tags,
+    ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base, tags,
                        storage=storage, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
                        max_failures=space.sweep.max_failures)
-    with _tune_silent(cluster.detail_log() is not None):
+    with _tune_silent(terminal.detail_log() is not None), signals.handing_over():
         _tuner(space, ctx, storage, resume).fit()
-    if _STOP.get("signal"):  # Tune stopped on it and saved its state: resumable
-        raise SweepInterrupted(sweep_id, _STOP["signal"], space_path)
+    if stopped := signals.received():  # Tune stopped on it and saved its state: resumable
+        raise SweepInterrupted(sweep_id, stopped.name, space_path)
     finished = len(tracker.trial_runs(exp_id, sweep_id, FINISHED))
     failed = len(tracker.trial_runs(exp_id, sweep_id, FAILED))
-    tracker.log_metrics(parent, {"trials_finished": finished, "trials_failed": failed})
+    tracker.log_metrics(parent, {TRIALS_FINISHED: finished, TRIALS_FAILED: failed})
     tracker.end_run(parent, FINISHED)
     return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage)
 
@@ -393,12 +402,12 @@ DRIVER_BUNDLE = {"cpu": 0, "memory": 64 * 2**20}
 
 
 def _tune_silent(quiet: bool):
-    """Around ``Tuner.fit()`` inside `cluster.detail_to`: Tune's documented ``verbose=0`` is
+    """Around ``Tuner.fit()`` inside `terminal.detail_to`: Tune's documented ``verbose=0`` is
     silent in its legacy output engine, while Ray 2.x's new engine still prints an experiment
     header (a table and two lines) at any verbosity; the documented switch
     ``RAY_AIR_NEW_OUTPUT=0``, which Tune reads when `fit` starts, picks the legacy engine for
     this run only. A value the user set is left as it is."""
-    return cluster.env_default("RAY_AIR_NEW_OUTPUT", "0", when=quiet)
+    return terminal.env_default("RAY_AIR_NEW_OUTPUT", "0", when=quiet)
 
 
 def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
@@ -406,11 +415,11 @@ def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
     exp_path = f"{storage}/{ctx.sweep_id}"
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
-    # Inside `cluster.detail_to` Tune draws no status tables (verbose=0: its documented silent
+    # Inside `terminal.detail_to` Tune draws no status tables (verbose=0: its documented silent
     # mode); `TrialDetail` writes its events to the detail log instead. A resumed sweep keeps the
     # verbosity and callbacks it was started with: Tune restores its RunConfig, and offers no
     # public way to change them.
-    quiet = cluster.detail_log() is not None
+    quiet = terminal.detail_log() is not None
     return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
                       run_config=tune.RunConfig(
                           name=ctx.sweep_id, storage_path=storage, verbose=0 if quiet else None,
@@ -421,18 +430,18 @@ def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
 
 class TrialDetail(tune.Callback):
     """Driver-side, when Tune draws no tables: each trial's config, results and end go to the
-    detail log (`cluster.note`), and a trial's error also to the terminal, with where its
+    detail log (`terminal.note`), and a trial's error also to the terminal, with where its
     traceback and the log are. Stateless (Tune saves its callbacks with the experiment state)."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        cluster.note(f"{_name(trial)} started in {trial.path}: config {trial.config}")
+        terminal.note(f"{_name(trial)} started in {trial.path}: config {trial.config}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in sorted(result.items()) if isinstance(v, (int, float)) and k != "pid"}
-        cluster.note(f"{_name(trial)} result: {metrics}")
+        terminal.note(f"{_name(trial)} result: {metrics}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        cluster.note(f"{_name(trial)} complete")
+        terminal.note(f"{_name(trial)} complete")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._failed(trial, "failed, retried (sweep.max_failures)")
@@ -441,15 +450,15 @@ class TrialDetail(tune.Callback):
         self._failed(trial, "error")
 
     def on_experiment_end(self, trials, **info):
-        cluster.note("Tune's trials at the end:\n" + "\n".join(
+        terminal.note("Tune's trials at the end:\n" + "\n".join(
             f"  {_name(t)} {t.status:<10} {_metric(t)}  {t.config}" for t in trials))
 
     @staticmethod
     def _failed(trial, what: str) -> None:
         error, where = _error(trial)
-        cluster.note(f"{_name(trial)} {what}:\n{error}")
+        terminal.note(f"{_name(trial)} {what}:\n{error}")
         last = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "")
-        log = cluster.detail_log()
+        log = terminal.detail_log()
         print(f"trial {trial_label(trial.trial_id, {})} {what}: {last[:300] or 'no error text'} "
               f"(traceback: {where}{f'; detail: {log}' if log else ''})", flush=True)
 
@@ -477,67 +486,40 @@ def _metric(trial) -> str:
     return f"{METRIC}={value:.4f}" if isinstance(value, float) else f"{METRIC}=-"
 
 
+# How long `run_sweep` waits for `_end_sweep`. Its MLflow calls retry with backoff, for minutes when
+# the server does not answer; after a stop signal, later signals only wait for them (`signals`), so
+# an unanswered store must not hold the stopped sweep. Ample for a store that answers (a local
+# one ends a sweep's runs in a second or two); past it the runs may stay RUNNING.
+END_SWEEP_S = 60.0
+
+
 def _end_sweep(tracker: Tracker, exp_id: str, sweep_id: str, err: BaseException) -> None:
     """After an error or a stop signal: the sweep run ends KILLED (a signal) or FAILED (an error)
-    with the reason as its ``end_reason`` tag, and no trial run is left RUNNING."""
-    stopped = _STOP.get("signal")
+    with the reason as its ``end_reason`` tag, and no trial run is left RUNNING. Run in a thread
+    of its own, waited for at most `END_SWEEP_S` (`signals.bounded`)."""
+    stopped = signals.received()
     status = KILLED if stopped or isinstance(err, KeyboardInterrupt) else FAILED
-    reason = f"interrupted by {stopped or 'KeyboardInterrupt'}" if status == KILLED \
+    reason = f"interrupted by {stopped.name if stopped else 'KeyboardInterrupt'}" if status == KILLED \
         else f"{type(err).__name__}: {err}"[:5000]
     for run in tracker.trial_runs(exp_id, sweep_id, RUNNING):
-        tracker.set_tags(run.info.run_id, {"end_reason": f"sweep {reason}"})
+        tracker.set_tags(run.info.run_id, {END_REASON: f"sweep {reason}"})
         tracker.end_run(run.info.run_id, KILLED)
     parent = tracker.find_sweep(exp_id, sweep_id)
     if parent is not None and parent.info.status != FINISHED:
-        tracker.set_tags(parent.info.run_id, {"end_reason": reason})
+        tracker.set_tags(parent.info.run_id, {END_REASON: reason})
         tracker.end_run(parent.info.run_id, status)
 
 
 # --- stop signals -----------------------------------------------------------------------------
 
-_STOP: dict[str, str] = {}  # the stop signal this driver received, if any (one sweep at a time)
-
-
-def _note_and_interrupt(signum, frame) -> None:
-    _STOP.setdefault("signal", signal.Signals(signum).name)
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """SIGINT and SIGTERM interrupt the sweep (noted in `_STOP`); the process's own handlers are
-    put back afterwards (Tune leaves its SIGINT handler installed). Main thread only: elsewhere
-    signals cannot be handled, and the process's defaults apply."""
-    _STOP.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in saved:
-        signal.signal(s, _note_and_interrupt)
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 class StopSignals(tune.Callback):
-    """Driver-side, while Tune runs: SIGINT and SIGTERM both take Tune's own Ctrl-C path (stop the
-    trials, save the experiment state so that a restore continues them), and are noted in
-    `_STOP`. Stateless, so that the copy Tune restores with a resumed sweep behaves the same."""
+    """Driver-side, while Tune runs (inside `signals.handing_over`): the first SIGINT or SIGTERM
+    takes Tune's own Ctrl-C path (stop the trials, save the experiment state so that a restore
+    continues them) instead of interrupting, and is kept (`signals.received`); later ones wait
+    for that cleanup, as everywhere (`signals`). Stateless, so that the copy Tune restores with a
+    resumed sweep behaves the same."""
 
     def setup(self, **info) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        tune_stop = signal.getsignal(signal.SIGINT)  # Tune installs it before setting up callbacks
-
-        def on_signal(signum, frame) -> None:
-            _STOP.setdefault("signal", signal.Signals(signum).name)
-            if callable(tune_stop) and tune_stop is not _note_and_interrupt:
-                tune_stop(signal.SIGINT, frame)
-            else:
-                raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        # Tune installs its SIGINT handler before it sets up callbacks (none when it runs outside
+        # the main thread, or with TUNE_DISABLE_SIGINT_HANDLER: then the signal interrupts)
+        signals.hand_first_to(signal.getsignal(signal.SIGINT))

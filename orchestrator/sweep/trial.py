@@ -38,23 +38,43 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.config import FinetuneConfig, validate, with_overrides
+from orchestrator.config import FinetuneConfig, with_overrides
 from orchestrator.hashing import json_sha256
-from orchestrator.record.tracking import (
+from orchestrator.record.schema import (
+    ATTEMPT_START_EPOCH,
+    ATTEMPT_START_STEP,
     CHECKPOINT_PATH,
+    CHECKPOINT_POINTER,
+    CHECKPOINT_SHA,
+    END_REASON,
+    EPOCH,
+    EPOCH_TRAIN_LOSS,
+    ERROR,
     FAILED,
     FINISHED,
+    HELDOUT_ACC,
     KILLED,
-    MODEL_TAG,
+    LOGGED_MODEL_ID,
+    RAY_CHECKPOINT,
+    READY,
+    RESULT_LOGGED,
+    RESUMED_FROM,
+    ROLE,
+    ROLE_TRIAL,
     RUNNING,
-    Tracker,
-    flatten,
-    system_metrics,
+    SWEEP_ID,
+    TEST_ACC,
+    TRAIN_LOSS,
+    TRIAL_ID,
+    TRIAL_KEY,
+    WORKERS,
+    time_metric,
 )
+from orchestrator.record.tracking import Tracker, flatten
+from orchestrator.record.trials import system_metrics
 
-METRIC = "heldout_acc"
-CHECKPOINT_TAG = "checkpoint"  # the trial run's latest Ray Train checkpoint (folder name)
-RESULT_TAG = "result_logged"  # set once the final weights and logits are in the run
+# Tune's metric: what a trial reports is what it logs, so Tune ranks trials as the cook does
+METRIC = HELDOUT_ACC
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,7 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     sweep_id: str
-    base: dict
+    base: FinetuneConfig  # the space's base config, validated once by the driver (frozen)
     tags: dict = field(default_factory=dict)
     storage: str = ""  # the sweep's Tune storage path; trial checkpoints go under <storage>/<sweep id>
     workers: int = 1
@@ -121,7 +141,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """One trial: a TorchTrainer of ``ctx.workers`` workers fine-tunes with `params` over the base
     config, logging to a nested MLflow run; resumes from the trial's checkpoint when it has one."""
     t_driver = time.time()
-    cfg = with_overrides(validate(FinetuneConfig, ctx.base), params, "trial params")
+    cfg = with_overrides(ctx.base, params, "trial params")
     tracker = Tracker(ctx.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     key = trial_key(trial_id, params)
@@ -133,7 +153,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     run_id = _trial_run(tracker, ctx, existing, cfg, trial_id, key, params)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
+        train_loop_config={"cfg": cfg, "run_id": run_id,
                            "tracking_uri": ctx.tracking_uri, "cpu": ctx.cpu, "t_driver": t_driver},
         scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpu > 0,
                                      resources_per_worker={"CPU": ctx.cpu, "GPU": ctx.gpu}),
@@ -145,7 +165,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     try:
         trainer.fit()
     except Exception as err:
-        tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.set_tags(run_id, {ERROR: f"{type(err).__name__}: {err}"[:5000]})
         _fail_model(tracker, run_id)
         tracker.end_run(run_id, FAILED)
         raise
@@ -154,10 +174,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
 def _fail_model(tracker: Tracker, run_id: str) -> None:
     """The failed trial's logged model is marked FAILED (the Models view then says so)."""
-    model_id = tracker.client.get_run(run_id).data.tags.get(MODEL_TAG)
+    model_id = tracker.client.get_run(run_id).data.tags.get(LOGGED_MODEL_ID)
     if model_id:
         with contextlib.suppress(Exception):  # the error being raised matters more
-            tracker.finish_model(model_id, "FAILED")
+            tracker.finish_model(model_id, FAILED)
 
 
 def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfig, trial_id: str,
@@ -165,25 +185,24 @@ def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfi
     """The trial's MLflow run: an unfinished one holding a checkpoint continues (reopened); any
     other unfinished run is replaced (a restart from scratch). A new run is named by
     `trial_label`, described, and gets its logged model (PENDING until the result is in)."""
-    resumable = [r for r in existing if r.info.status != FINISHED and CHECKPOINT_TAG in r.data.tags]
+    resumable = [r for r in existing if r.info.status != FINISHED and RAY_CHECKPOINT in r.data.tags]
     if resumable:
         keep = resumable[0]
         tracker.discard_stale([r for r in existing if r.info.run_id != keep.info.run_id])
         if keep.info.status != RUNNING:
             tracker.reopen_run(keep.info.run_id)
-        tracker.set_tags(keep.info.run_id, {"trial_id": trial_id})
+        tracker.set_tags(keep.info.run_id, {TRIAL_ID: trial_id})
         return keep.info.run_id
     tracker.discard_stale(existing)
     label = trial_label(trial_id, params)
     run_id = tracker.create_run(
         ctx.experiment_id, label,
-        {**ctx.tags, "soup.role": "trial", "sweep_id": ctx.sweep_id, "trial_id": trial_id,
-         "trial_key": key, "workers": str(ctx.workers)},
+        {**ctx.tags, ROLE: ROLE_TRIAL, SWEEP_ID: ctx.sweep_id, TRIAL_ID: trial_id,
+         TRIAL_KEY: key, WORKERS: str(ctx.workers)},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(run_id, flatten(cfg.model_dump()))
-    model_id = tracker.create_model(run_id, label, params,
-                                    {"soup.role": "trial", "sweep_id": ctx.sweep_id})
-    tracker.set_tags(run_id, {MODEL_TAG: model_id})
+    model_id = tracker.create_model(run_id, label, params, {ROLE: ROLE_TRIAL, SWEEP_ID: ctx.sweep_id})
+    tracker.set_tags(run_id, {LOGGED_MODEL_ID: model_id})
     tracker.describe(run_id, describe_trial(label, ctx.sweep_id, ctx.workers, cfg))
     return run_id
 
@@ -206,7 +225,7 @@ def describe_trial(label: str, sweep_id: str, workers: int, cfg: FinetuneConfig,
                        f"mean shift **{result.shift_mean:.2%}** ({shifts})."),
                       (f"Trained {steps} steps in {result.train_seconds:.0f} s. The checkpoint is "
                        f"`{CHECKPOINT_PATH}` in this run's artifacts (sha256 in tag "
-                       "`checkpoint_sha256`); the cook reads it from there.")])
+                       f"`{CHECKPOINT_SHA}`); the cook reads it from there.")])
 
 
 class EndTrialRuns(tune.Callback):
@@ -220,7 +239,7 @@ class EndTrialRuns(tune.Callback):
         key = trial_key(trial.trial_id, trial.config)
         for run in tracker.find_trial(self.ctx.experiment_id, self.ctx.sweep_id, key):
             if run.info.status == RUNNING:
-                tracker.set_tags(run.info.run_id, {"end_reason": reason})
+                tracker.set_tags(run.info.run_id, {END_REASON: reason})
                 tracker.end_run(run.info.run_id, status)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -249,18 +268,18 @@ class TrialProgress(tune.Callback):
         self.log(trial, " started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "test_acc" in result:  # the final report: the finish line follows
+        if TEST_ACC in result:  # the final report: the finish line follows
             return
         if not self.verbose and time.monotonic() - self.last.get(trial.trial_id, 0.0) < self.quiet_s:
             return
-        if "heldout_acc" in result and "epoch" in result:
+        if METRIC in result and "epoch" in result:
             self.log(trial, f": epoch {result['epoch']:g}, step {result.get('step', 0):g}, "
-                            f"held-out {result['heldout_acc']:.1%}")
+                            f"held-out {result[METRIC]:.1%}")
         elif "step" in result:
             self.log(trial, f": checkpoint at step {result['step']:g}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        acc = (trial.last_result or {}).get("heldout_acc")
+        acc = (trial.last_result or {}).get(METRIC)
         self.log(trial, " finished" + (f": held-out {acc:.1%}" if acc is not None else ""))
 
 
@@ -270,14 +289,14 @@ def train_worker(config: dict) -> None:
     """Runs on each Ray Train worker: `finetune` as rank r of W (the process group is Ray's)."""
     import torch
 
-    from orchestrator.record.tracking import log_trial_result
+    from orchestrator.record.trials import log_trial_result
     from orchestrator.train.finetune import Dist, finetune
 
     t_enter = time.time()
     ctx = ray.train.get_context()
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
     torch.set_num_threads(max(1, int(config["cpu"])))
-    cfg = validate(FinetuneConfig, config["cfg"])
+    cfg: FinetuneConfig = config["cfg"]  # validated by the trial, shipped as the object
     tracker = Tracker(config["tracking_uri"]) if dist.lead else None
     model_id, datasets = _inputs(tracker, config["run_id"], cfg) if dist.lead else (None, {})
     hooks = RayTrainHooks(tracker, config["run_id"], dist, model_id, datasets)
@@ -292,7 +311,7 @@ def train_worker(config: dict) -> None:
     metrics: dict = {}
     if dist.lead:
         run = tracker.client.get_run(config["run_id"])
-        if RESULT_TAG not in run.data.tags:
+        if RESULT_LOGGED not in run.data.tags:
             t_log = time.time()
             log_trial_result(tracker, config["run_id"], result, step=hooks.last_step,
                              model_id=model_id, datasets=datasets)
@@ -300,8 +319,8 @@ def train_worker(config: dict) -> None:
             # where the trial's time went, beside train_seconds (benchmarks/sweep_overhead.py)
             times = {"worker_start": t_enter - config["t_driver"], **result.timings,
                      "log_result": time.time() - t_log}
-            tracker.log_metrics(config["run_id"], {f"time_{k}_s": v for k, v in times.items()})
-            tracker.set_tags(config["run_id"], {RESULT_TAG: "1"})
+            tracker.log_metrics(config["run_id"], {time_metric(k): v for k, v in times.items()})
+            tracker.set_tags(config["run_id"], {RESULT_LOGGED: "1"})
         metrics = {**result.metrics(), "epoch": cfg.train.epochs, "step": hooks.last_step}
     ray.train.report(metrics)
 
@@ -313,10 +332,10 @@ def _inputs(tracker: Tracker, run_id: str, cfg: FinetuneConfig) -> tuple[str, di
     from orchestrator.data import describe, load_task
 
     run = tracker.client.get_run(run_id)
-    model_id = run.data.tags.get(MODEL_TAG)
+    model_id = run.data.tags.get(LOGGED_MODEL_ID)
     if not model_id:  # a run from before trials had logged models, resumed
-        model_id = tracker.create_model(run_id, run.info.run_name, {"soup.role": "trial"})
-        tracker.set_tags(run_id, {MODEL_TAG: model_id})
+        model_id = tracker.create_model(run_id, run.info.run_name, {ROLE: ROLE_TRIAL})
+        tracker.set_tags(run_id, {LOGGED_MODEL_ID: model_id})
     splits = describe(cfg.data, load_task(cfg.data))
     if not run.inputs.dataset_inputs:
         tracker.log_datasets(run_id, splits)
@@ -328,12 +347,12 @@ def _finish(tracker: Tracker, run, model_id: str, cfg: FinetuneConfig, result, s
     """The trial's description gets its results; its logged model becomes READY, holding where
     the checkpoint is (the weights stay in the run's artifacts, the one copy the cook reads)."""
     tags = run.data.tags
-    tracker.describe(run.info.run_id, describe_trial(run.info.run_name, tags.get("sweep_id", ""), workers,
+    tracker.describe(run.info.run_id, describe_trial(run.info.run_name, tags.get(SWEEP_ID, ""), workers,
                                                      cfg, result, steps))
-    sha = tracker.client.get_run(run.info.run_id).data.tags.get("checkpoint_sha256", "")
+    sha = tracker.client.get_run(run.info.run_id).data.tags.get(CHECKPOINT_SHA, "")
     pointer = {"run_id": run.info.run_id, "artifact_path": CHECKPOINT_PATH, "sha256": sha,
                "uri": f"runs:/{run.info.run_id}/{CHECKPOINT_PATH}", "arch": cfg.model.arch}
-    tracker.finish_model(model_id, "READY", {"checkpoint.json": json.dumps(pointer, indent=1)})
+    tracker.finish_model(model_id, READY, {CHECKPOINT_POINTER: json.dumps(pointer, indent=1)})
 
 
 class RayTrainHooks:
@@ -348,7 +367,7 @@ class RayTrainHooks:
         self.last_step = 0
         self.logged = -1  # the highest step an earlier attempt logged
         if tracker is not None:
-            hist = tracker.client.get_metric_history(run_id, "train_loss")
+            hist = tracker.client.get_metric_history(run_id, TRAIN_LOSS)
             self.logged = max((m.step for m in hist), default=-1)
 
     def resume_folder(self) -> Path | None:
@@ -356,7 +375,7 @@ class RayTrainHooks:
             from orchestrator.train.state import peek
 
             state = peek(self.folder)
-            self.tracker.set_tags(self.run_id, {"resumed_from": self.folder.name})
+            self.tracker.set_tags(self.run_id, {RESUMED_FROM: self.folder.name})
             self._attempt(state.position.epoch, state.position.global_step)
             for row in state.curves:  # an epoch checkpointed but not yet logged when it died
                 self.end_epoch(row)
@@ -367,8 +386,8 @@ class RayTrainHooks:
     def _attempt(self, epoch: int, step: int) -> None:
         """Record where this attempt starts: metric ``attempt_start_epoch`` (and ``_step``), one
         point per attempt (MLflow step = attempt number)."""
-        n = len(self.tracker.client.get_metric_history(self.run_id, "attempt_start_epoch"))
-        self.tracker.log_metrics(self.run_id, {"attempt_start_epoch": epoch, "attempt_start_step": step}, step=n)
+        n = len(self.tracker.client.get_metric_history(self.run_id, ATTEMPT_START_EPOCH))
+        self.tracker.log_metrics(self.run_id, {ATTEMPT_START_EPOCH: epoch, ATTEMPT_START_STEP: step}, step=n)
 
     def log_steps(self, step: int, metrics: dict[str, float]) -> None:
         self.last_step = max(self.last_step, step)
@@ -386,14 +405,14 @@ class RayTrainHooks:
             ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if write else None,
                              checkpoint_dir_name=name)
         if self.tracker is not None:
-            self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: name})
+            self.tracker.set_tags(self.run_id, {RAY_CHECKPOINT: name})
 
     def end_epoch(self, row: dict) -> None:
         if not self._epoch_logged(row["epoch"]):
             # one batch: a kill cannot leave the epoch marked logged without its accuracy
-            self.tracker.log_metrics(self.run_id, {"epoch": row["epoch"], METRIC: row[METRIC],
-                                                   "epoch_train_loss": row["train_loss"]}, step=row["step"],
+            self.tracker.log_metrics(self.run_id, {EPOCH: row["epoch"], METRIC: row[METRIC],
+                                                   EPOCH_TRAIN_LOSS: row[TRAIN_LOSS]}, step=row["step"],
                                      model_id=self.model_id, datasets=self.datasets)
 
     def _epoch_logged(self, epoch: int) -> bool:
-        return any(m.value == epoch for m in self.tracker.client.get_metric_history(self.run_id, "epoch"))
+        return any(m.value == epoch for m in self.tracker.client.get_metric_history(self.run_id, EPOCH))

@@ -61,15 +61,30 @@ def pretrained_ref(cfg: ModelConfig) -> tuple[str, str]:
 def build_clip(cfg: ModelConfig, pretrained_weights: bool = True) -> tuple[nn.Module, object]:
     """Build the open_clip CLIP model and its tokenizer from a model config; without
     `pretrained_weights` the weights stay at their random initialisation (to be overwritten)."""
+    model = _create_clip(cfg, pretrained_weights, "cpu")
+    model.eval()
+    return model, open_clip.get_tokenizer(cfg.arch)
+
+
+def _create_clip(cfg: ModelConfig, pretrained_weights: bool, device: str) -> nn.Module:
     register_tiny_arch()
     pretrained = resolve_pretrained(cfg.pretrained) if pretrained_weights else None
     force_pp = TINY_PREPROCESS if cfg.arch == TINY_ARCH else None
     unwanted = _no_weights_wanted(cfg.arch) if not pretrained_weights else contextlib.nullcontext()
     with unwanted:
-        model = open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=pretrained_weights,
-                                       force_preprocess_cfg=force_pp)
-    model.eval()
-    return model, open_clip.get_tokenizer(cfg.arch)
+        return open_clip.create_model(cfg.arch, pretrained=pretrained, load_weights=pretrained_weights,
+                                      force_preprocess_cfg=force_pp, device=device)
+
+
+def classifier_layout(cfg: ModelConfig, n_classes: int) -> dict[str, torch.Tensor]:
+    """The classifier's tensors for `n_classes` classes as meta tensors: names, shapes and dtypes
+    with no storage, built with nothing read or computed (no weights loaded, no text tower run
+    for a zero-shot head). What ingredients are checked against."""
+    with torch.device("meta"):
+        clip = _create_clip(cfg, False, "meta")
+        head = nn.Linear(clip.visual.output_dim, n_classes)
+    pp = clip.visual.preprocess_cfg
+    return ImageClassifier(clip.visual, head, pp["mean"], pp["std"]).state_dict()
 
 
 class _RandomInitNotice(logging.Filter):
