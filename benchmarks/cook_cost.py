@@ -5,7 +5,7 @@ logged instead of scoring every checkpoint on every split again.
 In one run, in a temporary directory (its own MLflow store, Ray storage and HOME; nothing is left
 in the repository), two sweeps are run with the code of this working tree: the tiny sweep
 (tests/spaces/tiny4.yaml, 4 trials) and the ViT-B-32 CPU smoke sweep (2 trials of two steps on
-synthetic ImageNet-layout folders, a random ViT-B-32 base, as in tests/test_vit_b32_smoke.py).
+synthetic ImageNet-layout folders, a random ViT-B-32 base, as in tests/e2e/test_vit_b32_smoke.py).
 Each swept store (database and artifacts) is copied once per cook, so that every cook starts
 from the same, uncooked store; each copy is cooked in a fresh interpreter, in-process
 (``use_ray=False``: the compute is compared, not Ray's start), with the recipes both versions
@@ -15,7 +15,7 @@ the working tree. Wall time, and CPU time (the process's, every thread: steadier
 shared machine), are those of the ``cook(...)`` call alone (no interpreter start-up, no
 imports); forward passes are counted apart from the cook's own counters, by a global forward
 pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``) that adds the batch size
-of every call of the classifier (``orchestrator.models.ImageClassifier``). The after run's own
+of every call of the classifier (``orchestrator.train.models.ImageClassifier``). The after run's own
 per-phase table (``CookOutcome.phases``) is printed too, and checked against the hook's count.
 
     .venv/bin/python benchmarks/cook_cost.py [--before REV] [--only tiny|vit] [--repeats N] [--threads N]
@@ -87,12 +87,17 @@ def _child(args) -> None:
     if where != Path(args.tree).resolve():
         sys.exit(f"orchestrator imported from {where}, not from {args.tree}")
     dropped = _readable_space(args.store)
-    for mod in ("orchestrator.cook", "orchestrator.cook_build", "orchestrator.plots", "orchestrator.serving",
-                "orchestrator.evaluate", "orchestrator.soups.learned", "open_clip", "mlflow"):
-        with contextlib.suppress(ImportError):  # every import before the clock starts
+    for mod in ("orchestrator.cook.driver", "orchestrator.cook.build", "orchestrator.cook.report",
+                "orchestrator.train.evaluate", "orchestrator.cook", "orchestrator.cook_build", "orchestrator.plots",
+                "orchestrator.evaluate", "orchestrator.serving", "orchestrator.soups.learned", "open_clip", "mlflow"):
+        with contextlib.suppress(ImportError):  # every import before the clock starts (either layout)
             importlib.import_module(mod)
-    from orchestrator.cook.driver import cook
-    from orchestrator.train.models import ImageClassifier
+    try:  # the packages by stage
+        from orchestrator.cook.driver import cook
+        from orchestrator.train.models import ImageClassifier
+    except ImportError:  # a tree from before them (--before a commit of the flat layout)
+        from orchestrator.cook import cook
+        from orchestrator.models import ImageClassifier
 
     passes = [0]
 

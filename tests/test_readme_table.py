@@ -23,7 +23,7 @@ def test_every_row_of_the_reliability_table_names_tests_that_exist():
         assert named, f"row {fault!r} names no test"
         current = None
         for ref in named:
-            ref = ref.replace("BI::", "tests/test_bad_input.py::")
+            ref = ref.replace("BI::", "tests/e2e/test_bad_input.py::")
             path, _, name = ref.rpartition("::")
             current = path or current  # `::name` continues the previous file
             source = (ROOT / current).read_text()

@@ -16,15 +16,8 @@ from orchestrator import data
 from orchestrator.cook.driver import cook_resources, find_target, recipes_named
 from orchestrator.cook.meter import MIB
 from orchestrator.record import logits as logitstore
-from orchestrator.record.schema import (
-    BASE_DIGESTS,
-    CHECKPOINT_PATH,
-    CHECKPOINT_SHA,
-    HELDOUT_ACC,
-    LOGITS_PATH,
-    LOGITS_SHA,
-    LOGITS_SPLITS,
-)
+from orchestrator.record.schema import (BASE_DIGESTS, CHECKPOINT_PATH, CHECKPOINT_SHA, HELDOUT_ACC,
+                                        LOGITS_PATH, LOGITS_SHA, LOGITS_SPLITS)
 from orchestrator.soups.learned import HELDOUT_LIMIT
 from orchestrator.soups.recipe import RecipeOptions
 

@@ -73,17 +73,23 @@ def _slices(n: int, batch_size: int, sizes: Sequence[int] | None) -> list[tuple[
     return list(zip(starts, sizes))
 
 
+class _Counted:
+    """A split's length: how many labelled examples it holds (both kinds of split)."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 @dataclass(frozen=True)
-class TensorSplit:
+class TensorSplit(_Counted):
     """A named set of images and integer labels, held in memory (the tiny world)."""
 
     name: str
     images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
     labels: torch.Tensor  # (N,) int64
     project: Callable[[torch.Tensor], torch.Tensor] | None = None  # model logits -> split's classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None,
                 augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, opts: LoaderOptions = LoaderOptions(),
@@ -130,7 +136,7 @@ class _Augmented(torch.utils.data.Dataset):
 
 
 @dataclass(frozen=True)
-class FolderSplit:
+class FolderSplit(_Counted):
     """A split read from image files on demand (ImageNet and its shifts).
 
     `dataset[i]` is ``(uint8 image of shape (3, H, W), label)`` and `batches` yields uint8 image
@@ -143,9 +149,6 @@ class FolderSplit:
     dataset: torch.utils.data.Dataset
     labels: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def batches(self, batch_size: int, order: torch.Tensor | None = None,
                 augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, opts: LoaderOptions = LoaderOptions(),

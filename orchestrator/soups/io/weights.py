@@ -7,7 +7,7 @@ however many ingredients there are. Both accumulate with the same elementwise op
 elementwise result does not depend on how the work is cut into chunks, as long as the kernel
 rounds the same way in its vector body and its scalar tail (it does on x86 AVX2/AVX-512 builds,
 where both are fused multiply-adds; a build that fused only one of them could differ by one ulp
-on a chunk's last few elements, which tests/test_streaming.py would catch).
+on a chunk's last few elements, which tests/soups/test_streaming.py would catch).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.cook.report import verdict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows(best, greedy, ensemble=(0.95, 0.53)):

@@ -58,7 +58,7 @@ def test_pickle_checkpoints_are_refused():
 
 
 def test_the_probe_head_lives_in_one_place():
-    # the linear-probe head is fitted by orchestrator.probe (tests/test_probe.py), not here
+    # the linear-probe head is fitted by orchestrator.probe (tests/train/test_probe.py), not here
     assert not hasattr(models, "set_linear_probe_head")
 
 

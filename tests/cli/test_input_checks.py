@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_bad_input import one_error_line, snapshot, space_is_refused, write_space
+from refusals import one_error_line, snapshot, space_is_refused, write_space
 
 from orchestrator.cli import main
 

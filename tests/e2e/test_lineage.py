@@ -13,7 +13,7 @@ from orchestrator.record.schema import DESCRIPTION, metric_split
 from orchestrator.record.tracking import model_name
 from orchestrator.sweep.trial import trial_label
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- unit: the naming rules --------------------------------------------------------------------

@@ -7,7 +7,7 @@ the promotion gate allows, and load `models:/<name>@champion`. Each step leaves 
 ``$SOUP_SCREENSHOT_DIR`` (docs/screenshots/ when regenerating the README's pictures).
 
 The server runs on a copy of the shared `cooked` store, so the alias set here is seen by no other
-test (tests/test_serving.py and tests/test_bad_input.py read and move `champion` themselves).
+test (tests/e2e/test_serving.py and tests/e2e/test_bad_input.py read and move `champion` themselves).
 """
 
 import json

@@ -28,7 +28,7 @@ from orchestrator.config import (
 from orchestrator.data import imagenet
 from orchestrator.train import models, probe
 
-SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+SPACES = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
 IMAGE_SIZE = 32  # the tiny tower's input size (patch size divides it)
 
 

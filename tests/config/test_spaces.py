@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, FinetuneConfig, SearchSpace, load_yaml
+from orchestrator.config import FinetuneConfig, SearchSpace, load_yaml
 from orchestrator.sweep.driver import param_space, sample_configs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml")) + sorted((REPO / "tests" / "spaces").glob("*.yaml"))
 
 
@@ -63,23 +63,3 @@ def test_sampling_is_reproducible():
     space = load_yaml(SearchSpace, REPO / "search_spaces" / "tiny_digits.yaml")
     assert sample_configs(space, 8, seed=3) == sample_configs(space, 8, seed=3)
     assert sample_configs(space, 8, seed=3) != sample_configs(space, 8, seed=4)
-
-
-@pytest.mark.parametrize("snippet, key", [
-    ("sweep:\n  num_sample: 3\n", "sweep.num_sample"),
-    ("sweep:\n  max_concurrent_trials: two\n", "sweep.max_concurrent_trials"),
-    ("search:\n  train.lr: {loguniform: [1.0e-3, 1.0e-4]}\n", "search.train.lr"),
-    ("search:\n  train.epochs: {randint: [5, 2]}\n", "search.train.epochs"),
-    ("search:\n  train.augment: {choice: []}\n", "search.train.augment"),
-    ("search:\n  train.lr: {loguniform: [0, 1]}\n", "search.train.lr"),
-    ("search:\n  train.lr: {uniform: [0, 1], loguniform: [1, 2]}\n", "search.train.lr"),
-    ("search:\n  train.learning_rate: {uniform: [0, 1]}\n", "train.learning_rate"),
-    ("sweep:\n  search_alg: bayes\n", "sweep.search_alg"),
-    ("sweep:\n  resources: {gpu: -1}\n", "sweep.resources.gpu"),
-])
-def test_bad_space_fails_naming_file_and_key(tmp_path, snippet, key):
-    p = tmp_path / "space.yaml"
-    p.write_text(snippet)
-    with pytest.raises(ConfigError) as e:
-        load_yaml(SearchSpace, p)
-    assert str(p) in str(e.value) and key in str(e.value)
