@@ -13,6 +13,7 @@ imports), and any cycle or import against the layering.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,21 @@ def test_every_stage_imports_only_the_stages_below_it():
     assert stages == set(LAYERS), f"packages missing from LAYERS or gone: {stages ^ set(LAYERS)}"
     found = layering_violations(graph)
     assert not found, "imports against the layering:\n" + "\n".join(found)
+
+
+def test_the_layout_page_names_every_package_and_module():
+    """docs/layout.md, the newcomer's map, names every package and module (in backticks)."""
+    page = (ROOT.parent / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`([\w/]+)`", page))
+    missing = []
+    for module, path in module_files().items():
+        parts = module.split(".")[1:]
+        if not parts:
+            continue
+        name = parts[-1] if path.name != "__init__.py" else f"{parts[-1]}/"
+        if name not in named and name.rstrip("/") not in named:
+            missing.append(module)
+    assert not missing, f"docs/layout.md does not name: {', '.join(missing)}"
 
 
 def test_upstream_libraries_only_through_their_owner():

@@ -1,9 +1,11 @@
 """Soup recipes and weights I/O: the recipe table (`recipe`), one file per recipe (`uniform`,
 `greedy`, `learned` with `learned-layerwise`, `model_stock`), the logit ensembles, and
-streaming safetensors reads and weighted sums.
+streaming safetensors reads and weighted sums (`io`).
 
 Ingredients are safetensors files (streamed chunk by chunk, never all in memory) or state dicts.
-`read_weights` is the one way a whole checkpoint is read into memory.
+`read_weights` is the one way a whole checkpoint is read into memory; weights I/O is in `io/`.
+
+May import: train (the held-out evaluation), and torch, safetensors.
 """
 
 from orchestrator.soups import greedy, learned, model_stock, uniform  # noqa: F401 - each registers its recipe(s)
