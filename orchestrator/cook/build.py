@@ -83,7 +83,7 @@ class Built:
     example: torch.Tensor  # one test image: the logged model's input example
     used: list[str] = field(default_factory=list)  # run ids given to the recipes, in order
     excluded: dict[str, str] = field(default_factory=dict)  # run id -> why the build excluded it
-    phases: list[dict] = field(default_factory=list)  # `cookmeter` totals, in order
+    phases: list[dict] = field(default_factory=list)  # `meter` totals, in order
     where: dict = field(default_factory=dict)  # device, precision, threads, input devices seen
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from orchestrator import data
 from orchestrator.config import DataConfig, ModelConfig
-from orchestrator.data import digits as tinyworld
+from orchestrator.data import digits
 from orchestrator.train import models
 from orchestrator.train.finetune import warmup_cosine
 
@@ -33,7 +33,7 @@ CAPTION_TEMPLATES = {
 
 def glyph_vocabulary() -> list[tuple[str, str]]:
     """Every (glyph, kind) pair the base model is pretrained on."""
-    return [(d, "digit") for d in tinyworld.DIGITS] + [(c, "letter") for c in tinyworld.LETTERS]
+    return [(d, "digit") for d in digits.DIGITS] + [(c, "letter") for c in digits.LETTERS]
 
 
 def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tenso
     idx = rng.permutation(np.concatenate([digits, letters]))
     chunks = []
     for start in range(0, n, 2000):
-        chunks.append(tinyworld.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
+        chunks.append(digits.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
         log(f"rendered {min(start + 2000, n)}/{n} glyphs")
     return torch.cat(chunks), torch.from_numpy(idx)
 
@@ -110,7 +110,7 @@ def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
     from orchestrator.train.evaluate import accuracy
 
     clip.eval()
-    model = models.classifier_from_clip(clip, tokenizer, tinyworld.DIGITS, ModelConfig().templates)
+    model = models.classifier_from_clip(clip, tokenizer, digits.DIGITS, ModelConfig().templates)
     task = data.load_task(DataConfig())
     return accuracy(model, task.heldout), accuracy(model, task.shifts["rendered"])
 
