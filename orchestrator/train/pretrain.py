@@ -41,9 +41,9 @@ def render_pool(n: int, seed: int, log=print) -> tuple[torch.Tensor, torch.Tenso
     rng = np.random.default_rng(seed)
     vocab = glyph_vocabulary()
     n_digits = int(n * 0.7)  # the target is digits; letters keep the text tower honest
-    digits = rng.integers(0, 10, n_digits)
-    letters = rng.integers(10, len(vocab), n - n_digits)
-    idx = rng.permutation(np.concatenate([digits, letters]))
+    digit_ids = rng.integers(0, 10, n_digits)
+    letter_ids = rng.integers(10, len(vocab), n - n_digits)
+    idx = rng.permutation(np.concatenate([digit_ids, letter_ids]))
     chunks = []
     for start in range(0, n, 2000):
         chunks.append(digits.render_batch([vocab[i][0] for i in idx[start:start + 2000]], rng))
