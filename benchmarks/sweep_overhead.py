@@ -8,18 +8,20 @@ sums each phase over the trials (from the ``time_*_s`` metrics each trial logs).
 
     .venv/bin/python benchmarks/sweep_overhead.py [SPACE.yaml] [--workers N] [--before REV]
 
-``--workers N`` runs every trial on N Ray Train workers (DDP over Gloo here). ``--before REV``
-first runs the same sweep with the code of git revision REV (exported to a temporary folder), so
-that both ratios are measured side by side on the same machine in one run. ``--floor`` (or
-``--floor-only``) also
-measures Ray Train's own start-up: trials of the same shape whose worker function does nothing,
-timed from the Tune trial's start to the worker function's first line (the floor under our
-``worker_start``).
+``--workers N`` runs every trial on N Ray Train workers (DDP over Gloo here); one worker trains
+in the Tune trial's own actor. ``--before REV`` first runs the same sweep with the code of git
+revision REV (exported to a temporary folder), so that both ratios are measured side by side on
+the same machine in one run. ``--floor`` (or ``--floor-only``) also measures what Ray itself
+costs a trial of that shape, with trial functions that do nothing: for one worker, Tune's start
+of the first trial and its turnaround from one trial to the next in a reused actor; for several,
+Ray Train's start-up from the Tune trial's start to the worker function's first line (the floor
+under our ``worker_start``), by stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -149,6 +151,32 @@ def floor(trials: int, workers: int) -> tuple[float, list[tuple[str, float, floa
         return sum(r.metrics["waited"] for r in grid) / trials, stages
 
 
+def tune_floor(trials: int) -> tuple[float, float]:
+    """For trials that train in the Tune actor: seconds from ``Tuner.fit()`` to the first trial
+    function's first line, and the mean seconds between one trial function's first line and the
+    next one's (one at a time, actor reused: Tune's own turnaround), for functions that do
+    nothing but report."""
+    with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
+        _hermetic(tmp)
+        from orchestrator.runtime import connect  # noqa: I001 (before ray: the local Ray stays on loopback)
+        import ray
+        from ray import tune
+
+        def trial(config):
+            tune.report({"started": time.time()})
+
+        connect.init_ray(lambda line: None)
+        t0 = time.time()
+        grid = tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
+                          param_space={"i": tune.grid_search(list(range(trials)))},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+                          run_config=tune.RunConfig(storage_path=f"{tmp}/tune", verbose=0)).fit()
+        ray.shutdown()
+        starts = sorted(r.metrics["started"] for r in grid)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        return starts[0] - t0, sum(gaps) / max(1, len(gaps))
+
+
 def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
     """The stages: the Tune trial actor's own start comes before the trial function (and is not
     in `start`); the others are in it, and what is left of `start` is the calls between them."""
@@ -157,6 +185,23 @@ def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
               + (f", of which {wait:.1f}s waiting for a process" if wait else ""))
     print(f"  the rest of the {start:.1f}s (calls between the stages, the worker's process group): "
           f"{start - sum(s for _, s, _ in stages[1:]):.1f}s")
+
+
+def print_floors(workers: int, m: dict | None) -> None:
+    """Ray's own cost of a trial of `workers` workers, beside ours (`m`) when given."""
+    ours = "" if m is None else (f" (our trials: {m['phases']['worker_start'] / max(1, m['trials']):.2f}s "
+                                 f"from the trial function's start to the loop's, imports and data "
+                                 f"included, run {m['concurrency']} at a time)")
+    if workers == 1:
+        first, turnaround = tune_floor(6)
+        print(f"Tune's floor for a trial in its actor: {first:.2f}s from Tuner.fit() to the first trial "
+              f"function's first line; {turnaround:.2f}s from one trial function's start to the next "
+              f"(reused actor, functions that only report){ours}")
+        return
+    start, stages = floor(3, workers)
+    print(f"Ray Train's floor: {start:.1f}s from a trial function's start to an empty worker function"
+          f"{ours}, by stage:")
+    print_floor(start, stages)
 
 
 def report(label: str, m: dict) -> None:
@@ -186,10 +231,7 @@ def main() -> None:
     args = ap.parse_args()
     space = Path(args.space).resolve()
     if args.floor_only:
-        start, stages = floor(3, args.workers or 1)
-        print(f"Ray Train's floor: {start:.1f}s from a trial function's start to an empty worker function; "
-              "by stage:")
-        print_floor(start, stages)
+        print_floors(args.workers or 1, None)
         return
     if args.json:
         Path(args.json).write_text(json.dumps(measure(space, args.workers)))
@@ -209,12 +251,7 @@ def main() -> None:
     m = measure(space, args.workers)
     report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
     if args.floor:
-        start, stages = floor(3, args.workers or 1)
-        per_trial = m["phases"]["worker_start"] / max(1, m["trials"])
-        print(f"Ray Train's floor: {start:.1f}s from a trial function's start to an empty worker function "
-              f"(our trials: {per_trial:.1f}s to theirs, imports and data included, run "
-              f"{m['concurrency']} at a time), by stage:")
-        print_floor(start, stages)
+        print_floors(args.workers or 1, m)
     if args.before:
         print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
               f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")

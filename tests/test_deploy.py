@@ -374,11 +374,12 @@ def check_readme(rel: str):
 
 
 # --- trials on the GPU workers ----------------------------------------------------------------
-# A trial is `workers` Ray Train workers, each reserving `cpu` CPUs and `gpu` GPUs. It should fit
-# one worker type whole (its gradient all-reduce then stays inside a node), with a spare CPU for
-# the trial's coordinating processes: the Tune trial function and Ray Train's controller reserve
-# no CPU (sweep.DRIVER_BUNDLE; Train V2's controller) but run on some node all the same, and
-# Train V1's ScalingConfig would reserve 1 CPU for its trainer. The cluster at its largest
+# A trial is `workers` training processes, each reserving `cpu` CPUs and `gpu` GPUs: one worker in
+# the Tune trial's own actor, several as Ray Train workers. It should fit one worker type whole
+# (its gradient all-reduce then stays inside a node); a TorchTrainer trial also needs a spare CPU
+# for its coordinating processes: the Tune trial function and Ray Train's controller reserve no
+# CPU (sweep.DRIVER_BUNDLE; Train V2's controller) but run on some node all the same, and Train
+# V1's ScalingConfig would reserve 1 CPU for its trainer. The cluster at its largest
 # should run `max_concurrent_trials` of them. Heads are left out (here they advertise no CPUs).
 
 SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
@@ -398,7 +399,7 @@ class NodeType:
 
 def trials_per_node(res: Resources, node: NodeType) -> int:
     """Whole trials of `res` that one node holds (workers, their CPUs and GPUs, a coordinator)."""
-    fits = [math.floor(node.cpu / (res.workers * res.cpu + COORDINATOR_CPU) + 1e-9)]
+    fits = [math.floor(node.cpu / (res.workers * res.cpu + (0 if res.in_trial else COORDINATOR_CPU)) + 1e-9)]
     if res.gpu:
         fits.append(math.floor(node.gpu / (res.workers * res.gpu) + 1e-9))
     return min(fits)
@@ -432,8 +433,8 @@ def check_trials_fit(nodes: list[NodeType], space_path: Path, where: str) -> Sea
     space = load_yaml(SearchSpace, space_path)
     res, name = space.sweep.resources, space_path.name
     per_node = {n.name: trials_per_node(res, n) for n in nodes}
-    need = (f"{res.workers} worker(s) x {{cpu: {res.cpu:g}, gpu: {res.gpu:g}}} "
-            f"+ {COORDINATOR_CPU} CPU for the trial")
+    need = (f"{res.workers} worker(s) x {{cpu: {res.cpu:g}, gpu: {res.gpu:g}}}"
+            + ("" if res.in_trial else f" + {COORDINATOR_CPU} CPU for the trial"))
     assert any(per_node.values()), (
         f"{where}: no worker type holds a whole trial of {name} ({need}); "
         f"types: {[(n.name, n.cpu, n.gpu) for n in nodes]}")
@@ -493,9 +494,13 @@ def test_trial_fit_arithmetic():
     l14, b32 = Resources(workers=4, cpu=8, gpu=1), Resources(workers=1, cpu=8, gpu=1)
     one, eight = NodeType("one", 16, 1, 0, 8), NodeType("eight", 96, 8, 0, 2)
     assert trials_per_node(l14, one) == 0 and trials_per_node(l14, eight) == 2
-    assert trials_per_node(b32, one) == 1 and trials_per_node(b32, NodeType("x", 8, 1, 0, 1)) == 0
+    # one worker in the Tune actor needs no coordinator; in a TorchTrainer it does
+    assert trials_per_node(b32, one) == 1 and trials_per_node(b32, NodeType("x", 8, 1, 0, 1)) == 1
+    assert trials_per_node(Resources(workers=1, cpu=8, gpu=1, launcher="torch_trainer"),
+                           NodeType("x", 8, 1, 0, 1)) == 0
+    assert trials_per_node(b32, NodeType("x", 7, 1, 0, 1)) == 0
     assert trials_per_node(Resources(workers=1, cpu=1, gpu=0.5), NodeType("y", 4, 1, 0, 1)) == 2
-    assert trials_per_node(Resources(workers=1, cpu=1), NodeType("cpu", 4, 0, 0, 1)) == 2
+    assert trials_per_node(Resources(workers=1, cpu=1), NodeType("cpu", 4, 0, 0, 1)) == 4
     with pytest.raises(AssertionError, match="no worker type holds a whole trial"):
         check_trials_fit([one], REPO / "search_spaces" / "clip_vit_l14_imagenet.yaml", "test")
 

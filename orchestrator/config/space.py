@@ -56,17 +56,31 @@ class Distribution(Frozen):
 
 class Resources(Frozen):
     """Resources of one trial: its number of training workers (DDP processes) and what each
-    worker reserves; fractional GPUs pack several one-worker trials on one device."""
+    worker reserves; fractional GPUs pack several one-worker trials on one device.
+
+    `launcher` says who runs the training loop: ``auto`` trains one worker inside the Tune trial's
+    own actor (``trial``: Ray's documented way for single-process trials, with Tune's checkpoints
+    and restarts) and several workers as a Ray Train `TorchTrainer` (``torch_trainer``, DDP);
+    ``torch_trainer`` with one worker runs the same loop as a one-worker Ray Train run."""
 
     workers: int = Field(1, ge=1, le=4096)
     cpu: float = Field(1.0, gt=0)  # per worker
     gpu: float = Field(0.0, ge=0)  # per worker
+    launcher: Literal["auto", "trial", "torch_trainer"] = "auto"
+
+    @property
+    def in_trial(self) -> bool:
+        """Whether the training loop runs in the Tune trial's actor (else in a TorchTrainer)."""
+        return self.workers == 1 and self.launcher != "torch_trainer"
 
     @model_validator(mode="after")
     def _whole_gpus_when_distributed(self) -> "Resources":
         if self.workers > 1 and self.gpu and self.gpu != int(self.gpu):
             raise FieldError("gpu", f"a trial of {self.workers} workers needs whole GPUs per worker "
                                     f"(got {self.gpu:g}): DDP puts one process on each device")
+        if self.workers > 1 and self.launcher == "trial":
+            raise FieldError("launcher", f"'trial' trains one worker in the Tune trial's actor; "
+                                         f"{self.workers} workers need 'torch_trainer' or 'auto'")
         return self
 
 

@@ -39,7 +39,8 @@ def soup_run_name(recipe: str) -> str:
 SWEEP_ID = "sweep_id"  # on sweep, trial and soup runs (and soup versions): the sweep's id
 TRIAL_ID = "trial_id"  # Tune's trial id (updated when a resumed trial gets a new one)
 TRIAL_KEY = "trial_key"  # index and params: finds a trial's run across retries and resumes
-WORKERS = "workers"  # how many Ray Train workers trained the trial
+WORKERS = "workers"  # how many training processes (DDP workers) trained the trial
+LAUNCHER = "launcher"  # who ran its training loop: "trial" (the Tune trial's actor) or "torch_trainer"
 SOUP_KEY = "soup_key"  # recipe, settings and ingredients: a soup cooked twice is found, not doubled
 SOUP_RUN_ID = "soup_run_id"  # on a soup's registered version: the run that logged it
 RECIPE = "recipe"  # also a soup run's param
@@ -63,9 +64,9 @@ CHECKPOINT_SHA = "checkpoint_sha256"  # sha256 of CHECKPOINT_PATH (also named in
 LOGITS_SHA = "logits_sha256"  # sha256 of the logged LOGITS_PATH
 LOGITS_SPLITS = "logits_splits"  # {split: [n, labels sha256]} (JSON): `soup cook --plan` reads it
 LOGGED_MODEL_ID = "logged_model_id"  # the trial's logged model, created with its run
-RAY_CHECKPOINT = "checkpoint"  # the latest Ray Train checkpoint's folder name: the run is resumable
+RAY_CHECKPOINT = "checkpoint"  # the latest checkpoint's name (`trial.checkpoint_name`): the run is resumable
 RESULT_LOGGED = "result_logged"  # set once the final weights and logits are in the run
-RESUMED_FROM = "resumed_from"  # the Ray Train checkpoint an attempt resumed from
+RESUMED_FROM = "resumed_from"  # the checkpoint an attempt resumed from (its name)
 END_REASON = "end_reason"  # why a run ended before finishing (dropped when it is reopened)
 ERROR = "error"  # a failed trial's exception: its type and message
 

@@ -60,9 +60,11 @@ def is_loopback(host: str) -> bool:
 _default_to_loopback()
 
 
-def init_ray(log: Callable[[str], None] = print) -> None:
+def init_ray(log: Callable[[str], None] = print, dashboard: bool = True) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local
-    Ray that listens on loopback only. A no-op when Ray is already initialized."""
+    Ray that listens on loopback only, with its dashboard (on loopback) when `dashboard`: Ray
+    Train's controller watches its actors through the dashboard's state API, while Tune alone
+    does not need it (it takes a second or two to start). A no-op when Ray is already initialized."""
     import ray
 
     if ray.is_initialized():
@@ -72,7 +74,7 @@ def init_ray(log: Callable[[str], None] = print) -> None:
         if address:
             ray.init(address=address, log_to_driver=True, configure_logging=False)
         else:
-            _start_local()
+            _start_local(dashboard)
     res = ray.cluster_resources()
     log(f"Ray: {'cluster at ' + address if address else 'local'}, {res.get('CPU', 0):g} CPU, "
         f"{res.get('GPU', 0):g} GPU")
@@ -103,7 +105,7 @@ def local_train_env() -> dict[str, str]:
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
-def _start_local() -> None:
+def _start_local(dashboard: bool = True) -> None:
     """A new local Ray (never one found on the machine), checked to be on loopback."""
     import ray
 
@@ -115,10 +117,8 @@ def _start_local() -> None:
             f"{__name__} could set {LOOPBACK_ENV}=0. Import {__name__} before "
             f"ray, or set {LOOPBACK_ENV}=0 in the environment.")
     # "local": start our own, not attach to whatever `ray start` last left in the machine's temp dir
-    # with its dashboard (on loopback): Ray Train's controller watches its actors through the
-    # dashboard's state API
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), log_to_driver=True, configure_logging=False,
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port() if dashboard else None, log_to_driver=True, configure_logging=False,
              runtime_env={"env_vars": local_train_env()})
     gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
     if wanted and not is_loopback(gcs_host):

@@ -1,14 +1,15 @@
-"""Ray Tune: the only module that imports ray.tune. Search space to Tune, the trainable, resume.
+"""Ray Tune's driver: search space to Tune, the trainable and its resources, resume.
 
 `run_sweep` is the driver behind ``soup sweep``. It runs on a local Ray by default, on an existing
 cluster when ``RAY_ADDRESS`` is set, and unchanged as ``ray job submit -- soup sweep ...``.
-Each trial is a Ray Train run of `finetune.finetune` on ``sweep.resources.workers`` workers
-(`trial`), and logs itself to MLflow as a run nested under the sweep's parent run, so MLflow
+Each trial runs `finetune.finetune` in its own Tune actor (one worker) or as a Ray Train run on
+``sweep.resources.workers`` workers (`trial`), and logs itself to MLflow as a run nested under the sweep's parent run, so MLflow
 alone tells the story of the sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -55,7 +56,15 @@ from orchestrator.record.schema import (
 from orchestrator.record.soups import locate_sweep
 from orchestrator.record.tracking import Tracker, flatten, searchable
 from orchestrator.runtime import connect, signals, terminal
-from orchestrator.sweep.trial import METRIC, EndTrialRuns, TrialContext, TrialProgress, run_trial, trial_label
+from orchestrator.sweep.trial import (
+    KEEP_CHECKPOINTS,
+    METRIC,
+    EndTrialRuns,
+    TrialContext,
+    TrialProgress,
+    run_trial,
+    trial_label,
+)
 from orchestrator.train.models import describe_arch, pretrained_ref
 
 # --- search space -----------------------------------------------------------------------------
@@ -360,7 +369,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
     _check_unique(tracker, sweep_id, space, space_path, resume)
-    connect.init_ray(log)
+    connect.init_ray(log, dashboard=not space.sweep.resources.in_trial)  # Ray Train needs it
     _check_fits(space, space_path, log)
     log(f"sweep {sweep_id}: {trials_made(space)}")
     with signals.stop_signals():
@@ -384,8 +393,8 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     res = space.sweep.resources
     ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base, tags,
                        storage=storage, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
-                       max_failures=space.sweep.max_failures)
-    with _tune_silent(terminal.detail_log() is not None), signals.handing_over():
+                       max_failures=space.sweep.max_failures, in_trial=res.in_trial)
+    with _tune_silent(terminal.detail_log() is not None), _state_saves(), signals.handing_over():
         _tuner(space, ctx, storage, resume).fit()
     if stopped := signals.received():  # Tune stopped on it and saved its state: resumable
         raise SweepInterrupted(sweep_id, stopped.name, space_path)
@@ -396,9 +405,33 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage)
 
 
-# The Tune trial function only drives its TorchTrainer, whose workers reserve the CPUs and GPUs;
-# Tune needs a non-empty bundle, so the driver reserves a token amount of memory and no CPU.
+# A trial function that only drives its TorchTrainer, whose workers reserve the CPUs and GPUs,
+# reserves a token amount of memory and no CPU (Tune needs a non-empty bundle). A one-worker
+# trial trains in its own actor, which reserves what the worker needs.
 DRIVER_BUNDLE = {"cpu": 0, "memory": 64 * 2**20}
+
+
+def trial_bundle(ctx: TrialContext) -> dict:
+    """What a trial's Tune actor reserves."""
+    return {"cpu": ctx.cpu, "gpu": ctx.gpu} if ctx.in_trial else DRIVER_BUNDLE
+
+
+# How often Tune saves the experiment state that `Tuner.restore` (``soup sweep --resume``) reads,
+# the trials' latest checkpoints included. Tune's default ("auto") saves every 10 s or more, so a
+# driver killed soon after a trial's checkpoint would resume that trial from the one before; a
+# save takes milliseconds next to an epoch. Tune's documented variable; a value the user set wins.
+STATE_SAVE_S = "1"
+
+
+@contextlib.contextmanager
+def _state_saves():
+    """Around ``Tuner.fit()``, which reads these when it starts: `STATE_SAVE_S`, and Tune's
+    warning that saves come often (a tiny world's epochs take seconds; the warning's own
+    variable, 0, turns it off) only where the user set neither."""
+    ours = "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ
+    with terminal.env_default("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_S), \
+            terminal.env_default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0", when=ours):
+        yield
 
 
 def _tune_silent(quiet: bool):
@@ -411,7 +444,7 @@ def _tune_silent(quiet: bool):
 
 
 def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_BUNDLE)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_bundle(ctx))
     exp_path = f"{storage}/{ctx.sweep_id}"
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True)
@@ -425,6 +458,7 @@ def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
                           name=ctx.sweep_id, storage_path=storage, verbose=0 if quiet else None,
                           callbacks=[EndTrialRuns(ctx), TrialProgress(verbose=not quiet), StopSignals(),
                                      *([TrialDetail()] if quiet else [])],
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                           failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
 
 

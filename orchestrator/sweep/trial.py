@@ -1,18 +1,26 @@
-"""One sweep trial: a Ray Train run of `finetune` on the trial's workers, driven from Ray Tune.
+"""One sweep trial: the training loop of `finetune`, launched by Ray Tune one of two ways.
 
-This is the way Ray documents Train under Tune (Train V2): the Tune trial function builds a
-`TorchTrainer` whose workers (DDP over NCCL on GPUs, Gloo on CPUs) run `finetune`, and a
-`TuneReportCallback` forwards rank 0's reports to Tune. Per trial:
+- **One worker** (``sweep.resources.workers: 1``): the loop runs in the Tune trial's own actor,
+  which reserves the trial's CPUs and GPU (Ray's docs: "trials do computation directly inside the
+  Ray actor"). It reports every epoch's metrics and checkpoint with ``tune.report``, and resumes
+  from ``tune.get_checkpoint()``: after a failure retried under ``sweep.max_failures``, and after
+  ``Tuner.restore`` (``soup sweep --resume``).
+- **Several workers**: the trial function builds a Ray Train `TorchTrainer` whose workers (DDP
+  over NCCL on GPUs, Gloo on CPUs) run the loop; a `TuneReportCallback` forwards rank 0's reports
+  to Tune, and a new driver finds the Train run's checkpoint by its name.
+
+The loop (`train_loop`) is the same for both: `Launch` says only where the process sits and
+how it reports. Per trial:
 
 - the MLflow run is the driver's: created once, found again by the trial's key (its index and
-  params) after a worker failure, a node loss or a driver restart, and never deleted while it
-  holds a checkpoint;
+  params) after a worker failure, a node loss or a driver restart, and continued when the attempt
+  continues from a checkpoint;
 - rank 0 writes a checkpoint (`trainstate`, no pickle) every epoch and every
-  ``train.checkpoint_every_steps`` through Ray Train to ``<storage>/<sweep id>/train-<key>``,
-  keeping the last two; a worker failure restarts the worker group from the latest one
-  (``sweep.max_failures``), and a new driver (``soup sweep --resume``) finds it there by name;
+  ``train.checkpoint_every_steps`` to the sweep's storage, the last two kept;
 - rank 0 logs every ``train.log_every_steps`` steps and every epoch to MLflow at the global step,
   skipping any step an earlier attempt already logged, so each point is logged once.
+
+Tune reuses a trial's actor for the next trial: nothing here keeps state between trials.
 """
 
 from __future__ import annotations
@@ -25,18 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 from ray import tune
-from ray.train import (
-    Checkpoint,
-    CheckpointConfig,
-    FailureConfig,
-    RunConfig,
-    ScalingConfig,
-)
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import FinetuneConfig, with_overrides
 from orchestrator.hashing import json_sha256
@@ -54,6 +51,7 @@ from orchestrator.record.schema import (
     FINISHED,
     HELDOUT_ACC,
     KILLED,
+    LAUNCHER,
     LOGGED_MODEL_ID,
     RAY_CHECKPOINT,
     READY,
@@ -72,6 +70,7 @@ from orchestrator.record.schema import (
 )
 from orchestrator.record.tracking import Tracker, flatten
 from orchestrator.record.trials import system_metrics
+from orchestrator.train.finetune import Dist
 
 # Tune's metric: what a trial reports is what it logs, so Tune ranks trials as the cook does
 METRIC = HELDOUT_ACC
@@ -92,6 +91,7 @@ class TrialContext:
     cpu: float = 1.0  # per worker
     gpu: float = 0.0  # per worker
     max_failures: int = 0
+    in_trial: bool = True  # the loop runs in the Tune trial's actor (else in a TorchTrainer)
 
 
 def trial_key(trial_id: str, params: dict[str, Any]) -> str:
@@ -138,8 +138,9 @@ def train_name(key: str) -> str:
 # --- the Tune trial function (the trial's driver) ---------------------------------------------
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
-    """One trial: a TorchTrainer of ``ctx.workers`` workers fine-tunes with `params` over the base
-    config, logging to a nested MLflow run; resumes from the trial's checkpoint when it has one."""
+    """One trial: fine-tune with `params` over the base config, logging to a nested MLflow run,
+    in this actor (one worker) or in a TorchTrainer of ``ctx.workers`` workers; resumes from the
+    trial's checkpoint when it has one."""
     t_driver = time.time()
     cfg = with_overrides(ctx.base, params, "trial params")
     tracker = Tracker(ctx.tracking_uri)
@@ -150,26 +151,45 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     if finished:  # logged in full by an earlier attempt that died before Tune heard of it
         tune.report({**finished[0].data.metrics, "epoch": cfg.train.epochs})
         return
-    run_id = _trial_run(tracker, ctx, existing, cfg, trial_id, key, params)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg, "run_id": run_id,
-                           "tracking_uri": ctx.tracking_uri, "cpu": ctx.cpu, "t_driver": t_driver},
-        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpu > 0,
-                                     resources_per_worker={"CPU": ctx.cpu, "GPU": ctx.gpu}),
-        run_config=RunConfig(
-            name=train_name(key), storage_path=f"{ctx.storage}/{ctx.sweep_id}",
-            failure_config=FailureConfig(max_failures=ctx.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()]))
+    # Tune hands this actor the trial's latest checkpoint; a TorchTrainer finds its own by name
+    checkpoint = tune.get_checkpoint() if ctx.in_trial else None
+    run_id = _trial_run(tracker, ctx, existing, cfg, trial_id, key, params,
+                        continues=checkpoint is not None if ctx.in_trial else None)
+    config = {"cfg": cfg, "run_id": run_id, "tracking_uri": ctx.tracking_uri, "cpu": ctx.cpu,
+              "t_driver": t_driver}
     try:
-        trainer.fit()
+        if ctx.in_trial:
+            train_loop(config, TuneLaunch(checkpoint))
+        else:
+            _torch_trainer(config, ctx, key).fit()
     except Exception as err:
         tracker.set_tags(run_id, {ERROR: f"{type(err).__name__}: {err}"[:5000]})
         _fail_model(tracker, run_id)
         tracker.end_run(run_id, FAILED)
         raise
     tracker.end_run(run_id, FINISHED)
+
+
+def _torch_trainer(config: dict, ctx: TrialContext, key: str):
+    """The trial's Ray Train run: `train_worker` on ``ctx.workers`` workers, named by the trial's
+    key so that a new driver finds its checkpoints, rank 0's reports forwarded to Tune. (Ray Train
+    is imported here: a trial in its Tune actor does not pay for it.)"""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TorchTrainer(
+        train_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpu > 0,
+                                     resources_per_worker={"CPU": ctx.cpu, "GPU": ctx.gpu}),
+        run_config=RunConfig(
+            name=train_name(key), storage_path=f"{ctx.storage}/{ctx.sweep_id}",
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=[TuneReportCallback()]))
+
+
+KEEP_CHECKPOINTS = 2  # a trial's latest checkpoints kept on storage, on either path
 
 
 def _fail_model(tracker: Tracker, run_id: str) -> None:
@@ -181,11 +201,14 @@ def _fail_model(tracker: Tracker, run_id: str) -> None:
 
 
 def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfig, trial_id: str,
-               key: str, params: dict[str, Any]) -> str:
+               key: str, params: dict[str, Any], continues: bool | None = None) -> str:
     """The trial's MLflow run: an unfinished one holding a checkpoint continues (reopened); any
-    other unfinished run is replaced (a restart from scratch). A new run is named by
-    `trial_label`, described, and gets its logged model (PENDING until the result is in)."""
-    resumable = [r for r in existing if r.info.status != FINISHED and RAY_CHECKPOINT in r.data.tags]
+    other unfinished run is replaced (a restart from scratch). `continues` says whether this
+    attempt starts from a checkpoint (None: whenever the run holds one, as a TorchTrainer finds
+    its checkpoint itself). A new run is named by `trial_label`, described, and gets its logged
+    model (PENDING until the result is in)."""
+    resumable = [r for r in existing if r.info.status != FINISHED and RAY_CHECKPOINT in r.data.tags
+                 and continues is not False]
     if resumable:
         keep = resumable[0]
         tracker.discard_stale([r for r in existing if r.info.run_id != keep.info.run_id])
@@ -198,7 +221,8 @@ def _trial_run(tracker: Tracker, ctx: TrialContext, existing, cfg: FinetuneConfi
     run_id = tracker.create_run(
         ctx.experiment_id, label,
         {**ctx.tags, ROLE: ROLE_TRIAL, SWEEP_ID: ctx.sweep_id, TRIAL_ID: trial_id,
-         TRIAL_KEY: key, WORKERS: str(ctx.workers)},
+         TRIAL_KEY: key, WORKERS: str(ctx.workers),
+         LAUNCHER: "trial" if ctx.in_trial else "torch_trainer"},
         parent_run_id=ctx.parent_run_id)
     tracker.log_params(run_id, flatten(cfg.model_dump()))
     model_id = tracker.create_model(run_id, label, params, {ROLE: ROLE_TRIAL, SWEEP_ID: ctx.sweep_id})
@@ -283,31 +307,69 @@ class TrialProgress(tune.Callback):
         self.log(trial, " finished" + (f": held-out {acc:.1%}" if acc is not None else ""))
 
 
-# --- the Ray Train worker ---------------------------------------------------------------------
+# --- the training loop, and the two ways it is launched ---------------------------------------
+
+class TuneLaunch:
+    """The loop in the Tune trial's own actor: one process, reports through ``tune.report``."""
+
+    def __init__(self, checkpoint):
+        self.dist, self.device, self.local_lead, self.node = Dist(), None, True, None
+        self.checkpoint = checkpoint  # Tune's restored checkpoint, or None
+
+    def report(self, metrics: dict, folder: Path | None, name: str) -> None:
+        # Tune names the folder (checkpoint_<n>); `name` is in the checkpoint's own state
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+
+
+class TrainLaunch:
+    """The loop on one worker of a TorchTrainer: rank r of W (the process group is Ray's),
+    reports through ``ray.train.report`` (every rank calls it; rank 0's metrics count)."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
+        self.device = ray.train.torch.get_device()
+        self.local_lead = ctx.get_local_rank() == 0
+        nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
+        self.node = f"node{ctx.get_node_rank()}" if nodes > 1 else None
+        self.checkpoint = ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None, name: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
+                         checkpoint_dir_name=name)
+
 
 def train_worker(config: dict) -> None:
-    """Runs on each Ray Train worker: `finetune` as rank r of W (the process group is Ray's)."""
+    """Runs on each Ray Train worker of a TorchTrainer trial."""
+    train_loop(config, TrainLaunch())
+
+
+def train_loop(config: dict, launch) -> None:
+    """The trial's training: `finetune` as `launch` places it, resumed from its checkpoint if any;
+    rank 0 logs to MLflow and reports every epoch's checkpoint and, last, the trial's result."""
     import torch
 
     from orchestrator.record.trials import log_trial_result
-    from orchestrator.train.finetune import Dist, finetune
+    from orchestrator.train.finetune import finetune
 
     t_enter = time.time()
-    ctx = ray.train.get_context()
-    dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
+    dist = launch.dist
     torch.set_num_threads(max(1, int(config["cpu"])))
     cfg: FinetuneConfig = config["cfg"]  # validated by the trial, shipped as the object
     tracker = Tracker(config["tracking_uri"]) if dist.lead else None
     model_id, datasets = _inputs(tracker, config["run_id"], cfg) if dist.lead else (None, {})
-    hooks = RayTrainHooks(tracker, config["run_id"], dist, model_id, datasets)
-    checkpoint = ray.train.get_checkpoint()
-    nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
-    monitor = (system_metrics(Tracker(config["tracking_uri"]), config["run_id"],
-                              node_id=f"node{ctx.get_node_rank()}" if nodes > 1 else None)
-               if ctx.get_local_rank() == 0 else contextlib.nullcontext())
+    hooks = TrialHooks(tracker, config["run_id"], launch, model_id, datasets)
+    checkpoint = launch.checkpoint
+    monitor = (system_metrics(Tracker(config["tracking_uri"]), config["run_id"], node_id=launch.node)
+               if launch.local_lead else contextlib.nullcontext())
     with monitor, (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
         hooks.folder = Path(folder) if folder else None
-        result = finetune(cfg, dist=dist, hooks=hooks, device=ray.train.torch.get_device())
+        result = finetune(cfg, dist=dist, hooks=hooks, device=launch.device)
     metrics: dict = {}
     if dist.lead:
         run = tracker.client.get_run(config["run_id"])
@@ -315,14 +377,14 @@ def train_worker(config: dict) -> None:
             t_log = time.time()
             log_trial_result(tracker, config["run_id"], result, step=hooks.last_step,
                              model_id=model_id, datasets=datasets)
-            _finish(tracker, run, model_id, cfg, result, hooks.last_step, ctx.get_world_size())
+            _finish(tracker, run, model_id, cfg, result, hooks.last_step, dist.world)
             # where the trial's time went, beside train_seconds (benchmarks/sweep_overhead.py)
             times = {"worker_start": t_enter - config["t_driver"], **result.timings,
                      "log_result": time.time() - t_log}
             tracker.log_metrics(config["run_id"], {time_metric(k): v for k, v in times.items()})
             tracker.set_tags(config["run_id"], {RESULT_LOGGED: "1"})
         metrics = {**result.metrics(), "epoch": cfg.train.epochs, "step": hooks.last_step}
-    ray.train.report(metrics)
+    launch.report(metrics, None, "")
 
 
 def _inputs(tracker: Tracker, run_id: str, cfg: FinetuneConfig) -> tuple[str, dict]:
@@ -355,13 +417,20 @@ def _finish(tracker: Tracker, run, model_id: str, cfg: FinetuneConfig, result, s
     tracker.finish_model(model_id, READY, {CHECKPOINT_POINTER: json.dumps(pointer, indent=1)})
 
 
-class RayTrainHooks:
-    """`finetune.Hooks` over Ray Train (checkpoints) and MLflow (rank 0's metrics, each step once;
-    held-out accuracy per epoch also as the logged model's, on the held-out dataset)."""
+def checkpoint_name(position) -> str:
+    """A checkpoint's name from where it was taken: ``epoch0002-end`` (after epoch 2) or
+    ``epoch0003-step000000150`` (inside epoch 3)."""
+    return (f"epoch{position.epoch - 1:04d}-end" if position.step == 0 else
+            f"epoch{position.epoch:04d}-step{position.global_step:09d}")
 
-    def __init__(self, tracker: Tracker | None, run_id: str, dist, model_id: str | None = None,
+
+class TrialHooks:
+    """`finetune.Hooks` over the launch's reports (checkpoints) and MLflow (rank 0's metrics, each
+    step once; held-out accuracy per epoch also as the logged model's, on the held-out dataset)."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str, launch, model_id: str | None = None,
                  datasets: dict | None = None):
-        self.tracker, self.run_id, self.dist = tracker, run_id, dist
+        self.tracker, self.run_id, self.launch = tracker, run_id, launch
         self.model_id, self.datasets = model_id, datasets or {}
         self.folder: Path | None = None
         self.last_step = 0
@@ -375,7 +444,7 @@ class RayTrainHooks:
             from orchestrator.train.state import peek
 
             state = peek(self.folder)
-            self.tracker.set_tags(self.run_id, {RESUMED_FROM: self.folder.name})
+            self.tracker.set_tags(self.run_id, {RESUMED_FROM: checkpoint_name(state.position)})
             self._attempt(state.position.epoch, state.position.global_step)
             for row in state.curves:  # an epoch checkpointed but not yet logged when it died
                 self.end_epoch(row)
@@ -396,14 +465,12 @@ class RayTrainHooks:
 
     def checkpoint(self, position, metrics: dict, write) -> None:
         self.last_step = max(self.last_step, position.global_step)
-        name = (f"epoch{position.epoch - 1:04d}-end" if position.step == 0 else
-                f"epoch{position.epoch:04d}-step{position.global_step:09d}")
+        name = checkpoint_name(position)
         with tempfile.TemporaryDirectory(prefix="soup-ckpt-") as tmp:
             if write is not None:
                 write(Path(tmp))
-            report = {k: float(v) for k, v in metrics.items()}
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if write else None,
-                             checkpoint_dir_name=name)
+            self.launch.report({k: float(v) for k, v in metrics.items()}, Path(tmp) if write else None,
+                               name)
         if self.tracker is not None:
             self.tracker.set_tags(self.run_id, {RAY_CHECKPOINT: name})
 

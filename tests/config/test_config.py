@@ -29,6 +29,8 @@ def test_defaults_load_and_are_frozen(tmp_path):
     (SearchSpace, "search:\n  train.learning_rate: {uniform: [0, 1]}\n", "train.learning_rate"),
     (SearchSpace, "sweep:\n  search_alg: bayes\n", "sweep.search_alg"),
     (SearchSpace, "sweep:\n  resources: {gpu: -1}\n", "sweep.resources.gpu"),
+    (SearchSpace, "sweep:\n  resources: {launcher: ray}\n", "sweep.resources.launcher"),
+    (SearchSpace, "sweep:\n  resources: {workers: 2, launcher: trial}\n", "sweep.resources.launcher"),
 ])
 def test_a_bad_key_names_the_file_and_the_dotted_key(tmp_path, schema, text, key):
     """Unknown, out of range, wrong type or an empty range, in a fine-tuning config or a search
@@ -38,6 +40,14 @@ def test_a_bad_key_names_the_file_and_the_dotted_key(tmp_path, schema, text, key
     with pytest.raises(ConfigError) as e:
         load_yaml(schema, p)
     assert str(p) in str(e.value) and key in str(e.value)
+
+
+def test_who_launches_a_trials_loop():
+    """One worker trains in the Tune trial's actor unless told to use a TorchTrainer; several
+    always use one."""
+    res = [validate(SearchSpace, {"sweep": {"resources": r}}).sweep.resources.in_trial
+           for r in ({}, {"launcher": "torch_trainer"}, {"workers": 2}, {"launcher": "trial"})]
+    assert res == [True, False, False, True]
 
 
 def test_wrong_type_and_bad_yaml(tmp_path):
