@@ -242,12 +242,13 @@ def main() -> None:
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
             env = {**os.environ, "PYTHONPATH": old, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-            cmd = [sys.executable, str(Path(old) / "benchmarks" / "sweep_overhead.py"), str(space)]
+            cmd = [sys.executable, str(Path(old) / "benchmarks" / "sweep_overhead.py"), str(space),
+                   *(["--workers", str(args.workers)] if args.workers else [])]
             run = subprocess.run(cmd, env=env, cwd=old, capture_output=True, text=True)
             before = _parse_old(run.stdout) if run.returncode == 0 else None
             if before is None:
                 sys.exit(f"the {args.before} run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-        report(f"before {args.before}", before)
+        report(f"before {args.before}" + (f", {args.workers} workers per trial" if args.workers else ""), before)
     m = measure(space, args.workers)
     report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
     if args.floor:
