@@ -5,7 +5,8 @@ logged instead of scoring every checkpoint on every split again.
 In one run, in a temporary directory (its own MLflow store, Ray storage and HOME; nothing is left
 in the repository), two sweeps are run with the code of this working tree: the tiny sweep
 (tests/spaces/tiny4.yaml, 4 trials) and the ViT-B-32 CPU smoke sweep (2 trials of two steps on
-synthetic ImageNet-layout folders, a random ViT-B-32 base, as in tests/e2e/test_vit_b32_smoke.py).
+synthetic ImageNet-layout folders, a random ViT-B-32 base: `_vit_space`, which
+tests/e2e/test_vit_b32_smoke.py also sweeps and cooks).
 Each swept store (database and artifacts) is copied once per cook, so that every cook starts
 from the same, uncooked store; each copy is cooked in a fresh interpreter, in-process
 (``use_ray=False``: the compute is compared, not Ray's start), with the recipes both versions

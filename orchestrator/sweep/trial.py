@@ -9,8 +9,8 @@
   over NCCL on GPUs, Gloo on CPUs) run the loop; a `TuneReportCallback` forwards rank 0's reports
   to Tune, and a new driver finds the Train run's checkpoint by its name.
 
-The loop (`train_loop`) is the same for both: `Launch` says only where the process sits and
-how it reports. Per trial:
+The loop (`train_loop`) is the same for both: its launch (`TuneLaunch`, `TrainLaunch`) says only
+where the process sits and how it reports. Per trial:
 
 - the MLflow run is the driver's: created once, found again by the trial's key (its index and
   params) after a worker failure, a node loss or a driver restart, and continued when the attempt

@@ -6,60 +6,24 @@ cluster). Two trials train two steps each through Ray Tune and MLflow, then one 
 two checkpoints (uniform, greedy, learned, Model Stock from the real zero-shot base). Accuracies mean nothing here; shapes, plumbing and lineage do.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
-import torch
-import yaml
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-CLASSES = 3  # the first three ImageNet classes; ImageNet-R holds two of them
 
 
-def _images(folder, n: int, seed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for k in range(n):
-        w, h = 160 + 40 * (k % 3), 260 - 30 * (k % 2)  # not square: exercises resize + crop
-        px = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(px).save(folder / f"img_{k}.JPEG")
-
-
-def _tree(root) -> None:
-    from orchestrator.data.imagenet import imagenet_r_wnids, imagenet_wnids
-
-    wnids = imagenet_wnids()[:CLASSES]
-    for i, w in enumerate(wnids):
-        _images(root / "imagenet" / "train" / w, 4, seed=i)
-        _images(root / "imagenet" / "val" / w, 1, seed=100 + i)
-        if w in imagenet_r_wnids():
-            _images(root / "imagenet-r" / w, 1, seed=200 + i)
-
-
-def _base(path) -> str:
-    import open_clip
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
-def _space(tmp, base: str) -> str:
-    space = {
-        "base": {"model": {"arch": "ViT-B-32", "pretrained": base, "templates": ["a photo of a {}."]},
-                 "data": {"dataset": "imagenet", "root": str(tmp / "data"), "image_size": 224,
-                          "heldout_fraction": 0.25, "shifts": ["imagenet_r"]},
-                 "train": {"epochs": 1, "batch_size": 5, "warmup_steps": 1, "augment": "randaugment",
-                           "device": "cpu"}},
-        "search": {"train.lr": {"grid": [1.0e-5, 3.0e-5]}},
-        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "resources": {"cpu": 1}},
-        "tracking": {"experiment_name": "vitb32-smoke"},
-    }
-    path = tmp / "vitb32_smoke.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return str(path)
+def _space(tmp: Path) -> Path:
+    """The smoke sweep's data tree, random base and space, written under `tmp` by the one
+    definition that `benchmarks/cook_cost.py` also measures (the first three ImageNet classes as
+    random JPEGs, a seeded random ViT-B-32 base, two learning rates, two steps each)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cook_cost.py"
+    spec = importlib.util.spec_from_file_location("cook_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._vit_space(tmp)
 
 
 def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
@@ -69,8 +33,7 @@ def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
     from orchestrator.sweep.driver import run_sweep
 
     tmp = hermetic["tmp"]
-    _tree(tmp / "data")
-    space = _space(tmp, _base(tmp / "vit-b-32-random.safetensors"))
+    space = _space(tmp)
     out = run_sweep(space, name="vitb32", storage_path=hermetic["storage"])
     assert (out.finished, out.failed) == (2, 0)
     client = MlflowClient(hermetic["uri"])
