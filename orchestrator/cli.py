@@ -238,6 +238,39 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from orchestrator import starter
+    from orchestrator.data.trust import DataError
+
+    try:
+        cfg = starter.guess_data(args.data, args.root)
+        insp = starter.inspect(cfg, progress=_progress("checked"))
+        out = Path(args.out or f"{Path(str(cfg.root if cfg.dataset == 'folder' else cfg.source)).name or 'space'}.yaml")
+        print(f"{args.data}: {cfg.dataset}, {len(insp.found.train.classes)} classes ({insp.found.source})")
+        print(insp.table())
+        print(insp.report.summary())
+        starter.write_space(insp, out, args.arch, args.pretrained, args.gpus)
+    except (DataError, ValueError, OSError) as err:
+        raise ConfigError(err) from None
+    print(f"guessed: image_size {starter.image_size(args.arch)} for {args.arch}; the paper's search "
+          f"distributions{' scaled for the tiny tower' if args.arch == starter.TINY_ARCH else ''}; "
+          f"shifts rotate, noise, blur, invert of the test split; "
+          + (f"{args.gpus} GPU(s): one trial per GPU" if args.gpus else "CPU only: 2 trials at a time"))
+    print(f"wrote {out}; start the sweep with: {starter.launch_command(out, args.gpus)}")
+    return 0
+
+
+def _progress(what: str):
+    """A progress line now and then on stderr for long checks (every 10% of the images)."""
+    state = {"next": 0.1}
+
+    def show(done: int, total: int) -> None:
+        if total and done / total >= state["next"]:
+            print(f"  {what} {done:,}/{total:,} images", file=sys.stderr, flush=True)
+            state["next"] = done / total + 0.1
+    return show
+
+
 def cmd_pretrain_base(args) -> int:
     from orchestrator.train.pretrain import pretrain
 
@@ -320,6 +353,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--reason", help="why (recorded with --force)")
     sp = add("models", cmd_models, "List a registered model's versions, metrics and aliases.")
     sp.add_argument("model", help="registered model name")
+    sp = add("init", cmd_init, "Look at your own data and write a starter search space for it.")
+    sp.add_argument("data", help="a folder with train/<class>/ (optional heldout/, test/), a Hugging Face "
+                                 "data set on disk (save_to_disk folder, parquet), hf:<hub id>, or "
+                                 "torchvision:<class> (e.g. torchvision:FashionMNIST, files under --root)")
+    sp.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    sp.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or a .safetensors file")
+    sp.add_argument("--gpus", type=int, default=0, help="GPUs the sweep may use (0: CPU only)")
+    sp.add_argument("--root", help="torchvision: the data set's root folder (default ./data)")
+    sp.add_argument("--out", help="the space YAML to write (default <data name>.yaml here)")
     sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
     sp.add_argument("--out", default="orchestrator/assets", help="output folder")
     sp.add_argument("--steps", type=int, default=3000)

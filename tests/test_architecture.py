@@ -22,10 +22,11 @@ PACKAGE = "orchestrator"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # upstream top-level package -> the only modules (or packages, with all they hold) that import it
 OWNERS = {"mlflow": {"orchestrator.record", "orchestrator.serving"},
-          "ray": {"orchestrator.sweep", "orchestrator.runtime"}}
+          "ray": {"orchestrator.sweep", "orchestrator.runtime"},
+          "datasets": {"orchestrator.data.hfsets"}}
 # The layering, by pipeline stage: package -> the packages of `orchestrator` it may import (its own
 # modules aside). `hashing` is a leaf any of them may use. The top-level modules (`cli`, `demo`,
-# `quickstart`, `serving`, the package's `__init__`) may import everything below them.
+# `quickstart`, `serving`, `starter`, the package's `__init__`) may import everything below them.
 LAYERS = {
     "hashing": set(),
     "config": set(),
@@ -37,7 +38,7 @@ LAYERS = {
     "sweep": {"config", "data", "train", "record", "runtime", "hashing"},
     "cook": {"config", "data", "train", "soups", "record", "runtime", "hashing"},
 }
-TOP = {"cli", "demo", "quickstart", "serving"}
+TOP = {"cli", "demo", "quickstart", "serving", "starter"}
 GUARDED = ("ray", "mlflow", "torch", "open_clip")  # whose private names must not be used
 
 

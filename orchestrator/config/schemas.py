@@ -46,29 +46,56 @@ class ModelConfig(Frozen):
         return self
 
 
-IMAGENET_SHIFTS = ("imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a")
-TINY_SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a split's name: a metric key, a folder, a dataset name
 
 
-def _shifts_of(dataset: str) -> list[str]:
-    return list(IMAGENET_SHIFTS if dataset == "imagenet" else TINY_SHIFTS)
+class ShiftSpec(Frozen):
+    """A distribution shift given in full (a bare name in ``data.shifts`` is a shift the data set
+    itself offers, or a corruption at `severity` 3): a synthetic corruption of the task's test
+    split at a severity, or images of the task's classes (or a subset of them) from a folder
+    (`root`) or a data set of the task's adapter (`source`, with its `split`)."""
+
+    name: str = Field(pattern=NAME)
+    corruption: str | None = None  # rotate, noise, blur, invert (data/corruptions.py)
+    severity: int = Field(3, ge=1, le=5)
+    root: str | None = None
+    source: str | None = None
+    split: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ShiftSpec":
+        given = [k for k in ("corruption", "root", "source") if getattr(self, k) is not None]
+        if given not in (["corruption"], ["root"], ["source"], ["root", "source"]):
+            raise ValueError(f"shift {self.name!r}: give a corruption, or a root (a folder) and/or a "
+                             f"source (a data set) of the task's classes (got {given or 'none'})")
+        return self
 
 
 class DataConfig(Frozen):
-    """The data set and its fixed splits. `heldout` selects soups; `test` and shifts report."""
+    """The data set and its fixed splits. `heldout` selects soups; `test` and shifts report.
 
-    dataset: Literal["tiny_digits", "imagenet"] = "tiny_digits"
-    root: str | None = None  # data root for folder-based data sets (ImageNet and its shifts)
-    image_size: int = Field(224, ge=8, le=1024)  # folder data sets: resize + centre crop to this
-    workers: int = Field(0, ge=0, le=64)  # folder data sets: DataLoader worker processes
+    `dataset` names an adapter (`orchestrator.data.ADAPTERS`): the tiny world, ImageNet, or a
+    user's own images (`folder`, `torchvision`, `huggingface`); which names and shifts exist is
+    the data package's knowledge, checked by `orchestrator.data.check_config`."""
+
+    dataset: str = Field("tiny_digits", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    root: str | None = None  # a folder: the data root (ImageNet, a folder of class folders, torchvision's root)
+    source: str | None = None  # torchvision: a data set class (FashionMNIST); huggingface: a hub id or local path
+    download: bool = False  # torchvision: fetch the files when they are missing (needs the network)
+    image_column: str = "image"  # huggingface: the image and label columns
+    label_column: str = "label"
+    skip_unreadable: bool = False  # skip (and count) images that cannot be decoded, instead of refusing
+    # a user's own data: the classes' names in prompts and predictions, in label order (the
+    # sorted class folders, the data set's own order); default: the names the data set gives
+    classnames: tuple[str, ...] | None = None
+    image_size: int = Field(224, ge=8, le=1024)  # files: resize + centre crop to this
+    workers: int = Field(0, ge=0, le=64)  # files: DataLoader worker processes
     split_seed: int = 0
     heldout_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0.0, lt=0.8)
     selection_split: Literal["heldout", "test", "train"] = "heldout"
     reporting_splits: tuple[str, ...] = ("test",)
-    shifts: tuple[Literal["rotate", "noise", "blur", "invert", "rendered", "imagenetv2", "imagenet_r",
-                          "imagenet_sketch", "objectnet", "imagenet_a"], ...] = (
-        "rotate", "noise", "blur", "invert", "rendered")
+    shifts: tuple[str | ShiftSpec, ...] | None = None  # None: the data set's own default shifts
 
     @model_validator(mode="after")
     def _selection_not_reporting(self) -> "DataConfig":
@@ -77,13 +104,16 @@ class DataConfig(Frozen):
                 f"selection split {self.selection_split!r} is also a reporting split "
                 f"(reporting_splits {list(self.reporting_splits)}); "
                 "soups must be selected on data they are not reported on"))
-        wrong = [s for s in self.shifts if (s in IMAGENET_SHIFTS) != (self.dataset == "imagenet")]
-        if wrong:
-            raise FieldError("shifts", f"shifts {wrong} do not belong to data set {self.dataset!r}; "
-                                       f"its shifts are {_shifts_of(self.dataset)}")
+        names = [s if isinstance(s, str) else s.name for s in self.shifts or ()]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise FieldError("shifts", f"shift names must be unique: {twice} given twice")
         if self.heldout_fraction + self.test_fraction >= 0.9:
             raise FieldError("test_fraction", "heldout_fraction + test_fraction leaves under 10% to train on")
         return self
+
+    def shift_names(self) -> tuple[str, ...] | None:
+        """The configured shifts' names (None: the data set's defaults)."""
+        return None if self.shifts is None else tuple(s if isinstance(s, str) else s.name for s in self.shifts)
 
 
 class TrainConfig(Frozen):

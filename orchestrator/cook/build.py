@@ -21,7 +21,7 @@ import torch
 from orchestrator import data
 from orchestrator.config import FinetuneConfig, SearchSpace, validate
 from orchestrator.cook.meter import Meter
-from orchestrator.data.splits import LoaderOptions, TaskData
+from orchestrator.data.splits import LoaderOptions, TaskData, fingerprint
 from orchestrator.hashing import file_sha256
 from orchestrator.record import logits as logitstore
 from orchestrator.record.schema import CHECKPOINT_PATH, LOGITS_PATH
@@ -85,6 +85,7 @@ class Built:
     excluded: dict[str, str] = field(default_factory=dict)  # run id -> why the build excluded it
     phases: list[dict] = field(default_factory=list)  # `meter` totals, in order
     where: dict = field(default_factory=dict)  # device, precision, threads, input devices seen
+    digests: dict = field(default_factory=dict)  # split -> `splits.fingerprint`: held-out (selection) and reporting
 
 
 def reference_state(space: SearchSpace) -> dict[str, torch.Tensor]:
@@ -305,7 +306,8 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, option
     where = {"device": str(accel.device), "precision": accel.precision,
              "threads": torch.get_num_threads(), "input_devices": sorted(meter.devices)}
     return Built(rows, singles, soups, list(task.classnames), task.test.tensors(1)[0][0], used,
-                 {checkpoints[i].run_id: why for i, why in excluded.items()}, _merged(meter), where)
+                 {checkpoints[i].run_id: why for i, why in excluded.items()}, _merged(meter), where,
+                 {k: fingerprint(v) for k, v in {"heldout": task.heldout, **task.reporting()}.items()})
 
 
 def _merged(meter: Meter) -> list[dict]:

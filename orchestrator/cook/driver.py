@@ -41,17 +41,20 @@ from orchestrator.cook.build import (
 )
 from orchestrator.cook.meter import phase_table
 from orchestrator.cook.report import markdown_table, verdict
-from orchestrator.hashing import file_sha256, json_sha256
+from orchestrator.hashing import file_sha256, json_sha256, text_sha256
 from orchestrator.record.schema import (
     BASE_DIGESTS,
     CHECKPOINT_PATH,
     CHECKPOINT_SHA,
+    CLASSES,
+    CLASSES_SHA,
     COEFFICIENTS,
     COOK_COST,
     COOK_DIR,
     COOK_FIGURE,
     COOK_OWNER,
     COOK_TABLE,
+    DATA_DIGESTS,
     END_REASON,
     FINISHED,
     HELDOUT_ACC,
@@ -60,6 +63,8 @@ from orchestrator.record.schema import (
     KILLED,
     LOGITS_PATH,
     LOGITS_SHA,
+    MAX_CLASSES_TAG,
+    N_CLASSES,
     N_INGREDIENTS,
     N_KEPT,
     PARTIAL_SWEEP,
@@ -83,12 +88,24 @@ from orchestrator.record.schema import (
     soup_artifact,
     soup_run_name,
 )
-from orchestrator.record.soups import find_soup, find_version, locate_sweep, log_soup_model, register_soup
+from orchestrator.record.soups import (
+    find_soup,
+    find_version,
+    locate_sweep,
+    log_soup_model,
+    register_soup,
+)
 from orchestrator.record.tracking import Tracker, read_artifact_text
 from orchestrator.runtime import connect, task
 from orchestrator.soups.io.stream import scan_file
 from orchestrator.soups.io.weights import check_compatible, save_weights
-from orchestrator.soups.recipe import RecipeOptions, SoupResult, default_recipes, get_recipe, option_defaults
+from orchestrator.soups.recipe import (
+    RecipeOptions,
+    SoupResult,
+    default_recipes,
+    get_recipe,
+    option_defaults,
+)
 from orchestrator.train import models
 
 
@@ -126,6 +143,8 @@ class CookContext:
     partial: bool = False  # the sweep had not finished: its soups are tagged partial_sweep
     names: dict[str, str] = field(default_factory=dict)  # ingredient run id -> its run name
     record: str = ""  # `record_key` of this cook's inputs: where its record is kept
+    classnames: list[str] = field(default_factory=list)  # the soups' classes, in output order
+    digests: dict[str, str] = field(default_factory=dict)  # split -> digest of the data selected and measured on
 
 
 @dataclass
@@ -350,7 +369,8 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         ctx = CookContext(tracker, target.experiment_id, parent.info.run_id, sweep_id, space, built.used,
                           model_name=target.model_name, options=options, tmp=Path(tmp),
                           partial=parent.info.status != FINISHED,
-                          names={c.run_id: c.name for c in checkpoints}, record=record)
+                          names={c.run_id: c.name for c in checkpoints}, record=record,
+                          classnames=built.classnames, digests=built.digests)
         out = _log_all(ctx, built, excluded, log)
         _report_cost(ctx, built, log)
         return out
@@ -588,9 +608,19 @@ def _withdraw(ctx: CookContext, key: str, started: dict[str, str]) -> None:
 def _version_tags(ctx: CookContext, soup: SoupRecord, run_id: str) -> dict[str, Any]:
     return {RECIPE: soup.recipe, SWEEP_ID: ctx.sweep_id, SOUP_KEY: soup.key,
             SOUP_RUN_ID: run_id, **soup.settings, INGREDIENTS: soup.kept_ids(ctx.run_ids),
-            **_partial_tag(ctx),
+            **_partial_tag(ctx), **_data_tags(ctx),
             # full precision (repr): a rounded tag, rounded again for display, showed 53.3% for 53.35%
             **{accuracy_metric(k): repr(v) for k, v in soup.row.items() if isinstance(v, float)}}
+
+
+def _data_tags(ctx: CookContext) -> dict[str, str]:
+    """What the served soup speaks and was chosen on: its class names (cut past `MAX_CLASSES_TAG`
+    characters; the logged model's config holds them all, `CLASSES_SHA` identifies the list) and
+    the digests of the held-out split that selected it and the splits that measured it."""
+    full = json.dumps(ctx.classnames, ensure_ascii=False)
+    shown = full if len(full) <= MAX_CLASSES_TAG else full[:MAX_CLASSES_TAG] + "..."
+    return {CLASSES: shown, CLASSES_SHA: text_sha256(full), N_CLASSES: str(len(ctx.classnames)),
+            DATA_DIGESTS: json.dumps(ctx.digests, sort_keys=True)}
 
 
 def _partial_tag(ctx: CookContext) -> dict[str, str]:

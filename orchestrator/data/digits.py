@@ -30,6 +30,9 @@ DIGITS = tuple(str(d) for d in range(10))
 LETTERS = tuple(string.ascii_uppercase) + tuple(string.ascii_lowercase)
 SHIFT_SEED_OFFSET = 1000  # shifts use their own random stream, independent of the split seed
 
+NAME = "tiny_digits"  # ``data.dataset`` of this world
+SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")  # its own shifts (and its default)
+
 
 # --- rendered glyphs (pretraining style) -------------------------------------------------------
 
@@ -189,11 +192,19 @@ def _cache_path(cfg: DataConfig) -> Path:
     return root / f"tinyworld-{key}.safetensors"
 
 
+def _source(cfg: DataConfig) -> str:
+    return f"sklearn.datasets.load_digits (orchestrator/data/digits.py, split seed {cfg.split_seed})"
+
+
+def _shifts(cfg: DataConfig) -> tuple[str, ...]:
+    return SHIFTS if cfg.shifts is None else cfg.shifts
+
+
 def _task_from(t: dict[str, torch.Tensor], cfg: DataConfig) -> TaskData:
     def split(name: str) -> TensorSplit:
         return TensorSplit(name, t[f"{name}.images"], t[f"{name}.labels"])
     return TaskData(DIGITS, split("train"), split("heldout"), split("test"),
-                    {s: split(s) for s in cfg.shifts})
+                    {s: split(s) for s in _shifts(cfg)}, source=_source(cfg))
 
 
 def _build_digits_task(cfg: DataConfig) -> TaskData:
@@ -201,6 +212,6 @@ def _build_digits_task(cfg: DataConfig) -> TaskData:
     tr, he, te = _stratified_split(y, cfg)
     test = TensorSplit("test", x[te], y[te])
     shifts = {s: make_shift(s, test, cfg.split_seed + SHIFT_SEED_OFFSET + i)
-              for i, s in enumerate(cfg.shifts)}
+              for i, s in enumerate(_shifts(cfg))}
     return TaskData(DIGITS, TensorSplit("train", x[tr], y[tr]), TensorSplit("heldout", x[he], y[he]),
-                    test, shifts)
+                    test, shifts, source=_source(cfg))

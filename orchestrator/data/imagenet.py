@@ -28,7 +28,12 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from orchestrator.config import ASSETS, DataConfig
-from orchestrator.data.splits import FolderSplit, TaskData
+from orchestrator.data.splits import (
+    FolderSplit,
+    SubsetProjection,
+    TaskData,
+    check_width,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OBJECTNET_BORDER = 2  # the reference code crops 2 px a side to remove ObjectNet's 1-px red frame
@@ -147,18 +152,6 @@ def _split(name: str, paths, labels, size: int, project=None, border: int = 0) -
 # --- projections: model logits -> a split's classes ----------------------------------------------
 
 @dataclass(frozen=True)
-class SubsetProjection:
-    """Keep the logit columns of a class subset (ImageNet-R, ImageNet-A), in the subset's order."""
-
-    index: tuple[int, ...]  # model class index of each of the split's classes
-    n_model_classes: int
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        _check_width(logits, self.n_model_classes)
-        return logits[:, torch.tensor(self.index, device=logits.device)]
-
-
-@dataclass(frozen=True)
 class MaxProjection:
     """Each split class scores the max of its model classes' logits (ObjectNet, as model-soups)."""
 
@@ -166,16 +159,11 @@ class MaxProjection:
     n_model_classes: int
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        _check_width(logits, self.n_model_classes)
+        check_width(logits, self.n_model_classes)
         width = max(len(g) for g in self.groups)
         # pad each group by repeating its first member: a repeat cannot change a max
         padded = [list(g) + [g[0]] * (width - len(g)) for g in self.groups]
         return logits[:, torch.tensor(padded, device=logits.device)].amax(dim=-1)
-
-
-def _check_width(logits: torch.Tensor, n: int) -> None:
-    if logits.ndim != 2 or logits.shape[1] != n:
-        raise ValueError(f"expected logits of shape (batch, {n}), got {tuple(logits.shape)}")
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -277,6 +265,10 @@ _SHIFT_LOADERS = {  # name -> (folder under the data root, loader(root, model wn
 }
 
 
+NAME = "imagenet"  # ``data.dataset`` of ImageNet
+SHIFTS = tuple(_SHIFT_LOADERS)  # its five shift sets (and its default)
+
+
 def load_imagenet_task(cfg: DataConfig) -> TaskData:
     """ImageNet train (less a seeded held-out slice), val as test, and the configured shifts.
 
@@ -284,17 +276,18 @@ def load_imagenet_task(cfg: DataConfig) -> TaskData:
     """
     if cfg.root is None:
         raise ValueError("data.root must name the data root for dataset 'imagenet'")
-    unknown = [s for s in cfg.shifts if s not in _SHIFT_LOADERS]
-    if unknown:  # the tiny world's shifts (rotate, ...) do not apply to ImageNet
-        raise ValueError(f"shift {unknown[0]!r} is not an ImageNet shift; "
+    wanted = SHIFTS if cfg.shifts is None else cfg.shifts
+    unknown = [s for s in wanted if s not in _SHIFT_LOADERS]
+    if unknown:  # corruptions (rotate, ...) are made by `orchestrator.data`, not here
+        raise ValueError(f"shift {unknown[0]!r} is not an ImageNet shift set; "
                          f"choose from {', '.join(_SHIFT_LOADERS)}")
     root = _require(Path(cfg.root), "data root")
     model = _model_wnids(root / "imagenet" / "train")
     train, heldout = _train_heldout(root / "imagenet" / "train", model, cfg)
     test = _test(root / "imagenet" / "val", model, cfg)
     shifts = {}
-    for s in cfg.shifts:
+    for s in wanted:
         folder, load = _SHIFT_LOADERS[s]
         shifts[s] = load(root / folder, model, cfg)
     names = imagenet_classnames()
-    return TaskData(tuple(names[w] for w in model), train, heldout, test, shifts)
+    return TaskData(tuple(names[w] for w in model), train, heldout, test, shifts, source=cfg.root)

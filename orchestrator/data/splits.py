@@ -171,6 +171,25 @@ class FolderSplit(_Counted):
 
 
 @dataclass(frozen=True)
+class SubsetProjection:
+    """Keep the logit columns of a class subset (a shift of fewer classes than the model's:
+    ImageNet-R, ImageNet-A, a user's shift folder), in the subset's order."""
+
+    index: tuple[int, ...]  # model class index of each of the split's classes
+    n_model_classes: int
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        check_width(logits, self.n_model_classes)
+        return logits[:, torch.tensor(self.index, device=logits.device)]
+
+
+def check_width(logits: torch.Tensor, n: int) -> None:
+    """Refuse logits that are not (batch, `n`): a projection made for another class count."""
+    if logits.ndim != 2 or logits.shape[1] != n:
+        raise ValueError(f"expected logits of shape (batch, {n}), got {tuple(logits.shape)}")
+
+
+@dataclass(frozen=True)
 class TaskData:
     """Everything one fine-tuning run sees: training, selection, reporting and shift splits."""
 
@@ -179,6 +198,7 @@ class TaskData:
     heldout: Split
     test: Split
     shifts: dict[str, Split]
+    source: str = ""  # where the data comes from (a folder, a data set), for the records
 
     def reporting(self) -> dict[str, Split]:
         """The splits results are reported on: test, then each shift."""

@@ -24,12 +24,15 @@ import yaml
 from ray import tune
 from ray.tune.search.sample import Domain, Sampler
 
+from orchestrator import data
 from orchestrator.config import (
     ConfigError,
+    DataConfig,
     Distribution,
     FinetuneConfig,
     SearchSpace,
     load_yaml,
+    one_line,
     trials_made,
     with_overrides,
 )
@@ -251,6 +254,24 @@ def _checked_tags(space: SearchSpace, space_path: Path) -> dict[str, str]:
         raise ConfigError(f"{space_path}: key 'base.model.pretrained': {err}") from None
 
 
+def check_data(cfg: DataConfig, path: Path, prefix: str, log: Callable[[str], None]) -> None:
+    """Refuse data that cannot be used, before anything is logged: an unknown data set or shift
+    (``data.shifts``, named with the file and key), and for a user's own data whatever its trust
+    checks find (`orchestrator.data.owntask`: classes, unreadable images, images in two splits).
+    Builds the task the trials will build (cached in this process)."""
+    try:
+        data.check_config(cfg)
+    except ValueError as err:
+        key, _, why = str(err).partition(": ")
+        raise ConfigError(f"{path}: key '{prefix}{key}': {why}") from None
+    try:
+        task = data.load_task(cfg)
+    except (ValueError, OSError) as err:  # the data set's own one-line refusal
+        raise ConfigError(f"{path}: {one_line(str(err))}") from None
+    log(f"data: {cfg.dataset}, {len(task.classnames)} classes; {len(task.train)} train, "
+        f"{len(task.heldout)} held-out, {len(task.test)} test images; shifts: {', '.join(task.shifts) or 'none'}")
+
+
 # --- commands a person copies: every id and path quoted for a POSIX shell ---------------------
 
 def _shell(*words: str | Path) -> str:
@@ -369,6 +390,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = Fa
     tags = _checked_tags(space, space_path)
     tracker = Tracker(tracking_uri)
     _check_unique(tracker, sweep_id, space, space_path, resume)
+    check_data(space.base.data, space_path, "base.", log)
     connect.init_ray(log, dashboard=not space.sweep.resources.in_trial)  # Ray Train needs it
     _check_fits(space, space_path, log)
     log(f"sweep {sweep_id}: {trials_made(space)}")

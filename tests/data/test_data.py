@@ -49,21 +49,54 @@ def test_rendering_is_deterministic_per_seed():
 
 
 def test_unknown_data_set_names_the_known_ones():
-    cfg = DataConfig.model_construct(dataset="mnist")  # past the schema: the table must refuse it too
-    with pytest.raises(ValueError, match="unknown data set 'mnist'; known: imagenet, tiny_digits"):
+    cfg = DataConfig(dataset="mnist")  # a name the schema takes; the table refuses it
+    with pytest.raises(ValueError, match="data.dataset: unknown data set 'mnist'; known: tiny_digits, imagenet, "
+                                         "folder, torchvision, huggingface"):
         data.load_task(cfg)
 
 
+def test_shifts_are_per_data_set():
+    """A bare name is the data set's own shift set or a corruption; a shift data set only where the
+    data set takes one; names are refused with what the data set offers."""
+    assert data.plan(DataConfig())[0] == tinyworld.SHIFTS  # the tiny world's own five
+    named, made = data.plan(DataConfig(dataset="imagenet", shifts=("imagenet_r", "rotate")))
+    assert named == ("imagenet_r",) and [(i, s.name, s.corruption, s.severity) for i, s in made] == [(1, "rotate", "rotate", 3)]
+    with pytest.raises(ValueError, match="data.shifts: 'rendered' is not a shift of data set 'imagenet'; "
+                                         "it offers imagenetv2, imagenet_r, .*, rotate, noise, blur, invert$"):
+        data.check_config(DataConfig(dataset="imagenet", shifts=("rendered",)))
+    with pytest.raises(ValueError, match="shift 'x': data set 'tiny_digits' takes no shift data sets"):
+        data.check_config(DataConfig(shifts=({"name": "x", "root": "/d"},)))
+    with pytest.raises(ValueError, match="shift 'x': unknown corruption 'fog'; known: rotate, noise, blur, invert"):
+        data.check_config(DataConfig(dataset="folder", shifts=({"name": "x", "corruption": "fog"},)))
+    assert data.plan(DataConfig(dataset="folder"))[1][3][1].name == "invert"  # default: the four corruptions
+    with pytest.raises(ValueError, match=r"shift names must be unique: \['rotate'\]"):
+        DataConfig(shifts=("rotate", {"name": "rotate", "corruption": "blur"}))
+
+
+def test_a_corruption_of_the_tiny_world_is_made_from_its_test_split():
+    task = data.load_task(DataConfig(shifts=("rendered", {"name": "blur5", "corruption": "blur", "severity": 5})))
+    assert list(task.shifts) == ["rendered", "blur5"]
+    assert torch.equal(task.shifts["blur5"].labels, task.test.labels)
+    assert not torch.equal(task.shifts["blur5"].images, task.test.images)
+
+
 def test_data_modules_import_one_way():
-    # splits <- digits, imagenet <- the table (data/__init__): neither world reaches the other
+    # splits, listing <- each adapter <- the table (data/__init__): no adapter reaches another;
+    # a user's own data sets (folder, tvsets, hfsets) only list, owntask and trust do the rest
     from test_architecture import module_graph
 
     graph = module_graph()
     d = "orchestrator.data"
-    assert graph[f"{d}.splits"] <= {"orchestrator.config"}
-    assert graph[f"{d}.digits"] <= {"orchestrator.config", f"{d}.splits", "orchestrator.hashing"}
-    assert graph[f"{d}.imagenet"] <= {"orchestrator.config", f"{d}.splits"}
-    assert graph[d] == {"orchestrator.config", f"{d}.imagenet", f"{d}.splits", f"{d}.digits"}
+    config = {"orchestrator.config", "orchestrator.config.loading"}
+    assert graph[f"{d}.splits"] <= config and graph[f"{d}.listing"] == set()
+    assert graph[f"{d}.digits"] <= config | {f"{d}.splits", "orchestrator.hashing"}
+    assert graph[f"{d}.imagenet"] <= config | {f"{d}.splits"}
+    for own in ("folder", "tvsets", "hfsets"):
+        assert graph[f"{d}.{own}"] <= config | {f"{d}.listing"}, own
+    assert graph[f"{d}.trust"] <= {f"{d}.listing"}
+    assert graph[f"{d}.owntask"] <= config | {f"{d}.listing", f"{d}.splits", f"{d}.trust"}
+    adapters = {f"{d}.{m}" for m in ("digits", "imagenet", "folder", "tvsets", "hfsets")}
+    assert adapters <= graph[d]
 
 
 def test_the_built_tiny_world_is_cached_and_read_back_identical(tmp_path, monkeypatch):

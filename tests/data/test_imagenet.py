@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from orchestrator import data
 from orchestrator.config import DataConfig
 from orchestrator.data import imagenet, splits
+from orchestrator.data.splits import fingerprint
 
 SIZE = 16
 # 1000-class indices of the tiny tree's training classes, chosen to cover the subsets:
@@ -272,9 +273,19 @@ def test_shift_folder_outside_its_class_set_is_refused(root, tmp_path):
         imagenet.load_imagenet_task(config(tmp_path, shifts=("imagenet_r",)))
 
 
-def test_tiny_world_shifts_are_refused_for_imagenet(root):
-    with pytest.raises(ValueError, match=r"shifts \['rotate'\] do not belong to data set 'imagenet'"):
-        config(root, shifts=("rotate",))
+def test_the_tiny_worlds_own_shift_is_refused_for_imagenet(root):
+    with pytest.raises(ValueError, match=r"data.shifts: 'rendered' is not a shift of data set 'imagenet'"):
+        data.check_config(config(root, shifts=("rendered",)))
+
+
+def test_a_corruption_of_imagenet_val_is_read_from_its_files(root):
+    task = data.load_task(config(root, shifts=("imagenet_r", "invert")))
+    assert list(task.shifts) == ["imagenet_r", "invert"]
+    blur, test = task.shifts["invert"], task.test
+    assert torch.equal(blur.labels, test.labels) and blur.project is test.project
+    x, _ = blur.dataset[0]
+    assert x.dtype == torch.uint8 and x.shape == test.dataset[0][0].shape and not torch.equal(x, test.dataset[0][0])
+    assert fingerprint(blur) != fingerprint(test)
 
 
 def test_selection_split_may_not_be_a_reporting_split(root):

@@ -1,0 +1,107 @@
+"""A user's data as an adapter finds it, before any image is decoded: what the own-task builder
+(`owntask`), the trust checks (`trust`) and `soup init` read.
+
+An adapter (`folder`, `tvsets`, `hfsets`) answers one question: for each split it has (train, and
+held-out and test when the data set brings them), which images are there, with which labels,
+under which class names. It returns `Found`; everything after that (carving missing splits,
+checking, resizing, shifts) is shared and knows no data set.
+
+A `Reader` opens one source's images by index. It is picklable (DataLoader workers receive it),
+and offers the stored bytes and their size without decoding, so that duplicates across splits
+are found by size first and hashed only where sizes collide.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """The images of one source (a folder's files, a data set's rows), by index."""
+
+    def __len__(self) -> int: ...
+
+    def open(self, i: int) -> Image.Image:
+        """Image `i`, decoded (any mode; the builder converts to RGB). Raises (OSError,
+        ValueError, ...) when it cannot be decoded."""
+        ...
+
+    def where(self, i: int) -> str:
+        """Where image `i` is, for a message: a file path, or ``<data set> <split> row 17``."""
+        ...
+
+    def size(self, i: int) -> int:
+        """The stored size of image `i` in bytes, without reading it when the store can say
+        (a file's stat); equal contents always have equal sizes."""
+        ...
+
+    def content(self, i: int) -> bytes:
+        """The stored bytes of image `i` (a file's bytes, an encoded row's bytes, or the raw
+        pixels of an in-memory array): equal images, equal bytes."""
+        ...
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One split as found: a reader, a label per image (an index into `classes`), and the class
+    names this split itself declares (a folder's class folders, a data set's ``ClassLabel``), in
+    label order, so that splits that disagree on their classes can be told apart."""
+
+    name: str  # train, heldout, test or a shift's name
+    reader: Reader
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.labels) != len(self.reader):
+            raise ValueError(f"{self.name}: {len(self.labels)} labels for {len(self.reader)} images")
+
+
+@dataclass(frozen=True)
+class Found:
+    """What an adapter found: the splits it has (held-out and test may be missing: the builder
+    carves them from train), the classes' display names (in `train.classes` order), and where the
+    data came from (a folder, a data set name) for the records."""
+
+    train: Listing
+    heldout: Listing | None
+    test: Listing | None
+    display: tuple[str, ...]
+    source: str
+    unreadable: tuple[str, ...] = ()  # what an adapter skipped itself (none do today)
+
+    def splits(self) -> dict[str, Listing]:
+        """The splits found, by name."""
+        return {s.name: s for s in (self.train, self.heldout, self.test) if s is not None}
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class FileReader:
+    """Image files by index (`Reader`): a stat gives the size, the file its bytes."""
+
+    def __init__(self, paths: tuple[str, ...]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def open(self, i: int) -> Image.Image:
+        with Image.open(self.paths[i]) as f:
+            return f.convert("RGB")  # decodes the whole image (a truncated file raises here)
+
+    def where(self, i: int) -> str:
+        return self.paths[i]
+
+    def size(self, i: int) -> int:
+        return os.stat(self.paths[i]).st_size
+
+    def content(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
