@@ -243,7 +243,7 @@ def cmd_init(args) -> int:
     from orchestrator.data.trust import DataError
 
     try:
-        cfg = starter.guess_data(args.data, args.root)
+        cfg = starter.guess_data(args.data, args.root, skip_unreadable=args.skip_unreadable)
         insp = starter.inspect(cfg, progress=_progress("checked"))
         out = Path(args.out or f"{Path(str(cfg.root if cfg.dataset == 'folder' else cfg.source)).name or 'space'}.yaml")
         print(f"{args.data}: {cfg.dataset}, {len(insp.found.train.classes)} classes ({insp.found.source})")
@@ -254,7 +254,7 @@ def cmd_init(args) -> int:
         raise ConfigError(err) from None
     print(f"guessed: image_size {starter.image_size(args.arch)} for {args.arch}; the paper's search "
           f"distributions{' scaled for the tiny tower' if args.arch == starter.TINY_ARCH else ''}; "
-          f"shifts rotate, noise, blur, invert of the test split; "
+          f"shifts {', '.join(starter.CORRUPTIONS)} of the test split; "
           + (f"{args.gpus} GPU(s): one trial per GPU" if args.gpus else "CPU only: 2 trials at a time"))
     print(f"wrote {out}; start the sweep with: {starter.launch_command(out, args.gpus)}")
     return 0
@@ -362,6 +362,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus", type=int, default=0, help="GPUs the sweep may use (0: CPU only)")
     sp.add_argument("--root", help="torchvision: the data set's root folder (default ./data)")
     sp.add_argument("--out", help="the space YAML to write (default <data name>.yaml here)")
+    sp.add_argument("--skip-unreadable", action="store_true",
+                    help="skip and count images that cannot be decoded (data.skip_unreadable) instead of refusing")
     sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
     sp.add_argument("--out", default="orchestrator/assets", help="output folder")
     sp.add_argument("--steps", type=int, default=3000)

@@ -23,6 +23,7 @@ from orchestrator import data
 from orchestrator.config import TINY_ARCH, DataConfig, SearchSpace, validate
 from orchestrator.data import folder as folder_adapter
 from orchestrator.data import owntask, trust
+from orchestrator.data.corruptions import CORRUPTIONS
 from orchestrator.data.listing import Found
 from orchestrator.train.models import arch_config
 
@@ -74,19 +75,19 @@ class Inspection:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows)
 
 
-def guess_data(where: str, root: str | None = None) -> DataConfig:
+def guess_data(where: str, root: str | None = None, **data) -> DataConfig:
     """The data block for `where`: a folder of ``train/<class>/``, a Hugging Face data set on disk
     (``save_to_disk`` folder, parquet) or ``hf:<hub id>``, or ``torchvision:<class>`` (files under
     `root`)."""
     if where.startswith("torchvision:"):
-        return DataConfig(dataset="torchvision", source=where.split(":", 1)[1], root=root or "data")
+        return DataConfig(dataset="torchvision", source=where.split(":", 1)[1], root=root or "data", **data)
     if where.startswith("hf:"):
-        return DataConfig(dataset="huggingface", source=where.split(":", 1)[1])
+        return DataConfig(dataset="huggingface", source=where.split(":", 1)[1], **data)
     path = Path(where).expanduser()
     if (path / "train").is_dir() and not (path / "dataset_dict.json").exists():
-        return DataConfig(dataset=folder_adapter.NAME, root=str(path.resolve()))
+        return DataConfig(dataset=folder_adapter.NAME, root=str(path.resolve()), **data)
     if path.exists():
-        return DataConfig(dataset="huggingface", source=str(path.resolve()))
+        return DataConfig(dataset="huggingface", source=str(path.resolve()), **data)
     raise trust.DataError(f"{where}: no such folder or file (give a folder with train/<class>/, a "
                           f"Hugging Face data set on disk, hf:<hub id> or torchvision:<class>)")
 
@@ -101,7 +102,8 @@ def inspect(cfg: DataConfig, sample: int = 200, progress=None) -> Inspection:
     rng = np.random.default_rng(0)
     sizes = {}
     for name, s in found.splits().items():
-        pick = rng.choice(len(s.labels), size=min(sample, len(s.labels)), replace=False)
+        readable = np.setdiff1d(np.arange(len(s.labels)), np.asarray(report.unreadable.get(name, ()), dtype=np.int64))
+        pick = rng.choice(readable, size=min(sample, len(readable)), replace=False)
         sides = sorted(min(s.reader.open(int(i)).size) for i in pick)
         sizes[name] = (sides[0], sides[len(sides) // 2], sides[-1])
     return Inspection(cfg, found, per_class, carved, sizes, report)
@@ -126,7 +128,7 @@ def starter_space(insp: Inspection, path: Path, arch: str, pretrained: str | Non
     data = {k: v for k, v in cfg.model_dump(mode="json", exclude_defaults=True).items()}
     data.update({"image_size": image_size(arch), "split_seed": cfg.split_seed,
                  "heldout_fraction": cfg.heldout_fraction, "test_fraction": cfg.test_fraction,
-                 "shifts": ["rotate", "noise", "blur", "invert"], "classnames": names})
+                 "shifts": list(CORRUPTIONS), "classnames": names})
     tiny = arch == TINY_ARCH
     train = {"batch_size": 512 if gpus else 64, "warmup_steps": 500 if gpus else 10,
              "device": "cuda" if gpus else "cpu"}

@@ -56,7 +56,7 @@ class ShiftSpec(Frozen):
     (`root`) or a data set of the task's adapter (`source`, with its `split`)."""
 
     name: str = Field(pattern=NAME)
-    corruption: str | None = None  # rotate, noise, blur, invert (data/corruptions.py)
+    corruption: str | None = None  # one of data/corruptions.py's CORRUPTIONS
     severity: int = Field(3, ge=1, le=5)
     root: str | None = None
     source: str | None = None
@@ -78,7 +78,7 @@ class DataConfig(Frozen):
     user's own images (`folder`, `torchvision`, `huggingface`); which names and shifts exist is
     the data package's knowledge, checked by `orchestrator.data.check_config`."""
 
-    dataset: str = Field("tiny_digits", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    dataset: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,63}$")  # None: the embedded tiny world
     root: str | None = None  # a folder: the data root (ImageNet, a folder of class folders, torchvision's root)
     source: str | None = None  # torchvision: a data set class (FashionMNIST); huggingface: a hub id or local path
     download: bool = False  # torchvision: fetch the files when they are missing (needs the network)

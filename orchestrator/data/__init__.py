@@ -62,18 +62,26 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+DEFAULT = digits.NAME  # the data set of a config that names none: the embedded tiny world
+
+
+def name_of(cfg: DataConfig) -> str:
+    """The data set `cfg` names (`DEFAULT` when it names none)."""
+    return cfg.dataset or DEFAULT
+
+
 def find(cfg: DataConfig) -> Found:
     """What a user's own data set holds, listed by its adapter (nothing decoded, nothing checked)."""
-    if cfg.dataset not in OWN:
-        raise DataError(f"data.dataset: {cfg.dataset!r} is not a user's own data set; those are "
+    if name_of(cfg) not in OWN:
+        raise DataError(f"data.dataset: {name_of(cfg)!r} is not a user's own data set; those are "
                         f"{', '.join(OWN)}")
-    return OWN[cfg.dataset].find(cfg)
+    return OWN[name_of(cfg)].find(cfg)
 
 
 def adapter(cfg: DataConfig) -> Adapter:
-    a = ADAPTERS.get(cfg.dataset)
+    a = ADAPTERS.get(name_of(cfg))
     if a is None:
-        raise DataError(f"data.dataset: unknown data set {cfg.dataset!r}; known: {', '.join(ADAPTERS)}")
+        raise DataError(f"data.dataset: unknown data set {name_of(cfg)!r}; known: {', '.join(ADAPTERS)}")
     return a
 
 
@@ -90,7 +98,7 @@ def plan(cfg: DataConfig) -> tuple[tuple, list[tuple[int, ShiftSpec]]]:
             corrupted.append((i, ShiftSpec(name=s, corruption=s)))
         elif isinstance(s, str):
             offers = [*a.shifts, *CORRUPTIONS]
-            raise DataError(f"data.shifts: {s!r} is not a shift of data set {cfg.dataset!r}; it offers "
+            raise DataError(f"data.shifts: {s!r} is not a shift of data set {name_of(cfg)!r}; it offers "
                             f"{', '.join(offers)}" + (", or a shift data set ({name, root or source})"
                                                       if a.shift_sets else ""))
         elif s.corruption is not None:
@@ -99,7 +107,7 @@ def plan(cfg: DataConfig) -> tuple[tuple, list[tuple[int, ShiftSpec]]]:
                                 f"known: {', '.join(CORRUPTIONS)}")
             corrupted.append((i, s))
         elif not a.shift_sets:
-            raise DataError(f"data.shifts: shift {s.name!r}: data set {cfg.dataset!r} takes no shift data sets; "
+            raise DataError(f"data.shifts: shift {s.name!r}: data set {name_of(cfg)!r} takes no shift data sets; "
                             f"its shifts are {', '.join([*a.shifts, *CORRUPTIONS])}")
         else:
             named.append(s)
@@ -137,7 +145,7 @@ def load_task(cfg: DataConfig) -> TaskData:
 class SplitInfo:
     """What a run was trained, selected or measured on, as tracking logs it (a dataset input)."""
 
-    name: str  # e.g. ``tiny_digits/heldout``
+    name: str  # ``<data set>/<split>``, e.g. ``folder/heldout``
     role: str  # train, heldout, test or shift (MLflow's dataset context)
     split: str  # the split's key: train, heldout, test or the shift's name
     digest: str
@@ -147,9 +155,10 @@ class SplitInfo:
 
 def describe(cfg: DataConfig, task: TaskData) -> list[SplitInfo]:
     """Every split of `task` (train, held-out, test, each shift) as a `SplitInfo`."""
-    source = task.source or cfg.root or cfg.dataset
+    name = name_of(cfg)
+    source = task.source or cfg.root or name
     roles = {"train": task.train, "heldout": task.heldout, "test": task.test}
-    out = [SplitInfo(f"{cfg.dataset}/{k}", k, k, fingerprint(s), source, len(s)) for k, s in roles.items()]
-    out += [SplitInfo(f"{cfg.dataset}/{k}", "shift", k, fingerprint(s), source, len(s))
+    out = [SplitInfo(f"{name}/{k}", k, k, fingerprint(s), source, len(s)) for k, s in roles.items()]
+    out += [SplitInfo(f"{name}/{k}", "shift", k, fingerprint(s), source, len(s))
             for k, s in task.shifts.items()]
     return out

@@ -31,7 +31,8 @@ LETTERS = tuple(string.ascii_uppercase) + tuple(string.ascii_lowercase)
 SHIFT_SEED_OFFSET = 1000  # shifts use their own random stream, independent of the split seed
 
 NAME = "tiny_digits"  # ``data.dataset`` of this world
-SHIFTS = ("rotate", "noise", "blur", "invert", "rendered")  # its own shifts (and its default)
+RENDERED = "rendered"  # digits rendered in the pretraining style (the base's own check)
+SHIFTS = ("rotate", "noise", "blur", "invert", RENDERED)  # its own shifts (and its default)
 
 
 # --- rendered glyphs (pretraining style) -------------------------------------------------------

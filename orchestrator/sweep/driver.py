@@ -236,7 +236,7 @@ def _sweep_description(sweep_id: str, space: SearchSpace, space_path: Path) -> s
     searched = ", ".join(f"`{k}`" for k in space.search) or "nothing"
     return "\n".join([
         (f"**Sweep `{sweep_id}`** of space `{space_path.name}`: {s.num_samples} samples of `{m.arch}` "
-         f"(pretrained `{m.pretrained}`) fine-tuned on `{space.base.data.dataset}`, searching {searched}."),
+         f"(pretrained `{m.pretrained}`) fine-tuned on `{data.name_of(space.base.data)}`, searching {searched}."),
         "", (f"Its trials are the nested runs below it. Cook it with `{cook_hint(sweep_id)}`: "
              "the comparison of its soups with the best trial and the ensemble then replaces this text.")])
 
@@ -268,7 +268,7 @@ def check_data(cfg: DataConfig, path: Path, prefix: str, log: Callable[[str], No
         task = data.load_task(cfg)
     except (ValueError, OSError) as err:  # the data set's own one-line refusal
         raise ConfigError(f"{path}: {one_line(str(err))}") from None
-    log(f"data: {cfg.dataset}, {len(task.classnames)} classes; {len(task.train)} train, "
+    log(f"data: {data.name_of(cfg)}, {len(task.classnames)} classes; {len(task.train)} train, "
         f"{len(task.heldout)} held-out, {len(task.test)} test images; shifts: {', '.join(task.shifts) or 'none'}")
 
 

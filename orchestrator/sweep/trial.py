@@ -36,6 +36,7 @@ from typing import Any
 from ray import tune
 
 from orchestrator.config import FinetuneConfig, with_overrides
+from orchestrator.data import name_of
 from orchestrator.hashing import json_sha256
 from orchestrator.record.schema import (
     ATTEMPT_START_EPOCH,
@@ -237,7 +238,7 @@ def describe_trial(label: str, sweep_id: str, workers: int, cfg: FinetuneConfig,
     once it has them, its results."""
     m, t = cfg.model, cfg.train
     lines = [(f"**Trial {label.split(' ', 1)[0]}** of sweep `{sweep_id}`: fine-tunes `{m.arch}` "
-              f"(pretrained `{m.pretrained}`, head from {m.head_init}) on `{cfg.data.dataset}`."),
+              f"(pretrained `{m.pretrained}`, head from {m.head_init}) on `{name_of(cfg.data)}`."),
              "", f"Searched values: `{label.split(' ', 1)[-1] if ' ' in label else 'none'}`.",
              (f"Training: {t.epochs} epochs, global batch {t.batch_size}, lr {t.lr:.3g}, "
               f"weight decay {t.weight_decay:.3g}, augment {t.augment}; {workers} worker(s).")]

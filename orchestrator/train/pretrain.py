@@ -112,7 +112,7 @@ def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
     clip.eval()
     model = models.classifier_from_clip(clip, tokenizer, digits.DIGITS, ModelConfig().templates)
     task = data.load_task(DataConfig())
-    return accuracy(model, task.heldout), accuracy(model, task.shifts["rendered"])
+    return accuracy(model, task.heldout), accuracy(model, task.shifts[digits.RENDERED])
 
 
 def save_base(clip: torch.nn.Module, out_dir: str | Path) -> Path:
