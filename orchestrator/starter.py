@@ -146,15 +146,15 @@ def starter_space(insp: Inspection, path: Path, arch: str, pretrained: str | Non
     }
     validate(SearchSpace, space, str(path))  # what it writes, the sweep loads
     launch = launch_command(path, gpus)
-    counts = ", ".join(f"{n} {sum(c):,} images" for n, c in insp.per_class.items())
+    counts = ", ".join(f"{trust.words(n)} {sum(c):,}" for n, c in insp.per_class.items())
+    carved = f"; {' and '.join(map(trust.words, insp.carved))} carved from train" if insp.carved else ""
     head = [f"# {launch}", "#",
-            f"# Written by soup init on {dt.date.today().isoformat()} for {cfg.source or cfg.root}: "
-            f"{len(names)} classes; {counts}" + (f"; {' and '.join(insp.carved)} carved from train"
-                                                   if insp.carved else "") + ".",
-            "# The search distributions are the paper's (Wortsman et al. 2022, Appendix J)"
-            + (", scaled for the tiny tower" if tiny else "") + "; edit anything, e.g. the class",
-            "# names the prompts use (data.classnames), before the first sweep."]
-    return "\n".join(head) + "\n" + yaml.safe_dump(space, sort_keys=False, allow_unicode=True, width=100)
+            f"# Written by soup init on {dt.date.today().isoformat()} for {insp.found.source}:",
+            f"# {len(names)} classes; images: {counts}{carved}.",
+            "# Search distributions: the paper's (Wortsman et al. 2022, Appendix J)"
+            + (", scaled for the tiny tower." if tiny else "."),
+            "# Edit anything before the first sweep, e.g. the class names the prompts use (data.classnames)."]
+    return "\n".join(head) + "\n" + yaml.safe_dump(space, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
 
 
 def write_space(insp: Inspection, path: Path, arch: str, pretrained: str | None, gpus: int) -> Path:
