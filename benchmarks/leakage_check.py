@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from orchestrator.data import trust
-from orchestrator.data.listing import Listing
+from orchestrator.data.listing import FileReader, Listing
 
 CLASSES = 10
 SPLITS = {"train": 0.90, "heldout": 0.05, "test": 0.05}
@@ -54,27 +54,15 @@ IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_BYTES = 1_281_167, 50_000, 140e9
 DISK_BPS = 500e6  # ASSUMED cold-disk read rate
 
 
-class Files:
-    """A reader over files (what the folder adapter's reader does): `where` is the path under `root`."""
+class Files(FileReader):
+    """The folder adapter's reader (`listing.FileReader`) with `where` the path under `root`."""
 
     def __init__(self, root: Path, rels: list[str]):
+        super().__init__(tuple(str(root / r) for r in rels))
         self.root, self.rels = root, rels
-
-    def __len__(self) -> int:
-        return len(self.rels)
-
-    def open(self, i: int) -> Image.Image:
-        return Image.open(self.root / self.rels[i])
 
     def where(self, i: int) -> str:
         return self.rels[i]
-
-    def size(self, i: int) -> int:
-        return os.stat(self.root / self.rels[i]).st_size
-
-    def content(self, i: int) -> bytes:
-        with open(self.root / self.rels[i], "rb") as f:
-            return f.read()
 
 
 def tiny_jpegs(rng: np.random.Generator, n: int = 64) -> list[bytes]:

@@ -166,13 +166,13 @@ _OWN_ACCURACY = ("heldout", "test", "shift_mean")
 
 
 def shift_metric(name: str) -> str:
-    """The accuracy metric of distribution shift `name` (``rotate`` -> ``shift_rotate_acc``)."""
+    """The accuracy metric of distribution shift `name` (``sketch`` -> ``shift_sketch_acc``)."""
     return f"shift_{name}_acc"
 
 
 def accuracy_metric(column: str) -> str:
-    """A table column's accuracy as the metric trials log (``test`` -> ``test_acc``, ``rotate``
-    -> ``shift_rotate_acc``), so that MLflow charts trials and soups on the same axes."""
+    """A table column's accuracy as the metric trials log (``test`` -> ``test_acc``, a shift
+    ``sketch`` -> ``shift_sketch_acc``), so that MLflow charts trials and soups on the same axes."""
     return f"{column}_acc" if column in _OWN_ACCURACY else shift_metric(column)
 
 
@@ -183,7 +183,7 @@ def time_metric(part: str) -> str:
 
 def metric_split(key: str) -> str | None:
     """The split a metric was measured on: ``heldout_acc`` -> heldout, ``test_acc`` -> test,
-    ``shift_rotate_acc`` or ``rotate_acc`` -> rotate; None for others (a mean over shifts, a loss)."""
+    ``shift_sketch_acc`` or ``sketch_acc`` -> sketch; None for others (a mean over shifts, a loss)."""
     m = re.fullmatch(r"(?:shift_)?(.+)_acc", key)
     return None if m is None or m.group(1) in ("mean", "shift_mean") else m.group(1)
 

@@ -15,37 +15,31 @@ import pytest
 from PIL import Image
 
 from orchestrator.data import trust
-from orchestrator.data.listing import Found, Listing
+from orchestrator.data.listing import FileReader, Found, Listing
 
 
-class FileReader:
-    """Files under `root`, by index; `where` is the path relative to `root`. Counts the calls of
-    `open` and `content` per index (from several threads)."""
+class CountingReader(FileReader):
+    """The folder adapter's reader, `where` relative to `root`, counting `open` and `content` calls."""
 
     def __init__(self, root: Path, rels: list[str]):
+        super().__init__(tuple(str(root / r) for r in rels))
         self.root, self.rels = root, rels
         self.opens: Counter = Counter()
         self.contents: Counter = Counter()
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self.rels)
-
     def open(self, i: int) -> Image.Image:
         with self._lock:
             self.opens[i] += 1
-        return Image.open(self.root / self.rels[i])
+        return super().open(i)
 
     def where(self, i: int) -> str:
         return self.rels[i]
 
-    def size(self, i: int) -> int:
-        return os.stat(self.root / self.rels[i]).st_size
-
     def content(self, i: int) -> bytes:
         with self._lock:
             self.contents[i] += 1
-        return (self.root / self.rels[i]).read_bytes()
+        return super().content(i)
 
 
 _SEED = iter(range(10**6))
@@ -76,7 +70,7 @@ def listing(root: Path, split: str) -> Listing:
         for f in sorted((root / split / c).iterdir()):
             rels.append(f"{split}/{c}/{f.name}")
             labels.append(label)
-    return Listing(split, FileReader(root, rels), tuple(labels), classes)
+    return Listing(split, CountingReader(root, rels), tuple(labels), classes)
 
 
 def found(root: Path, heldout: bool = True, test: bool = True) -> Found:
