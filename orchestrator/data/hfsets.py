@@ -153,6 +153,10 @@ class RowReader:
     def __len__(self) -> int:
         return self.rows
 
+    def head(self, i: int, n: int) -> bytes:
+        """The first `n` bytes of `content(i)` (the row is held whole: nothing saved by reading less)."""
+        return self.content(i)[:n]
+
     def content(self, i: int) -> bytes:
         row = self.dataset()[i][self.column]
         if row.get("bytes") is not None:

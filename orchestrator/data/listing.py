@@ -45,6 +45,11 @@ class Reader(Protocol):
         pixels of an in-memory array): equal images, equal bytes."""
         ...
 
+    def head(self, i: int, n: int) -> bytes:
+        """The first `n` bytes of `content(i)`, reading no more than that where the store can
+        (a file's first bytes): the leakage check's cheap first look."""
+        ...
+
 
 @dataclass(frozen=True)
 class Listing:
@@ -105,3 +110,7 @@ class FileReader:
     def content(self, i: int) -> bytes:
         with open(self.paths[i], "rb") as f:
             return f.read()
+
+    def head(self, i: int, n: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read(n)

@@ -15,11 +15,13 @@ CLI prints before it exits 2) on the first thing wrong:
    digest (~146,000 images/s measured: ~9 s for ImageNet) instead of the decode.
 3. leakage (`check_leakage`): no image of held-out, test or a shift has the same bytes as a
    training image. Costs one stat pass over every image (~146,000 files/s measured, metadata in
-   the page cache), then reads and hashes only the images whose size occurs both in train and in
-   another split (equal bytes have equal sizes). For ImageNet, under an assumed lognormal size
-   distribution, that is ~25 % of train and ~94 % of val, ~30 GB of 140 GB: ~26 s of 2 cores from
-   the page cache (stat 9 s, hashing 17 s); from a cold disk the read dominates (~1 min at
-   500 MB/s).
+   the page cache), then reads and hashes only the first 64 KiB of the images whose size occurs
+   both in train and in another split (equal bytes have equal sizes), and whole only those whose
+   first 64 KiB also collide. For ImageNet, under an assumed lognormal size distribution, that is
+   ~25 % of train and ~94 % of val, ~22 GB of 140 GB read: ~27 s of 2 cores from the page cache
+   (stat 8 s, hashing 18 s); from a cold disk the read dominates (~45 s at 500 MB/s). A clean
+   result is remembered with the cache folder too, keyed by the listings: a trial building a
+   task the driver already checked pays the stat pass only.
 
 The readers are called from several threads at once (`open`, `size`, `content`), which readers
 over files or in-memory arrays allow. Nothing here imports Ray or MLflow.
@@ -276,6 +278,7 @@ class Duplicates:
     examined: int  # images looked at: every image's size was taken
     hashed: int  # images whose bytes were read (their sizes collide across splits)
     bytes_read: int
+    remembered: bool = False  # found clean before, for the same listings (`check_found`'s cache): nothing read now
 
 
 def _hash_block(reader: Reader, idx: list[int], prefix: int) -> list[tuple[tuple, int]]:
@@ -283,10 +286,12 @@ def _hash_block(reader: Reader, idx: list[int], prefix: int) -> list[tuple[tuple
     digest of its first `prefix` bytes and its length) and the bytes read."""
     out = []
     for i in idx:
-        b = reader.content(i)
-        if prefix and len(b) > prefix:
-            out.append((("head", len(b), hashlib.sha256(memoryview(b)[:prefix]).digest()), len(b)))
+        size = reader.size(i)
+        if prefix and size > prefix:  # only the first bytes read (a ranged read where the store has one)
+            b = reader.head(i, prefix)
+            out.append((("head", size, hashlib.sha256(b).digest()), len(b)))
         else:
+            b = reader.content(i)
             out.append((("full", hashlib.sha256(b).digest()), len(b)))
     return out
 
@@ -381,13 +386,13 @@ def find_duplicates(listings: dict[str, Listing], against: str = "train", *,
     `prefix` bytes, only their first `prefix` bytes are hashed; images whose prefixes also
     collide across splits are then read again and hashed whole (their lengths are equal too).
 
-    The prefix stage is kept because it pays off, modestly: the `Reader` protocol has no ranged
-    read, so it saves hashing, not reading. Measured by ``benchmarks/leakage_check.py`` on
-    ImageNet-sized files (lognormal sizes, median ~100 KB) from the page cache on 2 shared cores,
-    the whole check ran 1.3-1.5x faster (1.1x in one noisy run) with a 64 KiB prefix than hashing
-    whole files. Images no larger than `prefix` are hashed whole, once, so it costs nothing for
-    small images; only true duplicates (and images sharing their first 64 KiB) are read twice.
-    From a cold disk the read dominates and the stage is about neutral. `prefix=0` hashes every
+    The prefix stage reads only an image's first `prefix` bytes where the store can (`Reader.head`:
+    a file's first 64 KiB, not the whole file), so of the images whose sizes collide only the
+    rare ones whose first 64 KiB also collide are read whole: from a disk, most of the bytes of
+    large images are never read. From the page cache it also saves hashing: measured by
+    ``benchmarks/leakage_check.py`` on ImageNet-sized files (lognormal sizes, median ~100 KB) on
+    2 shared cores, 1.1-1.5x faster than hashing whole files. Images no larger than `prefix` are
+    hashed whole, once. `prefix=0` hashes every
     image whole."""
     with ThreadPoolExecutor(_workers(workers)) as pool:
         sizes = {k: _sizes(s.reader, pool) for k, s in listings.items()}
@@ -440,7 +445,29 @@ class Report:
         skipped = ", ".join(f"{words(k)} {len(v)}" for k, v in self.unreadable.items() if v)
         d = self.duplicates
         return (f"data: {images} images; {self.skipped()} unreadable skipped" + (f" ({skipped})" if skipped else "")
-                + f"; leakage: {d.examined:,} examined, {d.hashed:,} hashed ({d.bytes_read / 1e6:.1f} MB read)")
+                + (f"; leakage: {d.examined:,} examined, none in two splits (found so before: nothing read)"
+                   if d.remembered else
+                   f"; leakage: {d.examined:,} examined, {d.hashed:,} hashed ({d.bytes_read / 1e6:.1f} MB read)"))
+
+
+def _leakage_key(splits: Mapping[str, Listing], sizes: Mapping[str, np.ndarray],
+                 unreadable: Mapping[str, tuple[int, ...]]) -> str:
+    """What the leakage result is remembered by: every split's name, images' names and sizes
+    (`readable_digest`), and the images left out as unreadable."""
+    h = hashlib.sha256(b"leakage")
+    for k, s in splits.items():
+        h.update(f"{k}:{readable_digest(s, sizes[k])}:{list(unreadable.get(k, ()))}\n".encode())
+    return h.hexdigest()
+
+
+def _load_leakage(path: Path, key: str) -> Duplicates | None:
+    try:
+        got = json.loads(path.read_text())
+        if got.get("digest") == key:
+            return Duplicates((), int(got["examined"]), int(got["hashed"]), int(got["bytes_read"]), remembered=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing or damaged: check again
+    return None
 
 
 def check_found(found: Found, skip_unreadable: bool, cache_dir: Path | None = None,
@@ -450,7 +477,10 @@ def check_found(found: Found, skip_unreadable: bool, cache_dir: Path | None = No
     readable, then leakage against train (unreadable images skipped with `skip_unreadable` are
     left out of it). `progress(done, total)` follows the decode, over all splits together.
     Raises `DataError` on the first check that fails. (Shifts' classes are the caller's to check:
-    a shift may hold a subset of the task's classes.)"""
+    a shift may hold a subset of the task's classes.)
+    With `cache_dir`, both the decode (`check_readable`) and a clean leakage result are
+    remembered by the listings' names and sizes: the driver checks a sweep's data, and each
+    trial building the same task again pays a stat pass, not a decode or a hash pass."""
     check_classes(found)
     splits = {**found.splits(), **(shifts or {})}
     total = sum(len(s.reader) for s in splits.values())
@@ -461,7 +491,16 @@ def check_found(found: Found, skip_unreadable: bool, cache_dir: Path | None = No
             step = None if progress is None else (lambda d, _t, base=done: progress(base + d, total))
             unreadable[k] = _readable(s, skip_unreadable, cache_dir, step, pool, sizes[k])
             done += len(s.reader)
-        dup = _duplicates(splits, "train", unreadable, PREFIX, pool, sizes, None)
+        path = key = None
+        if cache_dir is not None:  # the same listings found clean before: nothing to read again
+            key = _leakage_key(splits, sizes, unreadable)
+            path = Path(cache_dir) / f"leakage-{key}.json"
+            dup = _load_leakage(path, key)
+        if path is None or dup is None:
+            dup = _duplicates(splits, "train", unreadable, PREFIX, pool, sizes, None)
+            if path is not None and not dup.pairs:
+                _store_cache(path, {"digest": key, "examined": dup.examined, "hashed": dup.hashed,
+                                    "bytes_read": dup.bytes_read})
     if dup.pairs:
         raise DataError(leakage_message(dup))
     return Report({k: len(s.reader) for k, s in splits.items()}, unreadable, dup)

@@ -131,6 +131,10 @@ class TorchvisionReader:
             return int(rows[i].nbytes)
         return len(self.open(i).tobytes())
 
+    def head(self, i: int, n: int) -> bytes:
+        """The first `n` bytes of `content(i)` (the row is held whole: nothing saved by reading less)."""
+        return self.content(i)[:n]
+
     def content(self, i: int) -> bytes:
         rows = self._rows()
         if rows is not None:

@@ -41,6 +41,11 @@ class CountingReader(FileReader):
             self.contents[i] += 1
         return super().content(i)
 
+    def head(self, i: int, n: int) -> bytes:
+        with self._lock:
+            self.contents[i] += 1  # a read too, of the first n bytes only
+        return super().head(i, n)
+
 
 _SEED = iter(range(10**6))
 
@@ -251,8 +256,8 @@ def test_only_images_whose_sizes_collide_across_splits_are_read(tmp_path, prefix
     assert dup.examined == 8 + 3 + 2
     assert dup.pairs == (("test", "test/c/img9.png", "train/c/img4.png"),)
     once = sum(sizes[s][i] for s, i in expected)
-    if prefix and prefix < min(sizes[s][i] for s, i in expected):  # the twins are read twice
-        assert dup.bytes_read == once + 2 * sizes["test"][1]
+    if prefix and prefix < min(sizes[s][i] for s, i in expected):  # first bytes, then the twins whole
+        assert dup.bytes_read == prefix * len(expected) + 2 * sizes["test"][1]
     else:
         assert dup.bytes_read == once
         assert all(n == 1 for s in splits for n in splits[s].reader.contents.values())
@@ -289,3 +294,17 @@ def test_shifts_given_to_check_found_are_checked_for_readability_and_leakage(tmp
     msg = refusal(trust.check_found, found(tmp_path), skip_unreadable=True, shifts={"sketch": listing(tmp_path, "sketch")})
     assert msg == ("data: 1 sketch image is also in train (same content): sketch/dog/img3.png = train/dog/img0.png; "
                    "remove them from one split")
+
+
+def test_a_clean_leakage_result_is_remembered_for_the_same_listings(tmp_path):
+    clean(tmp_path)
+    cache = tmp_path / "cache"
+    first = trust.check_found(found(tmp_path), False, cache_dir=cache)
+    assert not first.duplicates.remembered and "hashed" in first.summary()
+    again = found(tmp_path)
+    second = trust.check_found(again, False, cache_dir=cache)
+    assert second.duplicates.remembered and second.duplicates.examined == first.duplicates.examined
+    assert sum(n for s in again.splits().values() for n in s.reader.contents.values()) == 0
+    assert "found so before: nothing read" in second.summary()
+    png(tmp_path / "test" / "cat" / "new.png", 9, 9)  # a changed listing is checked again
+    assert not trust.check_found(found(tmp_path), False, cache_dir=cache).duplicates.remembered
