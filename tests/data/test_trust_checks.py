@@ -4,7 +4,6 @@ of PNGs in `tmp_path`, read through an in-test reader over files; no Ray, no MLf
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from collections import Counter
