@@ -265,6 +265,7 @@ def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None
         state = trainstate.load(resume, model, opt, sched, scaler)
     t0 = time.perf_counter()
     eval_seconds = 0.0
+    held = None  # the latest held-out logits (the model after the last epoch trained here)
 
     def seconds() -> float:
         return state.train_seconds + time.perf_counter() - t0
@@ -303,7 +304,8 @@ def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None
                "lr": opt.param_groups[0]["lr"]}
         if dist.lead:
             t_eval = time.perf_counter()
-            row["heldout_acc"] = evaluate.accuracy(model, task.heldout, accel=accel)
+            held = evaluate.logits(model, task.heldout, accel=accel)  # the final model's, after the last epoch
+            row["heldout_acc"] = evaluate.accuracy_of(held, task.heldout.labels)
             eval_seconds += time.perf_counter() - t_eval
             state.curves.append(row)
         pos = Position(pos.epoch + 1, 0, pos.global_step)
@@ -317,7 +319,11 @@ def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None
         return None
     train_seconds = seconds()
     t_eval = time.perf_counter()
-    results = evaluate.evaluate_all(model, {"heldout": task.heldout, **task.reporting()}, accel)
+    if held is None:  # resumed after the last epoch: this model has no held-out pass yet
+        held = evaluate.logits(model, task.heldout, accel=accel)
+    # the last epoch's held-out logits are the final model's: not computed twice
+    results = {"heldout": (evaluate.accuracy_of(held, task.heldout.labels), held),
+               **evaluate.evaluate_all(model, task.reporting(), accel)}
     timings = {"data": t_data - t_start, "model": t0 - t_data, "heldout_per_epoch": eval_seconds,
                "final_evaluation": time.perf_counter() - t_eval}
     model = model.cpu().to(memory_format=torch.contiguous_format)

@@ -43,3 +43,30 @@ def test_every_option_trains_deterministically(tiny_finetune_config, overrides):
     a, b = finetune(cfg), finetune(cfg)
     assert torch.equal(a.state_dict["head.weight"], b.state_dict["head.weight"])
     assert a.heldout_acc > 0.2
+
+
+def test_the_held_out_split_is_scored_once_an_epoch_and_not_again_at_the_end(tiny_finetune_config):
+    """The last epoch's held-out pass is the final model's: its logits are the final result's
+    (one forward pass over held-out per epoch, none more), equal to scoring the weights afresh."""
+    from dataclasses import replace
+
+    from orchestrator import data
+    from orchestrator.data.splits import TensorSplit
+    from orchestrator.train import evaluate, models
+
+    passes = []
+
+    class Counted(TensorSplit):
+        def batches(self, *args, **kw):
+            passes.append(self.name)
+            yield from super().batches(*args, **kw)
+
+    cfg = with_overrides(tiny_finetune_config, {"train.epochs": 2})
+    task = data.load_task(cfg.data)
+    held = task.heldout
+    res = finetune(cfg, task=replace(task, heldout=Counted(held.name, held.images, held.labels)))
+    assert passes == ["heldout", "heldout"]
+    assert res.heldout_acc == res.curves[-1]["heldout_acc"]
+    model = models.build_classifier(cfg.model, task.classnames)
+    model.load_state_dict(res.state_dict)
+    assert torch.equal(res.logits["heldout"], evaluate.logits(model, held))
