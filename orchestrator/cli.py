@@ -245,7 +245,7 @@ def cmd_init(args) -> int:
     try:
         cfg = starter.guess_data(args.data, args.root, skip_unreadable=args.skip_unreadable)
         insp = starter.inspect(cfg, progress=_progress("checked"))
-        out = Path(args.out or f"{Path(str(cfg.root if cfg.dataset == 'folder' else cfg.source)).name or 'space'}.yaml")
+        out = Path(args.out or f"{starter.data_name(cfg)}.yaml")
         print(f"{args.data}: {cfg.dataset}, {len(insp.found.train.classes)} classes ({insp.found.source})")
         print(insp.table())
         print(insp.report.summary())

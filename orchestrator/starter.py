@@ -92,6 +92,13 @@ def guess_data(where: str, root: str | None = None, **data) -> DataConfig:
                           f"Hugging Face data set on disk, hf:<hub id> or torchvision:<class>)")
 
 
+def data_name(cfg: DataConfig) -> str:
+    """A short name for the data: a folder's name, else the data set's (`FashionMNIST`, a hub
+    id's or a saved set's last part); it names the space file and the experiment."""
+    where = cfg.root if cfg.dataset == folder_adapter.NAME else cfg.source
+    return Path(str(where)).name or "my-task"
+
+
 def inspect(cfg: DataConfig, sample: int = 200, progress=None) -> Inspection:
     """List, check and measure `cfg`'s data (raises `trust.DataError` on what a sweep refuses)."""
     found = data.find(cfg)
@@ -102,7 +109,7 @@ def inspect(cfg: DataConfig, sample: int = 200, progress=None) -> Inspection:
     rng = np.random.default_rng(0)
     sizes = {}
     for name, s in found.splits().items():
-        readable = np.setdiff1d(np.arange(len(s.labels)), np.asarray(report.unreadable.get(name, ()), dtype=np.int64))
+        readable = trust.kept(len(s.labels), report.unreadable.get(name, ()))
         pick = rng.choice(readable, size=min(sample, len(readable)), replace=False)
         sides = sorted(min(s.reader.open(int(i)).size) for i in pick)
         sizes[name] = (sides[0], sides[len(sides) // 2], sides[-1])
@@ -133,7 +140,7 @@ def starter_space(insp: Inspection, path: Path, arch: str, pretrained: str | Non
     train = {"batch_size": 512 if gpus else 64, "warmup_steps": 500 if gpus else 10,
              "device": "cuda" if gpus else "cpu"}
     resources = {"workers": 1, "cpu": 8, "gpu": 1} if gpus else {"workers": 1, "cpu": 1, "gpu": 0}
-    exp = Path(str(cfg.root or cfg.source)).name.lower().replace(" ", "-") or "my-task"
+    exp = data_name(cfg).lower().replace(" ", "-")
     space = {
         "base": {"model": {"arch": arch, "pretrained": pretrained, "head_init": "zeroshot",
                            "templates": list(TEMPLATES)},

@@ -97,11 +97,11 @@ def build(found: Found, cfg: DataConfig, shifts: dict[str, tuple[ShiftSpec, List
     """The task `found` describes, checked (see the module docstring); `shifts` are the shift data
     sets the adapter listed, by name (corruptions are added by `orchestrator.data`)."""
     shifts = shifts or {}
-    listed = {**found.splits(), **{name: listing for name, (_, listing) in shifts.items()}}
+    shift_sets = {name: listing for name, (_, listing) in shifts.items()}
+    listed = {**found.splits(), **shift_sets}
     report = trust.check_found(found, cfg.skip_unreadable, cache_dir=cache_dir(), progress=progress,
-                               shifts={name: listing for name, (_, listing) in shifts.items()})
-    keep = {name: np.setdiff1d(np.arange(len(s.labels)), np.asarray(report.unreadable.get(name, ()), dtype=np.int64))
-            for name, s in listed.items()}
+                               shifts=shift_sets)
+    keep = {name: trust.kept(len(s.labels), report.unreadable.get(name, ())) for name, s in listed.items()}
     train = found.train
     missing = [s for s in ("heldout", "test") if s not in keep]
     fractions = tuple(cfg.heldout_fraction if s == "heldout" else cfg.test_fraction for s in missing)

@@ -47,6 +47,11 @@ from orchestrator.data.listing import Found, Listing, Reader
 
 Progress = Callable[[int, int], None]  # (done, total)
 
+
+def kept(n: int, skipped) -> np.ndarray:
+    """Indices 0..n-1 less `skipped` (unreadable images left out), sorted."""
+    return np.setdiff1d(np.arange(n), np.asarray(list(skipped), dtype=np.int64))
+
 PREFIX = 64 * 1024  # bytes hashed first in `find_duplicates` (see there)
 SHOWN = 5  # duplicate pairs named in a leakage message
 NAMED = 10  # classes named in a class message
@@ -340,16 +345,15 @@ def _duplicates(listings: Mapping[str, Listing], against: str, exclude: Mapping[
                 progress: Progress | None) -> Duplicates:
     if against not in listings:
         raise ValueError(f"find_duplicates: no split {against!r} among {list(listings)}")
-    kept = {k: np.setdiff1d(np.arange(len(s.reader)), np.asarray(list(exclude.get(k, ())), dtype=np.int64))
-            for k, s in listings.items()}
-    size = {k: sizes[k][kept[k]] for k in listings}
-    examined = sum(len(v) for v in kept.values())
+    left = {k: kept(len(s.reader), exclude.get(k, ())) for k, s in listings.items()}
+    size = {k: sizes[k][left[k]] for k in listings}
+    examined = sum(len(v) for v in left.values())
     others = [k for k in listings if k != against]
     if not others:
         return Duplicates((), examined, 0, 0)
     # Size first: only an image whose size occurs in `against` and in another split can have a twin.
-    cand = {against: kept[against][np.isin(size[against], np.concatenate([size[k] for k in others]))]}
-    cand.update({k: kept[k][np.isin(size[k], size[against])] for k in others})
+    cand = {against: left[against][np.isin(size[against], np.concatenate([size[k] for k in others]))]}
+    cand.update({k: left[k][np.isin(size[k], size[against])] for k in others})
     items = [(k, int(i)) for k in listings for i in cand[k]]
     groups, nbytes = _keyed(pool, listings, items, lambda r, idx: _hash_block(r, idx, prefix), progress)
 
