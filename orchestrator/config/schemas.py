@@ -92,6 +92,11 @@ class DataConfig(Frozen):
     workers: int = Field(0, ge=0, le=64)  # files: DataLoader worker processes
     split_seed: int = 0
     heldout_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    # a user's own data: only train's images start..stop-1 (in the data set's order) are used at
+    # all, e.g. when the others pretrained the base; then fine-tune on a seeded, stratified subset
+    # of `train_size` of what is left once held-out and test are carved (None: all of it)
+    train_range: tuple[int, int] | None = None
+    train_size: int | None = Field(None, ge=1)
     test_fraction: float = Field(0.3, gt=0.0, lt=0.8)
     selection_split: Literal["heldout", "test", "train"] = "heldout"
     reporting_splits: tuple[str, ...] = ("test",)
@@ -107,6 +112,8 @@ class DataConfig(Frozen):
         names = [s if isinstance(s, str) else s.name for s in self.shifts or ()]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise FieldError("shifts", f"shift names must be unique: {twice} given twice")
+        if self.train_range is not None and not 0 <= self.train_range[0] < self.train_range[1]:
+            raise FieldError("train_range", f"train_range {list(self.train_range)} is not [start, stop] with 0 <= start < stop")
         if self.heldout_fraction + self.test_fraction >= 0.9:
             raise FieldError("test_fraction", "heldout_fraction + test_fraction leaves under 10% to train on")
         return self

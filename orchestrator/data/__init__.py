@@ -128,10 +128,16 @@ def corrupted(test: Split, spec: ShiftSpec, seed: int) -> Split:
                        test.project)
 
 
-@lru_cache(maxsize=4)  # building a task renders and shifts images: callers in a process share it
 def load_task(cfg: DataConfig) -> TaskData:
     """The train / held-out / test splits and the configured shifts of `cfg.dataset`, checked
     (a user's own data: `owntask`), in the configured order."""
+    if name_of(cfg) == tvsets.NAME and not cfg.root:  # the default root is the environment's cache
+        cfg = cfg.model_copy(update={"root": str(tvsets.default_root())})
+    return _load_task(cfg)
+
+
+@lru_cache(maxsize=4)  # building a task renders and shifts images: callers in a process share it
+def _load_task(cfg: DataConfig) -> TaskData:
     named, corrupt_specs = plan(cfg)
     task = adapter(cfg).load(cfg, named)
     made = {i: (s.name, corrupted(task.test, s, cfg.split_seed + SHIFT_SEED_OFFSET + i)) for i, s in corrupt_specs}

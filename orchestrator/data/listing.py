@@ -14,7 +14,7 @@ are found by size first and hashed only where sizes collide.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from PIL import Image
@@ -114,3 +114,38 @@ class FileReader:
     def head(self, i: int, n: int) -> bytes:
         with open(self.paths[i], "rb") as f:
             return f.read(n)
+
+
+class Slice:
+    """Images `start`..`stop`-1 of another reader (`Reader`): ``data.train_range``; picklable."""
+
+    def __init__(self, reader: Reader, start: int, stop: int):
+        self.reader, self.start, self.stop = reader, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def open(self, i: int) -> Image.Image:
+        return self.reader.open(self.start + i)
+
+    def where(self, i: int) -> str:
+        return self.reader.where(self.start + i)
+
+    def size(self, i: int) -> int:
+        return self.reader.size(self.start + i)
+
+    def content(self, i: int) -> bytes:
+        return self.reader.content(self.start + i)
+
+    def head(self, i: int, n: int) -> bytes:
+        return self.reader.head(self.start + i, n)
+
+
+def sliced(found: Found, start: int, stop: int) -> Found:
+    """`found` with only train's images `start`..`stop`-1; a ValueError past its end."""
+    n = len(found.train.labels)
+    if stop > n:
+        raise ValueError(f"data.train_range [{start}, {stop}] reaches past the {n} images of train")
+    train = Listing("train", Slice(found.train.reader, start, stop), found.train.labels[start:stop],
+                    found.train.classes)
+    return replace(found, train=train, source=f"{found.source}, train images {start}..{stop - 1}")

@@ -7,7 +7,8 @@ An adapter returns `listing.Found` (what is there, nothing decoded). `build` the
    held-out and test, every image decodable (or skipped and counted with
    ``data.skip_unreadable``), no image both in train and in held-out, test or a shift;
 2. carves held-out and test from train when the data set has none, seeded and stratified, with
-   ``data.heldout_fraction`` and ``data.test_fraction`` of each class;
+   ``data.heldout_fraction`` and ``data.test_fraction`` of each class (of train's images
+   ``data.train_range`` when given), and fine-tunes on ``data.train_size`` of the rest when given;
 3. makes each split a `FolderSplit` whose images are read on demand, resized (shorter side to
    ``data.image_size``, bicubic) and centre-cropped, uint8 like ImageNet's;
 4. adds the shifts: a corruption of the test split (`corruptions`), or another data set of the
@@ -25,7 +26,7 @@ import torchvision.transforms.v2.functional as TF
 
 from orchestrator.config import DataConfig, ShiftSpec
 from orchestrator.data import trust
-from orchestrator.data.listing import Found, Listing
+from orchestrator.data.listing import Found, Listing, sliced
 from orchestrator.data.splits import FolderSplit, SubsetProjection, TaskData
 
 
@@ -60,6 +61,14 @@ def carve(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[n
             start += n
         parts[-1].append(idx[start:])
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def _subset(index: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded, class-stratified subset of about `size` of `index` (``data.train_size``)."""
+    if size > len(index):
+        raise trust.DataError(f"data.train_size {size} is more than the {len(index)} training images "
+                              "left once held-out and test are carved")
+    return index[carve(labels[index], (size / len(index),), seed + 1)[0]]
 
 
 def _split(name: str, listing: Listing, index, size: int, remap=None, project=None) -> FolderSplit:
@@ -97,6 +106,11 @@ def build(found: Found, cfg: DataConfig, shifts: dict[str, tuple[ShiftSpec, List
     """The task `found` describes, checked (see the module docstring); `shifts` are the shift data
     sets the adapter listed, by name (corruptions are added by `orchestrator.data`)."""
     shifts = shifts or {}
+    if cfg.train_range is not None:
+        try:
+            found = sliced(found, *cfg.train_range)
+        except ValueError as err:
+            raise trust.DataError(str(err)) from None
     shift_sets = {name: listing for name, (_, listing) in shifts.items()}
     listed = {**found.splits(), **shift_sets}
     report = trust.check_found(found, cfg.skip_unreadable, cache_dir=cache_dir(), progress=progress,
@@ -108,6 +122,8 @@ def build(found: Found, cfg: DataConfig, shifts: dict[str, tuple[ShiftSpec, List
     parts = carve(np.asarray(train.labels)[keep["train"]], fractions, cfg.split_seed)
     index = {s: keep["train"][p] for s, p in zip(missing, parts)}
     index["train"] = keep["train"][parts[-1]]
+    if cfg.train_size is not None:
+        index["train"] = _subset(index["train"], np.asarray(train.labels), cfg.train_size, cfg.split_seed)
     for s in missing:
         short = sorted(set(range(len(train.classes))) - set(np.asarray(train.labels)[index[s]].tolist()))
         if short:

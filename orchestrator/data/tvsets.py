@@ -1,9 +1,11 @@
 """An image-classification data set of `torchvision.datasets` (`dataset: torchvision`).
 
 ``data.source`` names the class (``FashionMNIST``, ``MNIST``, ``CIFAR10``, ``Flowers102``, ...),
-``data.root`` is the root folder it is given, and ``data.download`` is passed through (off by
-default: the files must already be on disk, where torchvision itself looks for them, e.g.
-``<root>/FashionMNIST/raw/``).
+``data.root`` is the root folder it is given (default: ``model-soup/torchvision`` in the user's
+cache), and ``data.download`` is passed through (off by default: the files must already be on
+disk, where torchvision itself looks for them, e.g. ``<root>/FashionMNIST/raw/``). Files that a
+Debian ``dataset-*`` package installed (``dataset-fashion-mnist``) are copied there first, checked
+against the class's own md5 list, so such a set needs no network.
 
 Splits: a class with a ``train`` flag gives train (``train=True``) and test (``train=False``); a
 class with a ``split`` argument gives train (``"train"``, else ``"trainval"`` or
@@ -24,7 +26,12 @@ image's pixels.
 
 from __future__ import annotations
 
+import gzip
 import inspect
+import os
+import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +51,7 @@ EXAMPLES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100", "STL10", "
 TRAIN_SPLITS = ("train", "trainval", "train-standard")
 HELDOUT_SPLITS = ("val", "valid", "validation")
 TEST_SPLITS = ("test",)
+DEBIAN_DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages install their files
 
 
 def dataset_class(name: str | None) -> type:
@@ -213,11 +221,41 @@ def _listing(name: str, cls: type, root: str, kind: str | None, split: Any, ds: 
     return Listing(name, reader, labels, classes)
 
 
+def default_root() -> Path:
+    """Where a space that names no ``data.root`` keeps torchvision's files: the user's cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-soup" / "torchvision"
+
+
 def _root(root: str | None, cls: type) -> str:
-    if not root:
-        raise ValueError(f"data.root must name the folder torchvision keeps {cls.__name__} in "
-                         "(data.download: true fetches it there)")
+    root = str(Path(root).expanduser()) if root else str(default_root())
+    debian_copy(cls, root)
     return root
+
+
+def debian_copy(cls: type, root: str, packages: Path | None = None) -> bool:
+    """Put the files a Debian ``dataset-*`` package installed (``/usr/share/datasets/<name>/``,
+    e.g. ``dataset-fashion-mnist``) where `cls` looks for them, ``<root>/<Class>/raw/``,
+    decompressed (gzip checks each file's CRC), under the names the class itself lists (its public
+    ``resources``): no download needed. Debian recompresses the files, so their md5 differ from
+    that list; torchvision checks what it reads (the idx headers' sizes). True when every file is
+    in place afterwards."""
+    resources = getattr(cls, "resources", None)
+    if not isinstance(resources, (list, tuple)) or not resources:
+        return False
+    src = (packages or DEBIAN_DATASETS) / re.sub(r"(?<=[a-z])(?=[A-Z])", "-", cls.__name__).lower()
+    raw = Path(root) / cls.__name__ / "raw"
+    names = [str(entry[0]).rsplit("/", 1)[-1] for entry in resources]
+    todo = [(src / n, raw / n.removesuffix(".gz")) for n in names]
+    todo = [(packed, target) for packed, target in todo if not target.exists()]
+    if not all(packed.is_file() for packed, _ in todo):
+        return False  # a package without every file: nothing copied
+    for packed, target in todo:
+        raw.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f"{target.name}.{os.getpid()}.part")
+        with (gzip.open(packed) if packed.suffix == ".gz" else open(packed, "rb")) as f, open(part, "wb") as out:
+            shutil.copyfileobj(f, out)
+        os.replace(part, target)  # trials building the task at once each write their own part
+    return True
 
 
 def find(cfg: DataConfig) -> Found:

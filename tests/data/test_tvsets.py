@@ -36,6 +36,12 @@ def _write_idx(raw, prefix: str, images: np.ndarray, labels: list[int]) -> None:
                                                      + np.asarray(labels, dtype=np.uint8).tobytes())
 
 
+@pytest.fixture(autouse=True)
+def no_debian_packages(tmp_path_factory, monkeypatch):
+    """These tests write their own files: none come from the machine's Debian packages."""
+    monkeypatch.setattr(tvsets, "DEBIAN_DATASETS", tmp_path_factory.mktemp("no-debian-packages"))
+
+
 @pytest.fixture
 def fashion(tmp_path):
     """A FashionMNIST root: train 3 images a class (train's rows 0 and 10 equal), test 2 a class."""
