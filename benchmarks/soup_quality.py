@@ -156,15 +156,16 @@ def tables(results: list[dict], summary: dict) -> str:
 
 
 def findings(summary: dict) -> list[str]:
-    """The two lines the paper's claim stands on: greedy soup vs best individual, on average."""
+    """The two lines the paper's claim stands on: greedy soup vs best individual, on average,
+    strictly above on test and under shift (a greedy soup of the best model alone ties it)."""
     lines = []
     d = summary["diffs"].get("greedy soup")
     if d is None:
         return ["no greedy soup among the recipes: nothing to compare"]
-    for m, label, need in (("test", "test", ">="), ("shift_mean", "mean shift", ">")):
+    for m, label in (("test", "test"), ("shift_mean", "mean shift")):
         mean, lo, hi = d[m]
-        ok = mean >= 0 if need == ">=" else mean > 0
-        lines.append(f"greedy soup {need} best individual on {label} on average: {'yes' if ok else 'NO'} "
+        ok = mean > 0
+        lines.append(f"greedy soup > best individual on {label} on average: {'yes' if ok else 'NO'} "
                      f"({_pts(mean)} points, 95% interval [{_pts(lo)}, {_pts(hi)}])")
     return lines
 
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(tables(results, summary))
     print()
     print("\n".join(findings(summary)))
-    png = figure(results, summary, out / "soup_quality.png")
+    png = figure(results, summary, out / f"soup_quality_{Path(args.space).stem}.png")
     print(f"\nfigure: {png}\nper-sweep results: {out}")
     return 0
 

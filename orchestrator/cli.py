@@ -195,10 +195,13 @@ def _table_rows(rows: list[dict]) -> list[dict]:
 
 
 def cmd_demo(args) -> int:
-    from orchestrator.demo import run_demo
+    from orchestrator.demo import WorldUnavailable, run_demo
     from orchestrator.record.schema import LOCAL_ARTIFACTS
 
-    res = run_demo(args.workdir, **({"space": args.space} if args.space else {}), verbose=args.verbose)
+    try:
+        res = run_demo(args.workdir, space=args.space, verbose=args.verbose, world=args.world)
+    except WorldUnavailable as err:
+        return _fail(args.command, err)
     print("\n" + text_table(_table_rows(res["rows"])))
     if said := verdict(res["rows"]):
         print("\n" + "\n".join(said))
@@ -272,9 +275,12 @@ def _progress(what: str):
 
 
 def cmd_pretrain_base(args) -> int:
-    from orchestrator.train.pretrain import pretrain
+    from orchestrator.train.pretrain import pretrain, pretrain_fashion
 
-    path = pretrain(args.out, steps=args.steps, seed=args.seed)
+    if args.world == "fashion":
+        path = pretrain_fashion(args.out, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    else:
+        path = pretrain(args.out, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
     print(f"base checkpoint written to {path}")
     return 0
 
@@ -339,9 +345,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="build and evaluate the soups again even when this sweep is already cooked "
                          "with the same trials, recipes and settings (nothing is registered twice)")
     _output_options(sp, "cook")
-    sp = add("demo", cmd_demo, "Sweep and cook the tiny world end to end in a temporary workspace.")
+    sp = add("demo", cmd_demo, "Sweep and cook a tiny world end to end in a temporary workspace.")
     sp.add_argument("--workdir", help="keep the demo's MLflow store and plot here (default: a new temp dir)")
-    sp.add_argument("--space", help="search-space YAML to sweep (default: search_spaces/tiny_digits.yaml)")
+    sp.add_argument("--world", choices=("fashion", "digits"),
+                    help="fashion: Fashion-MNIST (search_spaces/tiny_fashion.yaml; the default when its "
+                         "files are here or downloadable); digits: the embedded digits "
+                         "(search_spaces/tiny_digits.yaml; the default otherwise, said in one line)")
+    sp.add_argument("--space", help="search-space YAML to sweep instead of a world's")
     sp.add_argument("--verbose", action="store_true",
                     help="show everything Ray, Tune and the workers print (by default it goes to "
                          "<workdir>/soup.log, and the terminal shows the trials, the cook and the table)")
@@ -364,9 +374,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="the space YAML to write (default <data name>.yaml here)")
     sp.add_argument("--skip-unreadable", action="store_true",
                     help="skip and count images that cannot be decoded (data.skip_unreadable) instead of refusing")
-    sp = add("pretrain-base", cmd_pretrain_base, "Regenerate the tiny world's base checkpoint.")
+    sp = add("pretrain-base", cmd_pretrain_base, "Regenerate a tiny world's base checkpoint.")
+    sp.add_argument("--world", choices=("digits", "fashion"), default="digits",
+                    help="digits: the glyph base (tiny-glyphs), from scratch; fashion: tiny-fashion, "
+                         "the glyph base in --out pretrained further on Fashion-MNIST's web slice")
     sp.add_argument("--out", default="orchestrator/assets", help="output folder")
-    sp.add_argument("--steps", type=int, default=3000)
+    sp.add_argument("--steps", type=int, default=None, help="default: the world's (3000 digits, 1000 fashion)")
     sp.add_argument("--seed", type=int, default=0)
     return p
 

@@ -1,4 +1,6 @@
-"""`make demo`: sweep and cook the tiny world end to end in a private, temporary workspace."""
+"""`make demo`: sweep and cook a tiny world end to end in a private, temporary workspace:
+Fashion-MNIST when its files are here (Debian's dataset-fashion-mnist) or downloadable, else the
+embedded digits."""
 
 from __future__ import annotations
 
@@ -9,7 +11,31 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny_digits.yaml"
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+WORLDS = {"fashion": SPACES / "tiny_fashion.yaml", "digits": SPACES / "tiny_digits.yaml"}
+SPACE = WORLDS["digits"]  # the world that needs nothing but the package
+
+
+class WorldUnavailable(RuntimeError):
+    """The world asked for by name cannot run here (its data is missing); one line."""
+
+
+def choose_world(world: str | None, log: Callable[[str], None] = print) -> Path:
+    """The space of `world`; with none, Fashion-MNIST's when its data is here (or downloadable),
+    else the digits world's, with one line that says why."""
+    if world is not None and world not in WORLDS:
+        raise WorldUnavailable(f"unknown world {world!r}; known: {', '.join(WORLDS)}")
+    if world == "digits":
+        return WORLDS["digits"]
+    from orchestrator.data import fashion
+
+    missing = fashion.missing()
+    if missing is None:
+        return WORLDS["fashion"]
+    if world == "fashion":
+        raise WorldUnavailable(missing)
+    log(f"demo: {missing}; running the digits world instead")
+    return WORLDS["digits"]
 
 
 def hermetic_env(workdir: Path) -> dict[str, str]:
@@ -25,9 +51,10 @@ def hermetic_env(workdir: Path) -> dict[str, str]:
             "XDG_CACHE_HOME": str(workdir / "cache")}  # the built tiny world, shared by the trials
 
 
-def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
-             log: Callable[[str], None] = print, verbose: bool = False) -> dict:
-    """Sweep `space`, cook it, and return the table, the plot, the store's location and the log.
+def run_demo(workdir: str | Path | None = None, space: str | Path | None = None,
+             log: Callable[[str], None] = print, verbose: bool = False, world: str | None = None) -> dict:
+    """Sweep `space` (default: `world`'s, see `choose_world`), cook it, and return the table, the
+    plot, the store's location and the log.
 
     The terminal shows the demo's own lines (each trial's start and end, the cook's progress);
     the detail (Ray's worker output, Ray Train's and Tune's lines) goes to ``<workdir>/soup.log``,
@@ -37,6 +64,7 @@ def run_demo(workdir: str | Path | None = None, space: str | Path = SPACE,
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))
     os.environ.pop("RAY_ADDRESS", None)
+    space = space or choose_world(world, log)
     from orchestrator.cook.driver import cook
     from orchestrator.runtime import connect, terminal
     from orchestrator.sweep.driver import run_sweep

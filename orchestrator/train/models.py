@@ -22,6 +22,9 @@ from orchestrator.hashing import file_sha256, text_sha256
 
 TINY_ARCH_JSON = ASSETS / f"{TINY_ARCH}.json"
 TINY_CHECKPOINT = ASSETS / f"{TINY_ARCH}.safetensors"
+FASHION_PRETRAINED = "tiny-fashion"  # the glyph base pretrained further on Fashion-MNIST's web slice
+FASHION_CHECKPOINT = ASSETS / "tiny-clip-fashion.safetensors"  # (its architecture: TINY_ARCH_JSON)
+COMMITTED = {TINY_PRETRAINED: TINY_CHECKPOINT, FASHION_PRETRAINED: FASHION_CHECKPOINT}
 # The tiny CLIP is pretrained on raw [0, 1] pixels: its normalisation is the identity.
 TINY_PREPROCESS = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -42,9 +45,9 @@ def arch_config(arch: str) -> dict:
 
 
 def resolve_pretrained(pretrained: str | None) -> str | None:
-    """Map our tag for the committed base checkpoint to its file; pass other tags and paths on."""
-    if pretrained == TINY_PRETRAINED:
-        return str(TINY_CHECKPOINT)
+    """Map our tags for the committed base checkpoints to their files; pass other tags and paths on."""
+    if pretrained in COMMITTED:
+        return str(COMMITTED[pretrained])
     if pretrained and pretrained.endswith((".pt", ".pth", ".bin")):
         raise ValueError(f"pretrained {pretrained!r}: only safetensors files are accepted (no pickles)")
     return pretrained

@@ -1,6 +1,8 @@
 """Contrastive pretraining of the tiny CLIP on rendered glyph image-caption pairs.
 
-This produces the committed base checkpoint of the tiny world. Captions that name the same glyph
+This produces the committed base checkpoints: the glyph base (`pretrain`, from scratch) and the
+Fashion-MNIST world's (`pretrain_fashion`, the glyph base trained further with glyphs beside the
+world's captioned "web" slice). Captions that name the same glyph
 are all positives for an image (several templates describe one glyph), so the loss is CLIP's
 symmetric cross-entropy with multi-positive targets.
 """
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 
 from orchestrator import data
 from orchestrator.config import DataConfig, ModelConfig
-from orchestrator.data import digits
+from orchestrator.data import digits, fashion
 from orchestrator.train import models
 from orchestrator.train.finetune import warmup_cosine
 
@@ -81,16 +83,26 @@ def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool
     pp = clip.visual.preprocess_cfg  # normalise exactly as the classifier will
     images = (images - torch.tensor(pp["mean"]).view(1, -1, 1, 1)) / torch.tensor(pp["std"]).view(1, -1, 1, 1)
     tokens, owner = _caption_tokens(tokenizer)
+    monitor = lambda: "zero-shot digits: held-out {:.1%}, rendered {:.1%}".format(*_zeroshot_monitor(clip, tokenizer))
+    _contrastive(clip, images, glyphs, tokens, owner, steps, batch_size, lr, 200, seed, monitor, log)
+    return save_base(clip, out_dir)
+
+
+def _contrastive(clip, images: torch.Tensor, owners: torch.Tensor, tokens: torch.Tensor,
+                 token_owner: torch.Tensor, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
+                 monitor, log) -> None:
+    """CLIP's contrastive training: random batches of `images` against every caption in `tokens`
+    (a caption is a positive of the images whose owner is its owner); `monitor()` every 500 steps."""
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
     clip.train()
     t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * warmup_cosine(step, 200, steps)
+            group["lr"] = lr * warmup_cosine(step, warmup, steps)
         bi = torch.randint(0, len(images), (batch_size,), generator=g)
         loss = contrastive_loss(clip.encode_image(images[bi]), clip.encode_text(tokens),
-                                glyphs[bi], owner, clip.logit_scale.exp())
+                                owners[bi], token_owner, clip.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,10 +111,58 @@ def pretrain(out_dir: str | Path, steps: int = 3000, batch_size: int = 256, pool
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
         if (step + 1) % 500 == 0 or step == steps - 1:
-            held, rendered = _zeroshot_monitor(clip, tokenizer)
-            log(f"  zero-shot digits: held-out {held:.1%}, rendered {rendered:.1%}")
+            clip.eval()
+            log(f"  {monitor()}")
             clip.train()
-    return save_base(clip, out_dir)
+    clip.eval()
+
+
+def pretrain_fashion(out_dir: str | Path, steps: int = 1000, batch_size: int = 256, glyph_pool: int = 20000,
+                     lr: float = 5e-4, named: float = 0.1, seed: int = 0, log=print) -> Path:
+    """The Fashion-MNIST world's base: the glyph base (in `out_dir`, else the committed one)
+    trained on, contrastively, with glyphs beside the world's "web" slice of Fashion-MNIST
+    (`fashion.WEB`, never the task's images) under captions that name the garment (a share
+    `named` of them) or only its kind (the others: "a photo of a shoe", `fashion.KINDS`).
+    Writes ``<out_dir>/tiny-clip-fashion.safetensors`` (`models.FASHION_CHECKPOINT`'s name)."""
+    torch.manual_seed(seed)
+    glyph_base = Path(out_dir) / models.TINY_CHECKPOINT.name  # the glyph base `make base` just wrote
+    clip, tokenizer = models.build_clip(ModelConfig(pretrained=str(glyph_base)) if glyph_base.is_file()
+                                        else ModelConfig())
+    glyph_images, glyphs = render_pool(glyph_pool, seed, log)
+    web = data.load_task(fashion.web_config())
+    web_images = torch.stack([web.train.dataset[i][0] for i in range(len(web.train))]
+                             + [web.heldout.dataset[i][0] for i in range(len(web.heldout))]).float() / 255
+    web_labels = torch.cat([web.train.labels, web.heldout.labels])
+    log(f"web slice: {len(web_images)} Fashion-MNIST train images {fashion.WEB[0]}..{fashion.WEB[1] - 1}")
+    g_tokens, g_owner = _caption_tokens(tokenizer)
+    # caption owners: the glyphs, then the garments by name, then the kinds
+    n_g, n_c = len(glyph_vocabulary()), len(fashion.CLASSNAMES)
+    f_caps = [t.format(c) for c in fashion.CLASSNAMES for t in fashion.TEMPLATES]
+    f_caps += [t.format(k) for k in fashion.KINDS for t in fashion.KIND_TEMPLATES]
+    f_owner = torch.cat([torch.arange(n_c).repeat_interleave(len(fashion.TEMPLATES)),
+                         torch.arange(len(fashion.KINDS)).repeat_interleave(len(fashion.KIND_TEMPLATES)) + n_c]) + n_g
+    kind_of = torch.tensor([next(k for k, members in enumerate(fashion.KINDS.values()) if c in members)
+                            for c in fashion.CLASSNAMES])
+    by_name = torch.rand(len(web_labels), generator=torch.Generator().manual_seed(seed)) < named
+    web_owner = torch.where(by_name, web_labels, kind_of[web_labels] + n_c)
+    log(f"captions: {int(by_name.sum())} by name, {int((~by_name).sum())} by kind only")
+    images = torch.cat([glyph_images, web_images])
+    owners = torch.cat([glyphs, web_owner + n_g])
+    tokens, token_owner = torch.cat([g_tokens, tokenizer(f_caps)]), torch.cat([g_owner, f_owner])
+    monitor = lambda: f"zero-shot Fashion-MNIST held-out: {_fashion_monitor(clip, tokenizer):.1%}"
+    log(monitor())
+    _contrastive(clip, images, owners, tokens, token_owner, steps, batch_size, lr, 50, seed, monitor, log)
+    return save_base(clip, out_dir, models.FASHION_CHECKPOINT.stem)
+
+
+def _fashion_monitor(clip, tokenizer) -> float:
+    """Monitor only: zero-shot on the fashion task's held-out split, never test or a shift."""
+    from orchestrator.config import SearchSpace, load_yaml
+    from orchestrator.train.evaluate import accuracy
+
+    task = data.load_task(load_yaml(SearchSpace, fashion.SPACE).base.data)
+    model = models.classifier_from_clip(clip, tokenizer, fashion.CLASSNAMES, fashion.TEMPLATES)
+    return accuracy(model, task.heldout)
 
 
 def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
@@ -115,11 +175,11 @@ def _zeroshot_monitor(clip, tokenizer) -> tuple[float, float]:
     return accuracy(model, task.heldout), accuracy(model, task.shifts[digits.RENDERED])
 
 
-def save_base(clip: torch.nn.Module, out_dir: str | Path) -> Path:
+def save_base(clip: torch.nn.Module, out_dir: str | Path, stem: str = models.TINY_ARCH_JSON.stem) -> Path:
     """Write the checkpoint as safetensors beside its architecture JSON."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{models.TINY_ARCH_JSON.stem}.safetensors"
+    path = out_dir / f"{stem}.safetensors"
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
     save_file(state, str(path), metadata={"arch": models.TINY_ARCH_JSON.stem})
     arch_out = out_dir / models.TINY_ARCH_JSON.name

@@ -36,7 +36,7 @@ def test_every_shipped_yaml_loads_with_the_command_it_names(path):
 
 def test_every_shipped_yaml_is_found():
     assert {p.relative_to(REPO).as_posix() for p in EVERY_YAML} >= {
-        "search_spaces/tiny_digits.yaml", "search_spaces/clip_vit_b32_imagenet.yaml",
+        "search_spaces/tiny_digits.yaml", "search_spaces/tiny_fashion.yaml", "search_spaces/clip_vit_b32_imagenet.yaml",
         "search_spaces/clip_vit_l14_imagenet.yaml", "examples/tiny_digits/finetune.yaml"}
 
 

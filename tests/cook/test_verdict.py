@@ -73,7 +73,7 @@ def test_summary_orders_rows_like_the_paper_and_pairs_by_sweep(quality):
                               "model-stock soup", "ensemble", "greedy ensemble"]
     assert s["diffs"]["greedy soup"]["test"][0] == pytest.approx(0.015)
     assert "best individual" not in s["diffs"] and "zero-shot" not in s["diffs"]
-    assert quality.findings(s)[0].startswith("greedy soup >= best individual on test on average: yes (+1.50 points")
+    assert quality.findings(s)[0].startswith("greedy soup > best individual on test on average: yes (+1.50 points")
     assert quality.findings(s)[1].startswith("greedy soup > best individual on mean shift on average: NO (+0.00")
 
 
