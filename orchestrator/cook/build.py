@@ -21,7 +21,7 @@ import torch
 from orchestrator import data
 from orchestrator.config import FinetuneConfig, SearchSpace, validate
 from orchestrator.cook.meter import Meter
-from orchestrator.data.splits import LoaderOptions, TaskData, fingerprint
+from orchestrator.data.splits import LoaderOptions, TaskData, fingerprint, resident
 from orchestrator.hashing import file_sha256
 from orchestrator.record import logits as logitstore
 from orchestrator.record.schema import CHECKPOINT_PATH, LOGITS_PATH
@@ -277,12 +277,13 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, option
            meter: Meter, resources: BuildResources) -> Built:
     accel = resources.accel()
     task = data.load_task(cfg.data)
+    evaluated = resident(task)  # every soup is scored on the same splits: read them once when they fit
     model = accel.prepare(models.build_classifier(cfg.model, task.classnames))
     base = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     ctx = _Build(model, accel, meter, meter.log)
     meter.watch(model)
     with meter.phase("zero-shot"):
-        rows = [summary_row("zero-shot", "baseline", _accs(model, task, accel), task.shifts)]
+        rows = [summary_row("zero-shot", "baseline", _accs(model, evaluated, accel), task.shifts)]
     scores = [c.heldout_acc for c in checkpoints]
     with meter.phase("baselines"):
         singles, ensembles, excluded = _ensemble_rows(ctx, paths, logit_paths, checkpoints, task, scores)
@@ -294,14 +295,14 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, option
     labels = [f"{checkpoints[i].name} ({checkpoints[i].run_id[:8]})" if checkpoints[i].name != checkpoints[i].run_id
               else checkpoints[i].run_id for i in use]  # progress lines and errors name the trial
     inputs = RecipeInputs([paths[i] for i in use], labels, [scores[i] for i in use], model,
-                          task.heldout, options, meter.log, base=base)
+                          evaluated.heldout, options, meter.log, base=base)
     soups = {}
     for recipe in recipes:
         with meter.phase(recipe.name):
             soup = recipe.build(inputs)
         with meter.phase(f"{recipe.name} evaluation", quiet=True):
             model.load_state_dict(soup.state_dict)
-            rows.append(summary_row(f"{recipe.name} soup", "soup", _accs(model, task, accel), task.shifts))
+            rows.append(summary_row(f"{recipe.name} soup", "soup", _accs(model, evaluated, accel), task.shifts))
         soups[recipe.name] = soup
     where = {"device": str(accel.device), "precision": accel.precision,
              "threads": torch.get_num_threads(), "input_devices": sorted(meter.devices)}

@@ -10,7 +10,7 @@ to the model, so that a served soup takes plain pixels. Code that reads a split 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -87,7 +87,7 @@ class TensorSplit(_Counted):
     """A named set of images and integer labels, held in memory (the tiny world)."""
 
     name: str
-    images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
+    images: torch.Tensor  # (N, 3, H, W) float in [0, 1], or uint8 0..255 (`resident`: as files give them)
     labels: torch.Tensor  # (N,) int64
     project: Callable[[torch.Tensor], torch.Tensor] | None = None  # model logits -> split's classes
 
@@ -105,7 +105,7 @@ class TensorSplit(_Counted):
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `limit` images and labels as tensors (all of them by default)."""
-        return self.images[:limit], self.labels[:limit]
+        return to_float_images(self.images[:limit]), self.labels[:limit]
 
 
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
@@ -217,3 +217,25 @@ def fingerprint(split: Split) -> str:
         paths = getattr(getattr(split, "dataset", None), "paths", ())
         h.update("\n".join(map(str, paths)).encode())
     return h.hexdigest()[:16]
+
+RESIDENT_BYTES = 1 << 30  # evaluation splits held in memory by `resident` up to this size together
+
+
+def resident(task: TaskData, max_bytes: int = RESIDENT_BYTES) -> TaskData:
+    """`task` with its held-out, test and shift splits read into memory once (uint8, as read),
+    when they fit `max_bytes` together; else `task` itself. A cook evaluates every soup on the
+    same splits: reading (decoding, corrupting) each image once beats once a soup. The same on
+    any device (ImageNet's splits do not fit and are read from their files as before); train is
+    left as it is. The pixels are the ones the files give, so every figure is unchanged."""
+    evals = {"heldout": task.heldout, "test": task.test, **task.shifts}
+    on_files = {k: s for k, s in evals.items() if isinstance(s, FolderSplit)}
+    if not on_files:
+        return task
+    size = sum(len(s) * s.dataset[0][0].numel() * s.dataset[0][0].element_size() for s in on_files.values())
+    if size > max_bytes:
+        return task
+    held = {k: TensorSplit(s.name, torch.stack([s.dataset[i][0] for i in range(len(s))]), s.labels, s.project)
+            for k, s in on_files.items()}
+    held = {**evals, **held}
+    return replace(task, heldout=held["heldout"], test=held["test"],
+                   shifts={k: held[k] for k in task.shifts})

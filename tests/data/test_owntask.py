@@ -95,3 +95,30 @@ def test_every_corruption_keeps_shape_and_dtype_and_grows_with_severity(name):
     assert torch.equal(corrupt(name, img, 3, seed=0, index=3), corrupt(name, img, 3, seed=0, index=3))
     f = corrupt(name, img.float() / 255, 3, seed=0, index=3)
     assert f.dtype == torch.float32 and 0 <= f.min() and f.max() <= 1
+
+
+def test_evaluation_splits_held_in_memory_give_the_same_logits_and_only_when_they_fit(tmp_path):
+    """`splits.resident` (the cook's evaluation splits, read once instead of once a soup): the
+    same pixels, so the same logits, including a corruption and a class-subset shift; over the
+    budget the task is returned as it is."""
+    from orchestrator.data.splits import TensorSplit, resident
+    from orchestrator.train import evaluate
+
+    root = write_folder(tmp_path / "d", {"train": 6, "heldout": 2, "test": 3})
+    sub = write_folder(tmp_path / "s", {"x": 2}, classes=CLASSES[:2], names=False)
+    task = data.load_task(cfg(root, shifts=("blur", {"name": "drawn", "root": str(sub / "x")})))
+    held = resident(task)
+    assert held.train is task.train
+    assert all(isinstance(s, TensorSplit) and s.images.dtype == torch.uint8
+               for s in (held.heldout, held.test, *held.shifts.values()))
+    assert list(held.shifts) == ["blur", "drawn"] and held.shifts["drawn"].project is task.shifts["drawn"].project
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 3))
+    for name in ("heldout", "test", "blur", "drawn"):
+        a = getattr(task, name, None) or task.shifts[name]
+        b = getattr(held, name, None) or held.shifts[name]
+        assert torch.equal(evaluate.logits(model, a), evaluate.logits(model, b)), name
+        assert torch.equal(a.tensors()[0], b.tensors()[0])
+    size = sum(len(s) for s in (task.heldout, task.test, *task.shifts.values())) * 3 * 24 * 24
+    assert resident(task, max_bytes=size) is not task
+    assert resident(task, max_bytes=size - 1) is task
