@@ -36,8 +36,8 @@ TEMPLATES = ("a photo of a {}.", "a low resolution photo of a {}.", "a black and
 
 
 def web_config(root: str | None = None) -> DataConfig:
-    """The data config of the base's web slice (train images ``WEB``; nothing carved from it
-    is used: the pretraining reads train only)."""
+    """The data config of the base's web slice: train images ``WEB`` (the pretraining reads its
+    train and held-out splits, both carved from that slice, and nothing else)."""
     return DataConfig(dataset="torchvision", source=SOURCE, root=root, image_size=32, train_range=WEB,
                       classnames=CLASSNAMES, shifts=())
 
