@@ -6,6 +6,7 @@ task, and the demo's choice of world when the files are missing."""
 from __future__ import annotations
 
 import gzip
+import os
 
 import numpy as np
 import pytest
@@ -122,6 +123,11 @@ def test_the_demo_runs_the_digits_world_when_fashion_is_missing_and_says_so(tmp_
     assert demo.choose_world("digits", said.append) == demo.WORLDS["digits"] and len(said) == 1
     with pytest.raises(demo.WorldUnavailable, match="Fashion-MNIST is not on this machine"):
         demo.choose_world("fashion")
+    for key in demo.hermetic_env(tmp_path) | {"RAY_ADDRESS": ""}:  # run_demo sets them for its process:
+        if key in os.environ:  # restored after this test, as they were
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
     assert cli.main(["demo", "--world", "fashion", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("soup demo: error: Fashion-MNIST is not on this machine")
