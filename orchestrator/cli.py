@@ -277,10 +277,8 @@ def _progress(what: str):
 def cmd_pretrain_base(args) -> int:
     from orchestrator.train.pretrain import pretrain, pretrain_fashion
 
-    if args.world == "fashion":
-        path = pretrain_fashion(args.out, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
-    else:
-        path = pretrain(args.out, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    run = pretrain_fashion if args.world == "fashion" else pretrain
+    path = run(args.out, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
     print(f"base checkpoint written to {path}")
     return 0
 

@@ -231,7 +231,7 @@ def resident(task: TaskData, max_bytes: int = RESIDENT_BYTES) -> TaskData:
     on_files = {k: s for k, s in evals.items() if isinstance(s, FolderSplit)}
     if not on_files:
         return task
-    size = sum(len(s) * s.dataset[0][0].numel() * s.dataset[0][0].element_size() for s in on_files.values())
+    size = sum(len(s) * (x := s.dataset[0][0]).numel() * x.element_size() for s in on_files.values())
     if size > max_bytes:
         return task
     held = {k: TensorSplit(s.name, torch.stack([s.dataset[i][0] for i in range(len(s))]), s.labels, s.project)

@@ -130,8 +130,7 @@ def pretrain_fashion(out_dir: str | Path, steps: int = 1000, batch_size: int = 2
                                         else ModelConfig())
     glyph_images, glyphs = render_pool(glyph_pool, seed, log)
     web = data.load_task(fashion.web_config())
-    web_images = torch.stack([web.train.dataset[i][0] for i in range(len(web.train))]
-                             + [web.heldout.dataset[i][0] for i in range(len(web.heldout))]).float() / 255
+    web_images = torch.cat([web.train.tensors()[0], web.heldout.tensors()[0]])  # float in [0, 1]
     web_labels = torch.cat([web.train.labels, web.heldout.labels])
     log(f"web slice: {len(web_images)} Fashion-MNIST train images {fashion.WEB[0]}..{fashion.WEB[1] - 1}")
     g_tokens, g_owner = _caption_tokens(tokenizer)
@@ -160,8 +159,9 @@ def _fashion_monitor(clip, tokenizer) -> float:
     from orchestrator.config import SearchSpace, load_yaml
     from orchestrator.train.evaluate import accuracy
 
-    task = data.load_task(load_yaml(SearchSpace, fashion.SPACE).base.data)
-    model = models.classifier_from_clip(clip, tokenizer, fashion.CLASSNAMES, fashion.TEMPLATES)
+    space = load_yaml(SearchSpace, fashion.SPACE).base  # the task's own prompts and class names
+    task = data.load_task(space.data)
+    model = models.classifier_from_clip(clip, tokenizer, space.data.classnames, space.model.templates)
     return accuracy(model, task.heldout)
 
 
