@@ -23,6 +23,17 @@ from orchestrator.config import (
 from orchestrator.cook.report import text_table, verdict
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
 def _fail(command: str, err: Exception | str) -> int:
     """Bad input ends a command with exit code 2 and one line on stderr, never a traceback."""
     print(f"soup {command}: error: {one_line(str(err))}", file=sys.stderr)
@@ -164,7 +175,8 @@ def cmd_cook(args) -> int:
         with _detail(args, "cook") as log:
             out = cook(args.sweep, recipes=recipes, model_name=args.model_name,
                        strict=args.strict, use_ray=not args.no_ray, learned_mode=args.learned_mode,
-                       partial=args.partial, resources=resources, rebuild=args.rebuild)
+                       partial=args.partial, resources=resources, rebuild=args.rebuild,
+                       learned_sample=args.learned_sample)
     except CookError as err:
         return _fail("cook", err)
     print(text_table(_table_rows(out.rows)))
@@ -182,7 +194,8 @@ def _cook_plan(args, recipes, resources) -> int:
     _store(write=False)
     try:
         plan = plan_cook(args.sweep, recipes=recipes, model_name=args.model_name,
-                         learned_mode=args.learned_mode, partial=args.partial, resources=resources)
+                         learned_mode=args.learned_mode, partial=args.partial, resources=resources,
+                         learned_sample=args.learned_sample)
     except CookError as err:
         return _fail("cook", err)
     print("\n".join(plan.lines()))
@@ -327,8 +340,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-name", help="registered model (default <experiment>-soup)")
     sp.add_argument("--strict", action="store_true", help="greedy keeps a candidate only if accuracy rises")
     sp.add_argument("--learned-mode", choices=LEARNED_MODES,
-                    help="learned soup's gradients: from the files, flat memory (streaming), or every "
-                         "ingredient in bf16 on the device (stacked); default: the space's cook.learned_mode")
+                    help="learned soups: every ingredient read once and held on the device (stacked), "
+                         "cook.learned_sample of them per step (sampled), every one read at every step "
+                         "(streaming), or stacked when they fit cook.memory_budget, else sampled (auto); "
+                         "default: the space's cook.learned_mode")
+    sp.add_argument("--learned-sample", type=_positive_int, metavar="K",
+                    help="ingredients a sampled learned soup mixes per step (default: cook.learned_sample)")
     sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
     sp.add_argument("--cpus", type=float, help="CPUs of the build task (default: the space's cook.resources.cpu)")
     sp.add_argument("--gpus", type=float, help="GPUs of the build task, 0 or 1 (default: cook.resources.gpu)")

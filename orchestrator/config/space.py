@@ -5,7 +5,7 @@ trial, the trial count is capped)."""
 import math
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config.loading import FieldError, error_text
 from orchestrator.config.schemas import FinetuneConfig, Frozen
@@ -112,7 +112,32 @@ class TrackingSettings(Frozen):
 
 # How the learned soup may get its gradients in a cook (the schema, `soup cook --learned-mode` and
 # the learned recipe all take this one list).
-LEARNED_MODES = ("streaming", "stacked")
+LEARNED_MODES = ("auto", "stacked", "sampled", "streaming")
+
+# The cook's memory budget when `cook.memory_budget` is not set: this share of the free memory of
+# the device the soups are built on (the GPU's, or the host's for a CPU cook).
+DEFAULT_BUDGET_SHARE = 0.5
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``"12GiB"`` -> ("bytes", 12 * 2**30); ``"40%"`` -> ("share", 0.4) of the free memory.
+
+    ValueError, in one line, for anything else."""
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            share = float(t[:-1]) / 100
+            if 0 < share <= 1:
+                return "share", share
+        else:
+            unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if t.endswith(u)), None)
+            if unit is not None and float(t[:-len(unit)]) > 0:
+                return "bytes", float(t[:-len(unit)]) * _UNITS[unit]
+    except ValueError:
+        pass
+    raise ValueError(f"memory budget {text!r}: give a size (e.g. 12GiB, 500MiB) or a share of the "
+                     "device's free memory (e.g. 40%)")
 
 
 class CookResources(Frozen):
@@ -130,10 +155,24 @@ class CookSettings(Frozen):
 
     resources: CookResources = CookResources()
 
-    # streaming: each coefficient's gradient accumulated ingredient by ingredient from the files,
-    # memory flat in the number of ingredients; stacked: every ingredient held in bf16 on the
-    # accelerator (fast when they fit).
-    learned_mode: Literal[LEARNED_MODES] = "streaming"
+    # auto: stacked when the ingredients fit `memory_budget`, else sampled (the cook says which
+    # and why); stacked: every ingredient read once and held on the device (bf16 on an
+    # accelerator); sampled: each step mixes and differentiates `learned_sample` of them, the rest
+    # held in host memory (MEHL-Soup); streaming: every ingredient read again at every step,
+    # memory flat in their number.
+    learned_mode: Literal[LEARNED_MODES] = "auto"
+    # What the learned soups may hold on the cook's device: a size ("12GiB") or a share of its
+    # free memory ("40%"); default 50%.
+    memory_budget: str | None = None
+    # Ingredients mixed and differentiated at each step of a sampled learned soup.
+    learned_sample: int = Field(8, ge=1)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_budget(v)
+        return v
 
 
 class SearchSpace(Frozen):

@@ -285,8 +285,10 @@ def _build_soups(base, checkpoints, recipes, options, res: CookResources, use_ra
 def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -> str:
     """Identity of a soup: recipe, its settings and the ordered ingredients (idempotent
     registration). The layout is the first releases' ``[recipe, greedy rule, run ids]``, then
-    any other setting that is not at its default, so the soups they registered keep their keys."""
-    rest = [v for k, v in sorted(settings.items()) if k != "strict" and v != option_defaults().get(k)]
+    any other setting that is not at its default, so the soups they registered keep their keys
+    (the learned soup's default mode was ``streaming`` then: that mode stays out of the key)."""
+    defaults = {**option_defaults(), "learned_mode": "streaming"}
+    rest = [v for k, v in sorted(settings.items()) if k != "strict" and v != defaults.get(k)]
     return json_sha256([recipe, settings.get("strict"), list(run_ids), *rest])[:24]
 
 
@@ -330,11 +332,12 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
          tracking_uri: str | None = None, strict: bool = False, use_ray: bool = True,
          log: Callable[[str], None] = print, learned_mode: str | None = None,
          partial: bool = False, resources: Mapping[str, float | None] | None = None,
-         rebuild: bool = False) -> CookOutcome:
+         rebuild: bool = False, learned_sample: int | None = None) -> CookOutcome:
     """Cook sweep `sweep_id`: soups and baselines evaluated, logged under the sweep, registered.
 
     `recipes` default to the built-in ones; `learned_mode` overrides the space's
-    ``cook.learned_mode`` (``streaming`` or ``stacked``), `resources` its ``cook.resources``
+    ``cook.learned_mode`` (``auto``, ``stacked``, ``sampled`` or ``streaming``) and
+    `learned_sample` its ``cook.learned_sample``, `resources` its ``cook.resources``
     (``cpu``, ``gpu``, ``memory_gib``). A sweep that has not FINISHED (still running,
     interrupted or failed) is cooked only with `partial`, and its soups say so.
 
@@ -346,7 +349,8 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
     table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
     tracker, space, parent = target.tracker, target.space, target.parent
-    options = RecipeOptions(strict, learned_mode or space.cook.learned_mode)
+    options = RecipeOptions(strict, learned_mode or space.cook.learned_mode, space.cook.memory_budget,
+                            learned_sample or space.cook.learned_sample)
     record = record_key(target, table, options)
     if not rebuild and (done := already_cooked(target, record, log)) is not None:
         return done

@@ -13,12 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import data
+from orchestrator.config import DEFAULT_BUDGET_SHARE, parse_budget
 from orchestrator.cook.driver import cook_resources, find_target, recipes_named
 from orchestrator.cook.meter import MIB
 from orchestrator.record import logits as logitstore
 from orchestrator.record.schema import (BASE_DIGESTS, CHECKPOINT_PATH, CHECKPOINT_SHA, HELDOUT_ACC,
                                         LOGITS_PATH, LOGITS_SHA, LOGITS_SPLITS)
-from orchestrator.soups.learned import HELDOUT_LIMIT
+from orchestrator.soups.learned import HELDOUT_LIMIT, choose_mode, free_memory, held_bytes
 from orchestrator.soups.recipe import RecipeOptions
 
 LEARNED_STEPS, LEARNED_BATCH = 50, 256  # `learned_soup`'s defaults, as the cook runs it
@@ -36,7 +37,7 @@ class CookPlan:
     rescored: dict[str, str]  # run -> why its logits cannot be used
     recipes: list[str]
     device: str
-    phases: list[dict] = field(default_factory=list)  # name, passes, bound, bytes
+    phases: list[dict] = field(default_factory=list)  # name, passes, bound, bytes (, held, mode)
 
     def lines(self) -> list[str]:
         out = [f"plan for cooking sweep {self.sweep_id} ({self.uri}); nothing is changed",
@@ -44,16 +45,19 @@ class CookPlan:
         out += [f"  excluded {rid}: {why}" for rid, why in self.excluded.items()]
         out += [f"  scored again {rid}: {why}" for rid, why in self.rescored.items()]
         out += [f"recipes: {', '.join(self.recipes)}", f"device: {self.device}",
-                f"{'phase':<22}{'forward passes':>18}{'MiB read':>12}"]
+                f"{'phase':<22}{'forward passes':>18}{'MiB read':>12}{'MiB held':>12}"]
         for p in self.phases:
             passes = "?" if p.get("unknown") else ("≤ " if p["bound"] else "") + f"{p['passes']:,}"
-            out.append(f"{p['name']:<22}{passes:>18}{p['bytes'] / MIB:>12,.1f}")
+            held = f"{p['held'] / MIB:>12,.1f}" if p.get("held") else ""
+            out.append(f"{p['name']:<22}{passes:>18}{p['bytes'] / MIB:>12,.1f}{held}")
+        out += [f"  {p['name']}: {p['mode']}" for p in self.phases if p.get("mode")]
         return out
 
 
 def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
               tracking_uri: str | None = None, learned_mode: str | None = None, partial: bool = False,
-              resources: Mapping[str, float | None] | None = None) -> CookPlan:
+              resources: Mapping[str, float | None] | None = None,
+              learned_sample: int | None = None) -> CookPlan:
     """What `cook` with these arguments would do, from MLflow's records alone (read only)."""
     table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
@@ -61,12 +65,15 @@ def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: s
     task = data.load_task(target.space.base.data)
     splits = {"heldout": task.heldout, **task.reporting()}
     usable, excluded, rescored, sizes = _ingredients(target, splits)
-    mode = learned_mode or target.space.cook.learned_mode
+    cook_cfg = target.space.cook
+    options = RecipeOptions(False, learned_mode or cook_cfg.learned_mode, cook_cfg.memory_budget,
+                            learned_sample or cook_cfg.learned_sample)
     device = (f"cuda, {res.gpu:g} GPU, bf16 where supported, {res.cpu:g} CPUs"
               if res.gpu else f"cpu, fp32, {max(1, int(res.cpu))} torch threads")
     plan = CookPlan(sweep_id, target.tracker.uri, len(target.runs), usable, excluded, rescored,
                     [r.name for r in table], device)
-    plan.phases = _phases(plan, sizes, {k: len(s) for k, s in splits.items()}, RecipeOptions(False, mode))
+    plan.phases = phases_of(plan, sizes, {k: len(s) for k, s in splits.items()}, options,
+                          "cuda" if res.gpu else "cpu")
     return plan
 
 
@@ -109,8 +116,8 @@ def _size(tracker, run_id: str, path: str) -> int:
     return next((int(a.file_size or 0) for a in listing if a.path.endswith(name)), 0)
 
 
-def _phases(plan: CookPlan, sizes: dict[str, tuple[int, int]], n: dict[str, int],
-            options: RecipeOptions) -> list[dict]:
+def phases_of(plan: CookPlan, sizes: dict[str, tuple[int, int]], n: dict[str, int],
+              options: RecipeOptions, device: str = "cpu") -> list[dict]:
     """Each phase's forward passes (images through the model) and bytes read, as the cook counts."""
     k, every = len(plan.usable), sum(n.values())
     ckpt = sum(c for c, _ in sizes.values())
@@ -120,12 +127,42 @@ def _phases(plan: CookPlan, sizes: dict[str, tuple[int, int]], n: dict[str, int]
               _p("baselines", len(plan.rescored) * every,
                  sum(lg for _, lg in sizes.values()) + len(plan.rescored) * per)]
     for name in plan.recipes:
-        phases.append(_recipe_phase(name, k, n["heldout"], ckpt, options))
+        phases.append(_recipe_phase(name, k, n["heldout"], ckpt, options, device))
     phases.append(_p("evaluation", len(plan.recipes) * every, 0))
     return phases
 
 
-def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOptions) -> dict:
+def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
+                 free: int | None = None) -> dict:
+    """How a learned soup of `n` ingredients (`ckpt` bytes of float32 checkpoints in all) would
+    run: its mode (``auto`` resolved as the cook resolves it), bytes read, bytes held on the
+    device. `free`: the device's free memory (default: measured here, for a CPU or a visible GPU;
+    a cook's GPU that this machine does not have is planned with the budget in bytes only)."""
+    import torch
+
+    per = ckpt // max(n, 1)  # one ingredient's bytes: its float32 values / 4
+    params = per // 4
+    mode, k, why = options.learned_mode, min(options.learned_sample, n), ""
+    if mode == "auto":
+        kind, value = parse_budget(options.memory_budget) if options.memory_budget else ("share", DEFAULT_BUDGET_SHARE)
+        if kind == "share" and free is None:
+            here = torch.device(device)
+            if device == "cuda" and not torch.cuda.is_available():
+                return {"mode": "auto: the cook's GPU decides (set cook.memory_budget to a size to plan it here)",
+                        "bytes": 2 * ckpt, "held": held_bytes("stacked", params, n), "bound": True}
+            free = free_memory(here)
+        budget = int(value if kind == "bytes" else value * free)
+        mode, k, why = choose_mode(params, n, budget, options.learned_sample)
+        why = f" ({why}; budget {budget / MIB:,.0f} MiB)"
+    host_held = device == "cuda"  # beside a GPU the sampled ingredients are read once into host memory
+    reads = {"stacked": 2 * ckpt, "streaming": (2 * LEARNED_STEPS + 1) * ckpt, "memory": 2 * ckpt,
+             "sampled": 2 * ckpt if host_held else 2 * ckpt + LEARNED_STEPS * k * per}[mode]
+    label = f"sampled, {k} of {n} per step" if mode == "sampled" else mode
+    return {"mode": label + why, "bytes": reads, "held": held_bytes(mode, params, n, k), "bound": False}
+
+
+def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOptions,
+                  device: str = "cpu") -> dict:
     fit = min(heldout, HELDOUT_LIMIT)
     if name == "uniform":
         return _p(name, 0, ckpt)
@@ -135,8 +172,8 @@ def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOpt
         return _p(name, k * heldout, ckpt, bound=True)
     if name in ("learned", "learned-layerwise"):
         steps = LEARNED_STEPS * min(LEARNED_BATCH, fit)
-        reads = (2 * LEARNED_STEPS + 1) * ckpt if options.learned_mode == "streaming" else 2 * ckpt
-        return _p(name, steps + fit, reads)
+        how = learned_plan(options, k, ckpt, device)
+        return {**_p(name, steps + fit, how["bytes"]), "held": how["held"], "mode": how["mode"]}
     return {"name": name, "passes": 0, "bound": True, "bytes": 0, "unknown": True}
 
 

@@ -3,9 +3,18 @@
 Coefficients are a softmax over per-ingredient *mixing parameters* (unnormalised scores: one
 vector globally, or one per parameter tensor), initialised uniform and optimised with Adam
 through ``torch.func.functional_call``.
-Three ways to get the gradient, one result (up to rounding):
+Four ways to get the gradient, and ``auto`` to choose between the first two:
 
-- ``streaming`` (default): memory does not grow with N. Each step builds the mixed weights
+- ``auto`` (the cook's default): ``stacked`` when the N ingredients fit the memory budget
+  (`choose_mode`), else ``sampled``; ``streaming`` only when even a sample of one does not fit.
+- ``sampled``: MEHL-Soup's mini-batch ingredient sampling (Li, Jiang, Liu, Huang, Kwok,
+  "Learning Scalable Model Soup on a Single GPU: An Efficient Subspace Training Strategy",
+  ECCV 2024, arXiv:2407.03641; github.com/nblt/MEHL-Soup), on this module's softmax
+  coefficients: each step mixes and differentiates a seeded random subset of k ingredients, held
+  on the device, against the current soup of the rest; the other N - k mixing parameters do not
+  move in that step (block coordinate descent). Every ingredient's coefficient comes out. With
+  k = N it is the ``memory`` formulation exactly (up to rounding).
+- ``streaming``: memory does not grow with N. Each step builds the mixed weights
   theta = sum_i alpha_i theta_i as a running sum, reading the ingredients chunk by chunk; a
   forward/backward with theta as the leaves gives g = dL/dtheta; then dL/dalpha_i = <g, theta_i>
   is accumulated ingredient by ingredient (tensor by tensor for per-layer coefficients) and
@@ -14,6 +23,10 @@ Three ways to get the gradient, one result (up to rounding):
   the memory), and autograd does the rest; fastest when N models fit.
 - ``memory``: the original in-memory formulation (ingredients held as state dicts, autograd
   through a sum of scalar-times-ingredient terms); the reference the others are tested against.
+
+Bytes read per learned soup (N ingredients of size S, 50 steps): ``stacked`` 2·N·S (the stack, then
+the final soup), ``sampled`` 2·N·S when the ingredients fit in host memory beside a GPU, else
+N·S + 50·k·S + N·S; ``streaming`` 101·N·S.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from orchestrator.config import DEFAULT_BUDGET_SHARE, parse_budget
 
 from orchestrator.soups.io.stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
 from orchestrator.soups.io.weights import (
@@ -36,7 +51,16 @@ from orchestrator.soups.io.weights import (
 from orchestrator.soups.recipe import RecipeInputs, RecipeOptions, SoupResult, register
 from orchestrator.train.evaluate import eval_mode
 
-MODES = ("streaming", "stacked", "memory")
+MODES = ("auto", "stacked", "sampled", "streaming", "memory")
+GIB = 2**30
+
+
+def _size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 # Held-out images the cooked learned soup fits its coefficients on, read into memory (ImageNet's
 # 2% slice is 25k images; the first 4096 of its seeded permutation are plenty for N coefficients).
 HELDOUT_LIMIT = 4096
@@ -106,7 +130,62 @@ def heldout_loss_and_acc(model: nn.Module, state: StateDict, images: torch.Tenso
 
 
 def _settings(options: RecipeOptions) -> dict:
-    return {"learned_mode": options.learned_mode}
+    """What makes a learned soup what it is: the mode, and the sample size where it is used."""
+    out = {"learned_mode": options.learned_mode}
+    if options.learned_mode in ("auto", "sampled"):
+        out["learned_sample"] = options.learned_sample
+    return out
+
+
+# --- how much a mode holds, and the choice between them ----------------------------------------
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on `device`: the GPU's, or the host's available memory for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def budget_bytes(device: torch.device, budget: str | None) -> tuple[int, str]:
+    """What the learned soup may hold on `device` (bytes), and how that figure was reached."""
+    kind, value = parse_budget(budget) if budget else ("share", DEFAULT_BUDGET_SHARE)
+    if kind == "bytes":
+        return int(value), f"cook.memory_budget {budget}"
+    free = free_memory(device)
+    return int(value * free), f"{value:.0%} of the {_size(free)} free on {device.type}"
+
+
+def held_bytes(mode: str, params: int, n: int, k: int = 1, stack_itemsize: int = 2) -> int:
+    """Bytes a learned soup of `n` ingredients of `params` float values holds on its device in
+    `mode`, activations aside: the mixed weights and their gradient in float32 (two model
+    sizes), plus ``stacked``: a float32 base and n in the stack's dtype; ``sampled``: the k
+    sampled in float32 (its mixed weights are the current soup itself)."""
+    if mode == "stacked":
+        return params * (n * stack_itemsize + 12)
+    if mode == "sampled":
+        return params * (4 * min(k, n) + 8)
+    return params * 8 * (n + 1) if mode == "memory" else params * 8
+
+
+def choose_mode(params: int, n: int, budget: int, sample: int, stack_itemsize: int = 2
+                ) -> tuple[str, int, str]:
+    """``auto``'s choice for `n` ingredients of `params` float values under `budget` bytes:
+    (mode, sample size, why). Stacked when all fit; else sampled with the largest sample up to
+    `sample` that fits; else streaming (two model sizes, every ingredient read at every step)."""
+    stacked = held_bytes("stacked", params, n, stack_itemsize=stack_itemsize)
+    if stacked <= budget:
+        return "stacked", n, f"{n} ingredients stacked hold {_size(stacked)}, within the budget"
+    k = min(sample, n)
+    while k > 1 and held_bytes("sampled", params, n, k) > budget:
+        k -= 1
+    sampled = held_bytes("sampled", params, n, k)
+    if sampled <= budget:
+        return "sampled", k, (f"{n} ingredients stacked would hold {_size(stacked)}, over the "
+                              f"budget; {k} sampled per step hold {_size(sampled)}")
+    return "streaming", 0, (f"even one sampled ingredient would hold {_size(sampled)}, over the "
+                            "budget; streaming holds two model sizes")
 
 
 @register("learned", _settings)
@@ -123,21 +202,25 @@ def cook_learned_layerwise(inputs: RecipeInputs) -> SoupResult:
 
 def _cook(inputs: RecipeInputs, per_layer: bool) -> SoupResult:
     images, labels = inputs.heldout.tensors(limit=HELDOUT_LIMIT)
+    o = inputs.options
     return learned_soup(inputs.ingredients, inputs.model, images, labels, per_layer=per_layer,
-                        names=inputs.names, log=inputs.log, mode=inputs.options.learned_mode)
+                        names=inputs.names, log=inputs.log, mode=o.learned_mode,
+                        memory_budget=o.memory_budget, sample=o.learned_sample)
 
 
 def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_images: torch.Tensor,
                  heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = 50,
                  lr: float = 0.05, batch_size: int = 256, seed: int = 0,
                  names: Sequence[str] | None = None, log: Callable[[str], None] = print,
-                 mode: str = "streaming", stack_dtype: torch.dtype = torch.bfloat16) -> SoupResult:
+                 mode: str = "streaming", stack_dtype: torch.dtype = torch.bfloat16,
+                 memory_budget: str | None = None, sample: int = 8) -> SoupResult:
     """Learn mixing coefficients on the held-out cross-entropy (Adam, seeded mini-batches).
 
     `ingredients` are safetensors paths or state dicts. `mode` picks how gradients are computed
     (see the module docstring): ``streaming`` holds two model sizes whatever N, ``stacked``
-    holds N ingredients in `stack_dtype` on the model's device, ``memory`` is the in-memory
-    reference. `model` supplies the architecture only; its own weights are neither used nor
+    holds N ingredients in `stack_dtype` on the model's device, ``sampled`` mixes `sample` of
+    them per step, ``auto`` chooses under `memory_budget` (`choose_mode`; a size or a share of
+    the device's free memory), ``memory`` is the in-memory reference. `model` supplies the architecture only; its own weights are neither used nor
     changed. The returned state dict is exactly the weighted sum given by the returned
     coefficients (built by streaming, in float32). The result's recipe is ``learned``, or
     ``learned-layerwise`` with `per_layer` (then coefficients map each float tensor to its own).
@@ -149,8 +232,18 @@ def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_im
     keys = float_keys(infos)
     mixing = _init_mixing(keys, len(ingredients), per_layer, device)
     trainable = frozenset(name for name, _ in model.named_parameters())
-    step_fn = {"streaming": _StreamingStep, "stacked": _StackedStep, "memory": _MemoryStep}[mode](
-        ingredients, infos, keys, device, stack_dtype, trainable)
+    n = len(ingredients)
+    if mode == "auto":
+        budget, how = budget_bytes(device, memory_budget)
+        params = sum(infos[k].numel for k in keys)
+        mode, sample, why = choose_mode(params, n, budget, sample, stack_dtype.itemsize)
+        log(f"{'learned-layerwise' if per_layer else 'learned'} soup: {mode} ({why}: "
+            f"{_size(budget)}, {how})")
+    if mode == "sampled":
+        step_fn = _SampledStep(ingredients, infos, keys, device, trainable, min(sample, n), seed)
+    else:
+        step_fn = {"streaming": _StreamingStep, "stacked": _StackedStep, "memory": _MemoryStep}[mode](
+            ingredients, infos, keys, device, stack_dtype, trainable)
     opt = torch.optim.Adam(list(mixing.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -160,9 +253,12 @@ def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_im
             opt.zero_grad()
             loss = step_fn(model, mixing, x, y)  # leaves dL/dmixing in each parameter's .grad
             opt.step()
+            if isinstance(step_fn, _SampledStep):
+                step_fn.after_step(mixing)
             history.append({"step": step, "loss": loss})
+    source = step_fn.source() if isinstance(step_fn, _SampledStep) else ingredients
     del step_fn  # the stacked copies, before the final soup is built
-    return _result(ingredients, model, mixing, keys, per_layer, history, heldout_images,
+    return _result(source, model, mixing, keys, per_layer, history, heldout_images,
                    heldout_labels, log, mode)
 
 
@@ -266,6 +362,106 @@ class _StackedStep:
         loss = _loss(model, {**self.fixed, **theta}, x, y)
         loss.backward()
         return loss.item()
+
+
+class _SampledStep:
+    """MEHL-Soup's mini-batch ingredient sampling (see the module docstring), on softmax
+    coefficients. A step draws a subset S of k ingredients (seeded) and differentiates
+
+        theta = sum_{i in S} w_i theta_i + (r / r.detach()) * D,   r = sum_{j not in S} w_j,
+
+    where D = sum_{j not in S} w_j theta_j is the others' share of the current soup. Its value is
+    the current soup; its gradient is the true one with respect to the sampled ingredients' mixing
+    parameters (the others' are held: their weights only rescale with the softmax's normaliser,
+    which r / r.detach() carries). As in the streaming mode, the model is differentiated once at
+    the current soup, g = dL/dtheta, and the chain rule needs only dot products:
+    dL/dw_i = <g, theta_i> for i in S and dL/dr = <g, D> / r, with <g, D> = <g, soup> -
+    sum_{i in S} w_i <g, theta_i>: no ingredient outside S is read. After the optimizer's step the
+    others' mixing parameters are put back and the soup is updated in place from the sampled ones:
+    soup' = (r' / r) * (soup - sum_{i in S} w_i theta_i) + sum_{i in S} w'_i theta_i.
+
+    Held on the device: the k sampled ingredients, the soup and its gradient, in float32. The
+    ingredients are held in host memory when they are files and the device is a GPU with room
+    beside it (read once); otherwise the k of each step are read from their files (on a CPU the
+    device's budget is the host's memory: what does not fit one does not fit the other).
+    """
+
+    def __init__(self, ingredients, infos, keys, device, trainable, k: int, seed: int):
+        self.keys, self.device, self.trainable = keys, device, trainable
+        self.ingredients, self.n, self.k = ingredients, len(ingredients), k
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.fixed = _fixed(ingredients[0], infos, keys, device)
+        self.host = None
+        if not any(is_file(i) for i in ingredients):
+            self.host = list(ingredients)
+        elif device.type == "cuda" and self.n * sum(infos[k].numel * 4 for k in keys) <= 0.5 * free_memory(
+                torch.device("cpu")):
+            self.host = [read_weights(i) for i in ingredients]
+        self.soup: dict[str, torch.Tensor] | None = None
+
+    def source(self):
+        """What the final soup is built from: the host copies when they were read."""
+        return self.host if self.host is not None else self.ingredients
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        sd = self.host[i] if self.host is not None else read_weights(self.ingredients[i], self.keys)
+        return {k: sd[k].to(self.device, torch.float32) for k in self.keys}
+
+    def __call__(self, model, mixing, x, y) -> float:
+        if self.soup is None:  # the current soup: one pass over every ingredient
+            with torch.no_grad():
+                weights = {k: _weights(mixing, k).tolist() for k in self.keys}
+            self.soup = stream_weighted_sum(self.source(), weights, dtype=torch.float32, device=self.device)
+        self.chosen = torch.randperm(self.n, generator=self.gen)[:self.k].sort().values.tolist()
+        self.mask = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self.mask[self.chosen] = True
+        self.states = [self._load(i) for i in self.chosen]
+        self.before = {name: m.detach().clone() for name, m in mixing.items()}
+        grad_keys = [k for k in self.keys if k in self.trainable]  # float buffers get no gradient
+        for k in grad_keys:
+            self.soup[k].requires_grad_(True)
+        loss = _loss(model, {**self.fixed, **self.soup}, x, y)
+        loss.backward()
+        with torch.no_grad():  # <g, theta_i> for the sampled, <g, soup>, per tensor, in float64
+            dots, at_soup = [], []
+            for k in grad_keys:
+                g = self.soup[k].grad.view(-1).double()
+                dots.append(torch.stack([torch.dot(g, st[k].view(-1).double()) for st in self.states]))
+                at_soup.append(torch.dot(g, self.soup[k].detach().view(-1).double()))
+        for k in grad_keys:
+            self.soup[k].grad = None
+            self.soup[k].requires_grad_(False)
+        surrogate = 0.0  # its gradient with respect to the mixing parameters is dL/dmixing
+        for r, k in enumerate(grad_keys):
+            m = mixing[k] if k in mixing else mixing[""]
+            w = torch.softmax(torch.where(self.mask, m, m.detach()), dim=0)
+            d = dots[r].to(w.dtype)
+            surrogate = surrogate + (w[self.chosen] * d).sum()
+            if self.k < self.n:
+                rest = w[~self.mask].sum()
+                d_rest = at_soup[r].to(w.dtype) - (w.detach()[self.chosen] * d).sum()
+                surrogate = surrogate + rest / rest.detach() * d_rest
+        surrogate.backward()
+        return loss.item()
+
+    @torch.no_grad()
+    def after_step(self, mixing) -> None:
+        """Put back the mixing parameters of the ingredients not sampled; update the soup in place."""
+        for name, m in mixing.items():
+            m[~self.mask] = self.before[name][~self.mask]
+        for key in self.keys:
+            new = _weights(mixing, key)
+            old = torch.softmax(self.before[key] if key in self.before else self.before[""], dim=0)
+            s = self.soup[key]
+            if self.k < self.n:
+                for i, st in zip(self.chosen, self.states):
+                    s.add_(st[key], alpha=-old[i].item())
+                s.mul_((new[~self.mask].sum() / old[~self.mask].sum()).item())
+            else:
+                s.zero_()
+            for i, st in zip(self.chosen, self.states):
+                s.add_(st[key], alpha=new[i].item())
+        self.states = []
 
 
 def _fill_delta(into: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ingredient: Ingredient,

@@ -31,12 +31,17 @@ class RecipeOptions:
 
     `strict`: the greedy rule keeps a candidate only if held-out accuracy rises (the reference
     code's ``>``), instead of the paper's ``>=``. `learned_mode`: how the learned soup gets its
-    gradients (``streaming``: memory flat in the number of ingredients; ``stacked``: every
-    ingredient in bf16 on the device).
+    gradients (``auto``: stacked when the ingredients fit `memory_budget`, else sampled;
+    ``stacked``: every ingredient read once and held on the device; ``sampled``:
+    `learned_sample` ingredients mixed and differentiated per step; ``streaming``: memory flat
+    in the number of ingredients, every one read at every step). `memory_budget`: a size
+    (``"12GiB"``) or a share of the device's free memory (``"40%"``); None: the default share.
     """
 
     strict: bool = False
-    learned_mode: str = "streaming"
+    learned_mode: str = "auto"
+    memory_budget: str | None = None
+    learned_sample: int = 8
 
 
 @dataclass(frozen=True)

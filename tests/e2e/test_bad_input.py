@@ -106,7 +106,10 @@ def test_bad_input_space_unknown_key(hermetic, capsys, change, key):
     ({"search": {"train.mixup_alpha": {"uniform": [0.0, 0.5], "p_off": 0.5, "off_value": -1}}},
      "search.train.mixup_alpha", "off_value -1 would make an invalid trial"),
     ({"search": ["train.lr"]}, "search", "valid dictionary"),
-], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section"])
+    ({"cook": {"memory_budget": "lots"}}, "cook.memory_budget",
+     "give a size (e.g. 12GiB, 500MiB) or a share of the device's free memory (e.g. 40%)"),
+    ({"cook": {"learned_mode": "telepathy"}}, "cook.learned_mode", "'auto', 'stacked', 'sampled' or 'streaming'"),
+], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section", "budget", "mode"])
 def test_bad_input_space_wrong_type(hermetic, capsys, change, key, why):
     sweep_is_refused(hermetic, capsys, change, f"key '{key}'", why)
 

@@ -194,7 +194,7 @@ def test_cooking_leaves_mlflow_process_globals_alone(cooked):
 
 def test_learned_mode_stacked_is_chosen_by_config_and_is_its_own_soup(cooked, tmp_path):
     """`cook.learned_mode` (here its CLI/API override): a stacked learned soup gets a key and a
-    version of its own, tagged with its mode; the streaming one stays as it was."""
+    version of its own, tagged with its mode; the default one (auto) stays as it was."""
     import shutil
 
     from mlflow.tracking import MlflowClient
@@ -205,9 +205,37 @@ def test_learned_mode_stacked_is_chosen_by_config_and_is_its_own_soup(cooked, tm
     client = MlflowClient(uri)
     versions = {str(v.version): v for v in client.search_model_versions("name = 'tiny4-soup'")}
     stacked = versions[str(out.versions["learned"])]
-    streaming = versions[str(cooked["first"].versions["learned"])]
-    assert stacked.tags["learned_mode"] == "stacked" and streaming.tags["learned_mode"] == "streaming"
-    assert len(versions) == len(RECIPES) + 1 and stacked.tags["soup_key"] != streaming.tags["soup_key"]
+    default = versions[str(cooked["first"].versions["learned"])]
+    assert stacked.tags["learned_mode"] == "stacked" and default.tags["learned_mode"] == "auto"
+    assert len(versions) == len(RECIPES) + 1 and stacked.tags["soup_key"] != default.tags["soup_key"]
     assert "learned" not in out.reused
     again = cook("c4", recipes=("learned",), tracking_uri=uri, use_ray=False, learned_mode="stacked")
     assert again.reused == ["learned"] and str(again.versions["learned"]) == str(out.versions["learned"])
+
+
+def test_sampled_learned_soup_on_the_tiny_world(cooked, tmp_path):
+    """`learned_mode: sampled`, 2 of the 4 tiny-world ingredients a step: a soup of its own, with a
+    coefficient for every ingredient, whose held-out accuracy is within a point of the default
+    (stacked) learned soup's."""
+    import shutil
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = cook("c4", recipes=("learned",), tracking_uri=uri, use_ray=False, learned_mode="sampled",
+               learned_sample=2)
+    row = {r["name"]: r for r in out.rows}["learned soup"]
+    first = {r["name"]: r for r in cooked["first"].rows}
+    default, uniform = first["learned soup"], first["uniform soup"]
+    print(f"held-out: sampled 2 of 4 {row['heldout']:.4f}, stacked {default['heldout']:.4f}, "
+          f"uniform (where both start) {uniform['heldout']:.4f}")
+    assert row["heldout"] >= uniform["heldout"] and abs(row["heldout"] - default["heldout"]) <= 0.02
+    client = MlflowClient(uri)
+    path = client.download_artifacts(out.soup_runs["learned"], "soup/coefficients.json", str(tmp_path))
+    coefficients = json.loads(Path(path).read_text())["coefficients"]
+    assert len(coefficients) == 4 and sum(coefficients) == pytest.approx(1.0, abs=1e-5)
+    version = client.get_model_version("tiny4-soup", str(out.versions["learned"]))
+    assert version.tags["learned_mode"] == "sampled" and version.tags["soup_key"] != \
+        client.get_model_version("tiny4-soup", str(cooked["first"].versions["learned"])).tags["soup_key"]

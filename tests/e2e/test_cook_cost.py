@@ -130,3 +130,9 @@ def test_plan_predicts_the_cooks_counts_and_changes_nothing(cooked, tmp_path, mo
         else:
             assert done[name]["passes"] == p["passes"], name
     assert plan["baselines"]["passes"] == 0
+    # auto: the 4 tiny ingredients fit half the host's memory, stacked: each read once for the
+    # stack and once for the final soup, as the cook read them (its headers aside)
+    assert "  learned: stacked (4 ingredients stacked hold" in printed, printed
+    for name in ("learned", "learned-layerwise"):
+        assert plan[name]["mode"].startswith("stacked") and plan[name]["held"] > 0
+        assert plan[name]["bytes"] == pytest.approx(done[name]["bytes"], rel=0.05), name

@@ -21,7 +21,12 @@ from orchestrator.soups.io.weights import (
     stream_weighted_sum,
     weighted_average,
 )
-from orchestrator.soups.learned import heldout_loss_and_acc, learned_soup
+from orchestrator.soups.learned import (
+    choose_mode,
+    held_bytes,
+    heldout_loss_and_acc,
+    learned_soup,
+)
 from orchestrator.soups.uniform import uniform_soup
 from orchestrator.train.evaluate import HeldoutCounter
 
@@ -223,7 +228,7 @@ def test_learned_stacked_bf16_is_close_to_float32(world):
     per_layer = learned_soup(world["paths"], model, x, y, per_layer=True, stack_dtype=torch.bfloat16, **kw)
     uniform_loss = heldout_loss_and_acc(model, weighted_average(world["states"]), x, y)[0]
     assert heldout_loss_and_acc(model, per_layer.state_dict, x, y)[0] <= uniform_loss
-    with pytest.raises(ValueError, match="known: streaming, stacked, memory"):
+    with pytest.raises(ValueError, match="known: auto, stacked, sampled, streaming, memory"):
         learned_soup(world["paths"], model, x, y, mode="telepathy")
 
 
@@ -239,8 +244,73 @@ def test_learned_modes_agree_with_buffers_that_take_no_gradient(tmp_path):
     x, y = torch.randn(64, 2), torch.randint(0, 3, (64,))
     kw = dict(steps=5, batch_size=16, log=QUIET, stack_dtype=torch.float32)
     ref = learned_soup(states, model, x, y, mode="memory", **kw)
-    for mode in ("streaming", "stacked"):
+    for mode in ("streaming", "stacked", "sampled"):
         got = learned_soup(paths, model, x, y, mode=mode, **kw)
         assert got.coefficients == pytest.approx(ref.coefficients, abs=1e-5)
         assert torch.equal(got.state_dict["1.num_batches_tracked"], states[0]["1.num_batches_tracked"])
     assert read_weights(paths[0], []) == {}
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_learned_sampled_with_every_ingredient_is_the_in_memory_soup(world, per_layer):
+    """k = N: every step samples every ingredient, and sampling is the memory formulation."""
+    model, x, y = world["model"], world["x"], world["y"]
+    kw = {"per_layer": per_layer, "steps": 25, "lr": 0.1, "batch_size": 64, "seed": 3, "log": QUIET}
+    ref = learned_soup(world["states"], model, x, y, mode="memory", **kw)
+    got = learned_soup(world["paths"], model, x, y, mode="sampled", sample=len(world["paths"]), **kw)
+
+    def flat(c):
+        return torch.tensor([c[k] for k in sorted(c)] if per_layer else c)
+    assert torch.allclose(flat(got.coefficients), flat(ref.coefficients), atol=1e-5, rtol=0)
+    assert [h["loss"] for h in got.steps] == pytest.approx([h["loss"] for h in ref.steps], abs=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_learned_sampled_fits_every_coefficient_from_a_few_ingredients_a_step(world, per_layer, monkeypatch):
+    """k = 2 of 6: each step reads its two sampled ingredients only (counted), the held-out loss
+    falls below the uniform soup's, every ingredient gets a coefficient, and the soup is exactly
+    the weighted sum they stand for."""
+    model, x, y, paths = world["model"], world["x"], world["y"], world["paths"]
+    size = sum(i.nbytes for i in read_header(paths[0])[0].values())  # an ingredient's tensors
+    read0 = stream.bytes_read()
+    got = learned_soup(paths, model, x, y, mode="sampled", sample=2, per_layer=per_layer, steps=60,
+                       lr=0.1, batch_size=64, seed=3, log=QUIET)
+    reads = (stream.bytes_read() - read0) / size  # in ingredients
+    assert reads == pytest.approx(6 + 2 * 60 + 6)  # the start's soup, two a step, the final soup
+    coefficients = [got.coefficients] if not per_layer else list(got.coefficients.values())
+    assert all(len(c) == 6 and sum(c) == pytest.approx(1.0, abs=1e-5) for c in coefficients)
+    assert any(max(c) - min(c) > 0.05 for c in coefficients)  # they moved away from uniform
+    uniform_loss = heldout_loss_and_acc(model, weighted_average(world["states"]), x, y)[0]
+    assert heldout_loss_and_acc(model, got.state_dict, x, y)[0] < uniform_loss
+    if not per_layer:
+        expected = weighted_average(world["states"], got.coefficients)
+        assert all(torch.allclose(got.state_dict[k], expected[k], atol=1e-6) for k in expected)
+    losses = [h["loss"] for h in got.steps]
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_auto_stacks_what_fits_samples_what_does_not():
+    """`choose_mode` against held bytes: all N stacked within the budget; else the largest sample
+    that fits, up to the one asked for; else streaming."""
+    p, n = 1000, 64
+    stacked = held_bytes("stacked", p, n)
+    assert stacked == p * (64 * 2 + 12) and held_bytes("sampled", p, n, 8) == p * (8 * 4 + 8)
+    assert choose_mode(p, n, stacked, 8)[:2] == ("stacked", 64)
+    assert choose_mode(p, n, stacked - 1, 8)[:2] == ("sampled", 8)
+    assert choose_mode(p, n, held_bytes("sampled", p, n, 3), 8)[:2] == ("sampled", 3)
+    mode, _, why = choose_mode(p, n, held_bytes("sampled", p, n, 1) - 1, 8)
+    assert mode == "streaming" and "over the budget" in why
+
+
+def test_auto_says_what_it_chose_and_why(world):
+    model, x, y, lines = world["model"], world["x"], world["y"], []
+    kw = {"steps": 3, "batch_size": 64, "log": lines.append, "mode": "auto"}
+    learned_soup(world["paths"], model, x, y, memory_budget="1GiB", **kw)
+    assert lines[0].startswith("learned soup: stacked (6 ingredients stacked hold") and "cook.memory_budget 1GiB" in lines[0]
+    params = sum(v.numel() for v in world["states"][0].values() if v.is_floating_point())
+    tight = held_bytes("sampled", params, 6, 1)  # 1 sampled in float32 holds less than 6 stacked in bf16
+    learned_soup(world["paths"], model, x, y, memory_budget=f"{tight}B", sample=5, per_layer=True, **kw)
+    assert lines[-2].startswith("learned-layerwise soup: sampled (6 ingredients stacked would hold")
+    assert "1 sampled per step" in lines[-2]
+    learned_soup(world["paths"], model, x, y, **kw)  # the default: half the host's free memory
+    assert re.search(r"50% of the [0-9.]+ GiB free on cpu", lines[-2])
