@@ -124,7 +124,7 @@ def _readable_space(store: str) -> list[str]:
     """Make the sweep's logged space readable by the code under test: settings its SearchSpace
     does not know are dropped (only when the space as logged does not validate). Returns them."""
     import yaml
-    from pydantic import BaseModel, ValidationError
+    from pydantic import BaseModel, TypeAdapter, ValidationError
 
     from orchestrator.config import SearchSpace
 
@@ -139,6 +139,12 @@ def _readable_space(store: str) -> list[str]:
             if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(v, dict):
                 v, more = prune(ann, v, f"{at}{k}.")
                 gone += more
+            else:
+                try:  # a value that code does not know (a newer mode): its own default applies
+                    TypeAdapter(ann).validate_python(v)
+                except ValidationError:
+                    gone.append(f"{at}{k}: {v}")
+                    continue
             kept[k] = v
         return kept, gone
 
@@ -293,6 +299,14 @@ def report(kind: str, sweep: dict, before: list[dict], after: list[dict], rev: s
             print(f"  WARNING: the {label} cook's forward passes varied between runs")
         if rs[0]["dropped"]:
             print(f"  ({label}: dropped from the logged space, unknown to that code: {', '.join(rs[0]['dropped'])})")
+    learned = [{p["name"]: p for p in min(rs, key=lambda r: r["wall"])["phases"]}.get("learned")
+               for rs in (before, after)]
+    if all(learned):
+        (lb, la), gib = learned, 2**30
+        print(f"{'learned soup GiB read':24s}{lb['bytes'] / gib:18.2f}{la['bytes'] / gib:22.3f}"
+              f"{_ratio(la['bytes'], lb['bytes']):>16s}")
+        print(f"{'learned soup wall s':24s}{lb['seconds']:18.1f}{la['seconds']:22.1f}"
+              f"{_ratio(la['seconds'], lb['seconds']):>16s}")
     phases = min(after, key=lambda r: r["wall"])["phases"]  # the fastest run's
     if phases:
         print("after, the cook's own count per phase (CookOutcome.phases, its fastest run):")

@@ -13,6 +13,9 @@ then prints, in one run:
    with one coefficient per ingredient (`learned`) and per ingredient per tensor
    (`learned-layerwise`); then Model Stock (`model-stock`, from the ingredients' shared base) at
    the same N. Each prints peak(16) / peak(4): memory must stay flat in N.
+   Then the learned soup as the cook runs it by default (``auto``) at the same N under one
+   budget (``--budget``, default 2.5GiB): stacked while the N fit, sampled beyond; its own peak
+   against the budget, and the bytes it read.
 3. Greedy soup on the tiny world (real one-epoch fine-tunes): held-out examples evaluated with
    and without early rejection.
 
@@ -20,7 +23,7 @@ Every measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is that me
 wall times exclude interpreter start-up and imports. Sizes in MiB. Files are deleted afterwards.
 
     .venv/bin/python benchmarks/soup_scaling.py [--n 16] [--repeats 3] [--cache both] [--quick]
-        [--only uniform|learned|learned-layerwise|model-stock|scaling|greedy ...]
+        [--only uniform|learned|learned-layerwise|model-stock|scaling|auto|greedy ...] [--budget 2.5GiB]
 
 (`--only scaling` runs the three N-scaling sections of part 2 and nothing else.)
 """
@@ -157,6 +160,27 @@ def _w_learned(args) -> dict:
     return _learned(args, per_layer=False)
 
 
+def _w_learned_auto(args) -> dict:
+    """The learned soup as the cook runs it by default (``auto``) under `--budget`: the mode it
+    chose, its own peak (above the process's before the soup) and the bytes it read."""
+    import torch
+
+    from orchestrator.config import parse_budget
+    from orchestrator.soups.io.stream import bytes_read
+    from orchestrator.soups.learned import learned_soup
+
+    model = _vit_classifier()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(2, 3, 224, 224, generator=g), torch.tensor([3, 7])
+    lines: list[str] = []
+    before, read0 = _peak_mb(), bytes_read()
+    t = time.perf_counter()
+    learned_soup(args.files, model, images, labels, steps=args.steps, batch_size=2, lr=0.05, mode="auto",
+                 memory_budget=parse_budget(args.budget), sample=8, log=lines.append)
+    return {"wall": time.perf_counter() - t, "before": before, "chose": lines[0],
+            "read_mb": (bytes_read() - read0) / MB}
+
+
 def _w_learned_layerwise(args) -> dict:
     return _learned(args, per_layer=True)
 
@@ -174,6 +198,7 @@ def _w_model_stock(args) -> dict:
 
 WORKERS = {"baseline": _w_baseline, "raw": _w_raw, "raw2": _w_raw_threads, "rawmm": _w_raw_mmap, "ours": _w_ours,
            "reference": _w_reference, "learned": _w_learned, "learned-layerwise": _w_learned_layerwise,
+           "learned-auto": _w_learned_auto,
            "model-stock": _w_model_stock}
 
 
@@ -328,6 +353,28 @@ def bench_learned(paths: list[Path], sizes: list[int], worker: str = "learned") 
           f"-> {'PASS' if ratio <= 1.2 else 'FAIL'}")
 
 
+def bench_auto(paths: list[Path], sizes: list[int], budget: str, steps: int) -> None:
+    """The cook's default learned mode at each N under one budget: stacked while N fits it, then
+    sampled (the largest sample up to 8 that fits); peak RSS above the process's before the soup
+    (the model, the images and torch itself) against the budget, and the bytes read."""
+    from orchestrator.config import parse_budget
+
+    budget_mb = parse_budget(budget)[1] / MB
+    ckpt = paths[0].stat().st_size / MB
+    print(f"\n== Learned soup, auto mode, budget {budget} ({budget_mb:,.0f} MiB), {steps} steps, "
+          f"2 images of 224 px, ViT-B/32 ==")
+    print(f"{'N':>3s} {'mode':>9s} {'k':>3s} {'wall s':>7s} {'peak RSS MiB':>12s} {'soup own MiB':>13s} "
+          f"{'/ budget':>9s} {'MiB read':>9s} {'/ N ckpt':>9s}")
+    for n in sizes:
+        r = _spawn("learned-auto", paths[:n], budget=budget, steps=steps)
+        mode = r["chose"].split(": ", 1)[1].split(" ", 1)[0]
+        k = r["chose"].split(" sampled per step")[0].rsplit(" ", 1)[-1] if mode == "sampled" else str(n)
+        own = r["peak_mb"] - r["before"]
+        print(f"{n:3d} {mode:>9s} {k:>3s} {r['wall']:7.1f} {r['peak_mb']:12,.0f} {own:13,.0f} "
+              f"{own / budget_mb:9.2f} {r['read_mb']:9,.0f} {r['read_mb'] / (n * ckpt):9.2f}")
+        print(f"    {r['chose']}")
+
+
 def bench_greedy(tmp: Path, n: int) -> None:
     """Real one-epoch fine-tunes of the tiny world, then the greedy soup with and without early
     rejection: same soup, fewer held-out examples."""
@@ -386,7 +433,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per uniform method; the min is shown")
     p.add_argument("--quick", action="store_true", help="one repeat, no reference, 4 tiny fine-tunes")
     p.add_argument("--greedy-n", type=int, default=6, help="tiny-world fine-tunes for the greedy soup")
-    p.add_argument("--only", choices=["uniform", *SCALING, "scaling", "greedy"], action="append",
+    p.add_argument("--only", choices=["uniform", *SCALING, "scaling", "auto", "greedy"], action="append",
                    help="run only these parts (repeatable; default: all; scaling: the three "
                         "N-scaling sections: learned, learned-layerwise, model-stock)")
     p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
@@ -396,24 +443,28 @@ def main() -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--imports", default="torch", help=argparse.SUPPRESS)
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget", default="2.5GiB", help="the auto section's cook.memory_budget (default 2.5GiB)")
+    p.add_argument("--steps", type=int, default=5, help="the auto section's learned steps (default 5)")
     args = p.parse_args()
     if args.worker:
         return _worker_main(args)
     repeats = 1 if args.quick else args.repeats
     n_learned = [s for s in (4, 8, 16) if s <= args.n] or [args.n]
-    parts = set(args.only or ["uniform", "scaling", "greedy"])
+    parts = set(args.only or ["uniform", "scaling", "auto", "greedy"])
     if "scaling" in parts:
         parts |= set(SCALING)
     tmp = Path(tempfile.mkdtemp(prefix="soup-scaling-"))
     try:
         print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
-        if parts & {"uniform", *SCALING}:
+        if parts & {"uniform", "auto", *SCALING}:
             paths = _ingredients(args.n, tmp)
         if "uniform" in parts:
             for cold in {"warm": [False], "cold": [True], "both": [False, True]}[args.cache]:
                 bench_uniform(paths, tmp, repeats, reference=not args.quick, cold=cold)
         for worker in (w for w in SCALING if w in parts):
             bench_learned(paths, n_learned, worker)
+        if "auto" in parts:
+            bench_auto(paths, n_learned, args.budget, args.steps)
         if "greedy" in parts:
             bench_greedy(tmp, 4 if args.quick else args.greedy_n)
         print(f"\nload average at end {os.getloadavg()[0]:.2f}")

@@ -114,9 +114,6 @@ class TrackingSettings(Frozen):
 # the learned recipe all take this one list).
 LEARNED_MODES = ("auto", "stacked", "sampled", "streaming")
 
-# The cook's memory budget when `cook.memory_budget` is not set: this share of the free memory of
-# the device the soups are built on (the GPU's, or the host's for a CPU cook).
-DEFAULT_BUDGET_SHARE = 0.5
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
@@ -162,7 +159,7 @@ class CookSettings(Frozen):
     # memory flat in their number.
     learned_mode: Literal[LEARNED_MODES] = "auto"
     # What the learned soups may hold on the cook's device: a size ("12GiB") or a share of its
-    # free memory ("40%"); default 50%.
+    # free memory ("40%"); default 50% (`soups.learned.DEFAULT_BUDGET_SHARE`).
     memory_budget: str | None = None
     # Ingredients mixed and differentiated at each step of a sampled learned soup.
     learned_sample: int = Field(8, ge=1)

@@ -28,7 +28,13 @@ from urllib.parse import quote
 
 import yaml
 
-from orchestrator.config import ConfigError, CookResources, SearchSpace, validate
+from orchestrator.config import (
+    ConfigError,
+    CookResources,
+    SearchSpace,
+    parse_budget,
+    validate,
+)
 from orchestrator.cook import locking
 from orchestrator.cook.build import (
     BuildResources,
@@ -282,6 +288,15 @@ def _build_soups(base, checkpoints, recipes, options, res: CookResources, use_ra
 
 # --- the driver -------------------------------------------------------------------------------
 
+def recipe_options(space: SearchSpace, strict: bool = False, learned_mode: str | None = None,
+                   learned_sample: int | None = None) -> RecipeOptions:
+    """The recipes' options: the space's ``cook`` section, with the given overrides."""
+    c = space.cook
+    return RecipeOptions(strict, learned_mode or c.learned_mode,
+                         parse_budget(c.memory_budget) if c.memory_budget else None,
+                         learned_sample or c.learned_sample)
+
+
 def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -> str:
     """Identity of a soup: recipe, its settings and the ordered ingredients (idempotent
     registration). The layout is the first releases' ``[recipe, greedy rule, run ids]``, then
@@ -349,8 +364,7 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
     table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
     tracker, space, parent = target.tracker, target.space, target.parent
-    options = RecipeOptions(strict, learned_mode or space.cook.learned_mode, space.cook.memory_budget,
-                            learned_sample or space.cook.learned_sample)
+    options = recipe_options(space, strict, learned_mode, learned_sample)
     record = record_key(target, table, options)
     if not rebuild and (done := already_cooked(target, record, log)) is not None:
         return done

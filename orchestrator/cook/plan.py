@@ -13,13 +13,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import data
-from orchestrator.config import DEFAULT_BUDGET_SHARE, parse_budget
-from orchestrator.cook.driver import cook_resources, find_target, recipes_named
+from orchestrator.cook.driver import (
+    cook_resources,
+    find_target,
+    recipe_options,
+    recipes_named,
+)
 from orchestrator.cook.meter import MIB
 from orchestrator.record import logits as logitstore
-from orchestrator.record.schema import (BASE_DIGESTS, CHECKPOINT_PATH, CHECKPOINT_SHA, HELDOUT_ACC,
-                                        LOGITS_PATH, LOGITS_SHA, LOGITS_SPLITS)
-from orchestrator.soups.learned import HELDOUT_LIMIT, choose_mode, free_memory, held_bytes
+from orchestrator.record.schema import (
+    BASE_DIGESTS,
+    CHECKPOINT_PATH,
+    CHECKPOINT_SHA,
+    HELDOUT_ACC,
+    LOGITS_PATH,
+    LOGITS_SHA,
+    LOGITS_SPLITS,
+)
+from orchestrator.soups.learned import (
+    DEFAULT_BUDGET_SHARE,
+    HELDOUT_LIMIT,
+    choose_mode,
+    free_memory,
+    held_bytes,
+)
 from orchestrator.soups.recipe import RecipeOptions
 
 LEARNED_STEPS, LEARNED_BATCH = 50, 256  # `learned_soup`'s defaults, as the cook runs it
@@ -65,9 +82,7 @@ def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: s
     task = data.load_task(target.space.base.data)
     splits = {"heldout": task.heldout, **task.reporting()}
     usable, excluded, rescored, sizes = _ingredients(target, splits)
-    cook_cfg = target.space.cook
-    options = RecipeOptions(False, learned_mode or cook_cfg.learned_mode, cook_cfg.memory_budget,
-                            learned_sample or cook_cfg.learned_sample)
+    options = recipe_options(target.space, False, learned_mode, learned_sample)
     device = (f"cuda, {res.gpu:g} GPU, bf16 where supported, {res.cpu:g} CPUs"
               if res.gpu else f"cpu, fp32, {max(1, int(res.cpu))} torch threads")
     plan = CookPlan(sweep_id, target.tracker.uri, len(target.runs), usable, excluded, rescored,
@@ -144,7 +159,7 @@ def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
     params = per // 4
     mode, k, why = options.learned_mode, min(options.learned_sample, n), ""
     if mode == "auto":
-        kind, value = parse_budget(options.memory_budget) if options.memory_budget else ("share", DEFAULT_BUDGET_SHARE)
+        kind, value = options.memory_budget or ("share", DEFAULT_BUDGET_SHARE)
         if kind == "share" and free is None:
             here = torch.device(device)
             if device == "cuda" and not torch.cuda.is_available():

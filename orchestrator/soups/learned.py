@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from orchestrator.config import DEFAULT_BUDGET_SHARE, parse_budget
-
 from orchestrator.soups.io.stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
 from orchestrator.soups.io.weights import (
     StateDict,
@@ -53,6 +51,9 @@ from orchestrator.train.evaluate import eval_mode
 
 MODES = ("auto", "stacked", "sampled", "streaming", "memory")
 GIB = 2**30
+# The memory budget when none is given (`cook.memory_budget`): this share of the free memory of
+# the device the soup is built on (the GPU's, or the host's for a CPU cook).
+DEFAULT_BUDGET_SHARE = 0.5
 
 
 def _size(nbytes: float) -> str:
@@ -148,11 +149,13 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def budget_bytes(device: torch.device, budget: str | None) -> tuple[int, str]:
-    """What the learned soup may hold on `device` (bytes), and how that figure was reached."""
-    kind, value = parse_budget(budget) if budget else ("share", DEFAULT_BUDGET_SHARE)
+def budget_bytes(device: torch.device, budget: tuple[str, float] | None) -> tuple[int, str]:
+    """What the learned soup may hold on `device` (bytes), and how that figure was reached.
+    `budget`: ``("bytes", n)`` or ``("share", f)`` of the device's free memory (the cook's
+    ``cook.memory_budget``, parsed); None: `DEFAULT_BUDGET_SHARE`."""
+    kind, value = budget or ("share", DEFAULT_BUDGET_SHARE)
     if kind == "bytes":
-        return int(value), f"cook.memory_budget {budget}"
+        return int(value), "cook.memory_budget"
     free = free_memory(device)
     return int(value * free), f"{value:.0%} of the {_size(free)} free on {device.type}"
 
@@ -213,14 +216,14 @@ def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_im
                  lr: float = 0.05, batch_size: int = 256, seed: int = 0,
                  names: Sequence[str] | None = None, log: Callable[[str], None] = print,
                  mode: str = "streaming", stack_dtype: torch.dtype = torch.bfloat16,
-                 memory_budget: str | None = None, sample: int = 8) -> SoupResult:
+                 memory_budget: tuple[str, float] | None = None, sample: int = 8) -> SoupResult:
     """Learn mixing coefficients on the held-out cross-entropy (Adam, seeded mini-batches).
 
     `ingredients` are safetensors paths or state dicts. `mode` picks how gradients are computed
     (see the module docstring): ``streaming`` holds two model sizes whatever N, ``stacked``
     holds N ingredients in `stack_dtype` on the model's device, ``sampled`` mixes `sample` of
-    them per step, ``auto`` chooses under `memory_budget` (`choose_mode`; a size or a share of
-    the device's free memory), ``memory`` is the in-memory reference. `model` supplies the architecture only; its own weights are neither used nor
+    them per step, ``auto`` chooses under `memory_budget` (`choose_mode`; ``("bytes", n)`` or
+    ``("share", f)`` of the device's free memory), ``memory`` is the in-memory reference. `model` supplies the architecture only; its own weights are neither used nor
     changed. The returned state dict is exactly the weighted sum given by the returned
     coefficients (built by streaming, in float32). The result's recipe is ``learned``, or
     ``learned-layerwise`` with `per_layer` (then coefficients map each float tensor to its own).

@@ -34,13 +34,14 @@ class RecipeOptions:
     gradients (``auto``: stacked when the ingredients fit `memory_budget`, else sampled;
     ``stacked``: every ingredient read once and held on the device; ``sampled``:
     `learned_sample` ingredients mixed and differentiated per step; ``streaming``: memory flat
-    in the number of ingredients, every one read at every step). `memory_budget`: a size
-    (``"12GiB"``) or a share of the device's free memory (``"40%"``); None: the default share.
+    in the number of ingredients, every one read at every step). `memory_budget`: ``("bytes",
+    n)`` or ``("share", f)`` of the device's free memory (``cook.memory_budget``, parsed); None:
+    the learned recipe's default share.
     """
 
     strict: bool = False
     learned_mode: str = "auto"
-    memory_budget: str | None = None
+    memory_budget: tuple[str, float] | None = None
     learned_sample: int = 8
 
 

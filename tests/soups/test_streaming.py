@@ -305,11 +305,12 @@ def test_auto_stacks_what_fits_samples_what_does_not():
 def test_auto_says_what_it_chose_and_why(world):
     model, x, y, lines = world["model"], world["x"], world["y"], []
     kw = {"steps": 3, "batch_size": 64, "log": lines.append, "mode": "auto"}
-    learned_soup(world["paths"], model, x, y, memory_budget="1GiB", **kw)
-    assert lines[0].startswith("learned soup: stacked (6 ingredients stacked hold") and "cook.memory_budget 1GiB" in lines[0]
+    learned_soup(world["paths"], model, x, y, memory_budget=("bytes", 2**30), **kw)
+    assert lines[0].startswith("learned soup: stacked (6 ingredients stacked hold")
+    assert lines[0].endswith("within the budget: 1.00 GiB, cook.memory_budget)")
     params = sum(v.numel() for v in world["states"][0].values() if v.is_floating_point())
     tight = held_bytes("sampled", params, 6, 1)  # 1 sampled in float32 holds less than 6 stacked in bf16
-    learned_soup(world["paths"], model, x, y, memory_budget=f"{tight}B", sample=5, per_layer=True, **kw)
+    learned_soup(world["paths"], model, x, y, memory_budget=("bytes", tight), sample=5, per_layer=True, **kw)
     assert lines[-2].startswith("learned-layerwise soup: sampled (6 ingredients stacked would hold")
     assert "1 sampled per step" in lines[-2]
     learned_soup(world["paths"], model, x, y, **kw)  # the default: half the host's free memory
