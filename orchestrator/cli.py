@@ -187,6 +187,19 @@ def cmd_cook(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from orchestrator.cook.doctor import doctor
+    from orchestrator.cook.driver import CookError
+
+    _store(write=True)
+    try:
+        out = doctor(args.sweep, images=args.images)
+    except CookError as err:
+        return _fail("doctor", err)
+    print("\n".join(out.lines()))
+    return 0
+
+
 def _cook_plan(args, recipes, resources) -> int:
     from orchestrator.cook.driver import CookError
     from orchestrator.cook.plan import plan_cook
@@ -376,6 +389,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--alias", default="champion")
     sp.add_argument("--force", action="store_true", help="promote even if held-out accuracy is lower")
     sp.add_argument("--reason", help="why (recorded with --force)")
+    sp = add("doctor", cmd_doctor, "Why the greedy soup kept what it kept: each ingredient's path to the "
+             "best model (its barrier) and the angle between their updates; findings logged on the sweep.")
+    sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
+    sp.add_argument("--images", type=_positive_int, default=2000,
+                    help="held-out images, a seeded stratified subsample (default 2000; all when fewer)")
     sp = add("models", cmd_models, "List a registered model's versions, metrics and aliases.")
     sp.add_argument("model", help="registered model name")
     sp = add("init", cmd_init, "Look at your own data and write a starter search space for it.")

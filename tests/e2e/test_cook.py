@@ -239,3 +239,35 @@ def test_sampled_learned_soup_on_the_tiny_world(cooked, tmp_path):
     version = client.get_model_version("tiny4-soup", str(out.versions["learned"]))
     assert version.tags["learned_mode"] == "sampled" and version.tags["soup_key"] != \
         client.get_model_version("tiny4-soup", str(cooked["first"].versions["learned"])).tags["soup_key"]
+
+
+def test_doctor_prints_its_table_and_logs_it_on_the_sweep_run(cooked, tmp_path, monkeypatch, capsys):
+    """`soup doctor` on the cooked tiny sweep: one row per ingredient but the best, with the
+    greedy soup's decision; findings (or "no finding"); the forward passes, which are the
+    held-out subsample once for the best model and four times per other ingredient; the table,
+    the figure and the findings on the sweep's run."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import cli
+
+    shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli.main(["doctor", "--sweep", "c4", "--images", "200"]) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("ingredient"))
+    rows = lines[head + 1:head + 4]
+    assert len(rows) == 3 and all(r.split()[-1] in ("kept", "left") for r in rows), rows
+    assert lines[head + 4] == "findings:" and lines[head + 5].startswith("- ")
+    images = int(lines[head - 1].split("; ")[1].split()[0].replace(",", ""))
+    assert 190 <= images <= 210
+    assert f"cost: {(1 + 4 * 3) * images:,} forward passes" in printed
+    client = MlflowClient(uri)
+    parent = cooked["sweep"].parent_run_id
+    names = {a.path for a in client.list_artifacts(parent, "doctor")}
+    assert names == {"doctor/table.json", "doctor/paths.png"}
+    assert "**Doctor**" in client.get_run(parent).data.tags["mlflow.note.content"]
