@@ -23,6 +23,14 @@ from orchestrator.config import (
 from orchestrator.cook.report import text_table, verdict
 
 
+def _resource_options(sp, what: str) -> None:
+    """--no-ray, --cpus, --gpus, --memory-gib: where the cook's (or the doctor's) compute runs."""
+    sp.add_argument("--no-ray", action="store_true", help=f"run {what} in this process instead of a Ray task")
+    sp.add_argument("--cpus", type=float, help=f"CPUs of {what} (default: the space's cook.resources.cpu)")
+    sp.add_argument("--gpus", type=float, help=f"GPUs of {what}, 0 or 1 (default: cook.resources.gpu)")
+    sp.add_argument("--memory-gib", type=float, help=f"memory {what} reserves (default: cook.resources.memory_gib)")
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer of 1 or more."""
     try:
@@ -182,6 +190,13 @@ def cmd_cook(args) -> int:
     print(text_table(_table_rows(out.rows)))
     if said := verdict(out.rows):
         print("\n" + "\n".join(said))
+    if args.doctor:
+        from orchestrator.cook.doctor import doctor
+
+        try:
+            print("\n" + "\n".join(doctor(args.sweep, use_ray=not args.no_ray, resources=resources).lines()))
+        except CookError as err:
+            return _fail("cook", err)
     if where := keep_log(out.tracking_uri, out.parent_run_id, log):
         print(f"detail log also on the sweep run: {where}")
     return 0
@@ -193,7 +208,8 @@ def cmd_doctor(args) -> int:
 
     _store(write=True)
     try:
-        out = doctor(args.sweep, images=args.images)
+        out = doctor(args.sweep, images=args.images, use_ray=not args.no_ray,
+                     resources={"cpu": args.cpus, "gpu": args.gpus, "memory_gib": args.memory_gib})
     except CookError as err:
         return _fail("doctor", err)
     print("\n".join(out.lines()))
@@ -208,7 +224,7 @@ def _cook_plan(args, recipes, resources) -> int:
     try:
         plan = plan_cook(args.sweep, recipes=recipes, model_name=args.model_name,
                          learned_mode=args.learned_mode, partial=args.partial, resources=resources,
-                         learned_sample=args.learned_sample)
+                         learned_sample=args.learned_sample, doctor=args.doctor)
     except CookError as err:
         return _fail("cook", err)
     print("\n".join(plan.lines()))
@@ -359,10 +375,9 @@ def _parser() -> argparse.ArgumentParser:
                          "default: the space's cook.learned_mode")
     sp.add_argument("--learned-sample", type=_positive_int, metavar="K",
                     help="ingredients a sampled learned soup mixes per step (default: cook.learned_sample)")
-    sp.add_argument("--no-ray", action="store_true", help="build in this process instead of a Ray task")
-    sp.add_argument("--cpus", type=float, help="CPUs of the build task (default: the space's cook.resources.cpu)")
-    sp.add_argument("--gpus", type=float, help="GPUs of the build task, 0 or 1 (default: cook.resources.gpu)")
-    sp.add_argument("--memory-gib", type=float, help="memory the build task reserves (default: cook.resources.memory_gib)")
+    _resource_options(sp, "the build task")
+    sp.add_argument("--doctor", action="store_true",
+                    help="then run soup doctor on the sweep (with --plan: its cost too)")
     sp.add_argument("--plan", action="store_true",
                     help="print what the cook would do (ingredients, exclusions, recipes, forward passes "
                          "and bytes per phase, device) and change nothing")
@@ -394,6 +409,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
     sp.add_argument("--images", type=_positive_int, default=2000,
                     help="held-out images, a seeded stratified subsample (default 2000; all when fewer)")
+    _resource_options(sp, "the doctor's task")
     sp = add("models", cmd_models, "List a registered model's versions, metrics and aliases.")
     sp.add_argument("model", help="registered model name")
     sp = add("init", cmd_init, "Look at your own data and write a starter search space for it.")

@@ -327,20 +327,27 @@ def build_with_progress(base_cfg, checkpoints, recipes, options, tracking_uri,
                         resources: BuildResources = BuildResources()) -> Iterator[tuple[str, object]]:
     """The build as a generator (for a streaming Ray task): yields ``("log", line)`` as it
     progresses, then ``("result", Built)``; an error in the build is raised here."""
+    yield from with_progress(build_and_evaluate, base_cfg, checkpoints, recipes, options, tracking_uri,
+                             resources=resources)
+
+
+def with_progress(fn: Callable, *args, **kwargs) -> Iterator[tuple[str, object]]:
+    """``fn(*args, log=..., **kwargs)`` as a generator (for a streaming Ray task): yields
+    ``("log", line)`` for each line it logs, as it logs it, then ``("result", value)``; an error
+    in `fn` is raised here."""
     lines: queue.Queue = queue.Queue()
     outcome: dict = {}
 
     def work() -> None:
         try:
-            outcome["built"] = build_and_evaluate(base_cfg, checkpoints, recipes, options,
-                                                  tracking_uri, log=lines.put, resources=resources)
+            outcome["value"] = fn(*args, log=lines.put, **kwargs)
         except BaseException as err:  # noqa: BLE001 - re-raised below, in the caller's thread
             outcome["error"] = err
         lines.put(None)
 
-    threading.Thread(target=work, daemon=True, name="soup-build").start()
+    threading.Thread(target=work, daemon=True, name=f"soup-{getattr(fn, '__name__', 'task')}").start()
     while (line := lines.get()) is not None:
         yield "log", line
     if "error" in outcome:
         raise outcome["error"]
-    yield "result", outcome["built"]
+    yield "result", outcome["value"]

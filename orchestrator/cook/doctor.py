@@ -9,8 +9,8 @@ run's kept ingredients) when the sweep was cooked. On the sweep's run: the table
 (`doctor/table.json`), the figure (`doctor/paths.png`: accuracy along each path; angle against the
 2-model soup's gain, the paper's Figure 3) and the findings, appended to its description.
 
-It runs in this process, on the cook's device settings (a CPU here); forward passes are counted
-as the cook counts them.
+The measurements run in a Ray task with the cook's resources (`cook.resources`: its device,
+its threads), as the cook's build does; forward passes are counted as the cook counts them.
 """
 
 from __future__ import annotations
@@ -18,15 +18,27 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from orchestrator import data
-from orchestrator.cook.build import reference_state
-from orchestrator.cook.driver import find_target, load_ingredients
+from orchestrator.config import FinetuneConfig, validate
+from orchestrator.cook.build import (
+    BuildResources,
+    TrialCheckpoint,
+    fetch_checkpoints,
+    reference_state,
+    with_progress,
+)
+from orchestrator.cook.driver import (
+    CookError,
+    cook_resources,
+    find_target,
+    load_ingredients,
+)
 from orchestrator.data.splits import to_float_images
 from orchestrator.record.schema import (
     DESCRIPTION,
@@ -37,6 +49,7 @@ from orchestrator.record.schema import (
     SWEEP_ID,
 )
 from orchestrator.record.tracking import tag_is
+from orchestrator.runtime import connect, task
 from orchestrator.soups.doctor import ALPHAS, PathRow, diagnose, findings
 from orchestrator.soups.learned import heldout_loss_and_acc
 from orchestrator.train import models
@@ -105,40 +118,77 @@ def _greedy_kept(target) -> set[str] | None:
 
 
 def doctor(sweep_id: str, tracking_uri: str | None = None, images: int = DOCTOR_IMAGES,
+           use_ray: bool = True, resources: Mapping[str, float | None] | None = None,
            log: Callable[[str], None] = print) -> Diagnosis:
-    """Diagnose sweep `sweep_id`'s ingredients against its best one, and log what was found."""
+    """Diagnose sweep `sweep_id`'s ingredients against its best one, and log what was found.
+
+    The ingredients are checked here as the cook checks them; the measurements run in a Ray task
+    with the cook's resources (`cook.resources`, overridden by `resources`), on its device, or
+    in this process without `use_ray`."""
     start = time.perf_counter()
     target = find_target(sweep_id, tracking_uri, None, partial=False)
     space, tracker, parent = target.space, target.tracker, target.parent
-    task = data.load_task(space.base.data)
-    model = models.build_classifier(space.base.model, task.classnames)
-    model.eval()
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    x, y = _heldout(task.heldout, images)
-    passes = [0]
-    hook = model.register_forward_pre_hook(lambda m, a: passes.__setitem__(0, passes[0] + a[0].shape[0]))
-    searched = list(space.search)
+    res = cook_resources(space, **(resources or {}))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints, excluded = load_ingredients(tracker, target.runs, parent.data.tags,
                                                  reference_state(space), Path(tmp), log)
+        if len(checkpoints) < 2:
+            raise CookError(f"sweep {sweep_id!r}: {len(checkpoints)} usable ingredient(s), the doctor "
+                            f"compares two or more (left out: {excluded or 'none'})")
         for rid, why in excluded.items():
             log(f"doctor: run {rid} left out: {why}")
         best = max(range(len(checkpoints)), key=lambda i: checkpoints[i].heldout_acc)
         kept_ids = _greedy_kept(target)
         by_id = {r.info.run_id: r for r in target.runs}
-        params = [{k: _number(by_id[c.run_id].data.params.get(k)) for k in searched} for c in checkpoints]
+        params = [{k: _number(by_id[c.run_id].data.params.get(k)) for k in space.search} for c in checkpoints]
         kept = None if kept_ids is None else [i for i, c in enumerate(checkpoints) if c.run_id in kept_ids]
-
-        def accuracy(state) -> float:
-            return heldout_loss_and_acc(model, state, x, y)[1]
-
-        rows = diagnose([c.path for c in checkpoints], [c.name for c in checkpoints], best, base, accuracy,
-                        kept=kept, params=params, log=log)
-    hook.remove()
-    said = findings(rows, len(task.heldout.labels))
-    out = Diagnosis(sweep_id, checkpoints[best].name, rows, said, len(y), passes[0], time.perf_counter() - start)
+        args = (space.base.model_dump(), checkpoints, best, kept, params, images, tracker.uri,
+                BuildResources(res.cpu, res.gpu))
+        if use_ray:
+            connect.init_ray(lambda s: None)
+            found = task.run_with_progress(examine_with_progress, args, num_cpus=res.cpu, num_gpus=res.gpu,
+                                           log=log, memory_bytes=int(res.memory_gib * 2**30))
+        else:
+            found = examine(*args, log=log)
+    said = findings(found["rows"], found["heldout"])
+    out = Diagnosis(sweep_id, checkpoints[best].name, found["rows"], said, found["images"], found["passes"],
+                    time.perf_counter() - start)
     _log(tracker, parent, out)
     return out
+
+
+def examine(base_cfg: dict, checkpoints: list[TrialCheckpoint], best: int, kept: list[int] | None,
+            params: list[dict], images: int, tracking_uri: str | None, resources: BuildResources,
+            log: Callable[[str], None] = print) -> dict:
+    """The measurements, on the device and with the threads of `resources` (wherever this runs:
+    the checkpoints are the driver's copies when this node sees them, else downloaded here)."""
+    cfg = validate(FinetuneConfig, base_cfg)
+    accel = resources.accel()
+    torch.set_num_threads(resources.threads)
+    task_data = data.load_task(cfg.data)
+    model = accel.prepare(models.build_classifier(cfg.model, task_data.classnames))
+    model.eval()
+    base = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    x, y = _heldout(task_data.heldout, images)
+    passes = [0]
+    hook = model.register_forward_pre_hook(lambda m, a: passes.__setitem__(0, passes[0] + a[0].shape[0]))
+
+    def accuracy(state) -> float:
+        return heldout_loss_and_acc(model, state, x, y)[1]
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="soup-doctor-") as tmp:
+            paths, _, _ = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp))
+            rows = diagnose(paths, [c.name for c in checkpoints], best, base, accuracy, kept=kept,
+                            params=params, log=log)
+    finally:
+        hook.remove()
+    return {"rows": rows, "images": len(y), "passes": passes[0], "heldout": len(task_data.heldout.labels)}
+
+
+def examine_with_progress(*args) -> Iterator[tuple[str, object]]:
+    """`examine` as a generator, for a streaming Ray task."""
+    yield from with_progress(examine, *args)
 
 
 def _number(v: str | None):

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import data
+from orchestrator.cook.doctor import DOCTOR_IMAGES
 from orchestrator.cook.driver import (
     cook_resources,
     find_target,
@@ -30,6 +31,7 @@ from orchestrator.record.schema import (
     LOGITS_SHA,
     LOGITS_SPLITS,
 )
+from orchestrator.soups.doctor import ALPHAS
 from orchestrator.soups.learned import (
     DEFAULT_BUDGET_SHARE,
     HELDOUT_LIMIT,
@@ -74,7 +76,7 @@ class CookPlan:
 def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | None = None,
               tracking_uri: str | None = None, learned_mode: str | None = None, partial: bool = False,
               resources: Mapping[str, float | None] | None = None,
-              learned_sample: int | None = None) -> CookPlan:
+              learned_sample: int | None = None, doctor: bool = False) -> CookPlan:
     """What `cook` with these arguments would do, from MLflow's records alone (read only)."""
     table = recipes_named(recipes)
     target = find_target(sweep_id, tracking_uri, model_name, partial)
@@ -89,6 +91,10 @@ def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: s
                     [r.name for r in table], device)
     plan.phases = phases_of(plan, sizes, {k: len(s) for k, s in splits.items()}, options,
                           "cuda" if res.gpu else "cpu")
+    if doctor:  # `soup cook --doctor`: each ingredient read once; len(ALPHAS) + 1 passes each but the best's
+        k, images = len(plan.usable), min(DOCTOR_IMAGES, len(splits["heldout"]))
+        plan.phases.append(_p("doctor", ((len(ALPHAS) + 1) * (k - 1) + 1) * images if k else 0,
+                              sum(c for c, _ in sizes.values())))
     return plan
 
 

@@ -242,20 +242,27 @@ def test_sampled_learned_soup_on_the_tiny_world(cooked, tmp_path):
 
 
 def test_doctor_prints_its_table_and_logs_it_on_the_sweep_run(cooked, tmp_path, monkeypatch, capsys):
-    """`soup doctor` on the cooked tiny sweep: one row per ingredient but the best, with the
-    greedy soup's decision; findings (or "no finding"); the forward passes, which are the
-    held-out subsample once for the best model and four times per other ingredient; the table,
-    the figure and the findings on the sweep's run."""
+    """`soup doctor` on the cooked tiny sweep, in a Ray task as the cook's build: one row per
+    ingredient but the best, with the greedy soup's decision; findings (or "no finding"); the
+    forward passes, which are the held-out images once for the best model and four times per
+    other ingredient, as `soup cook --plan --doctor` said beforehand; the table, the figure and
+    the findings on the sweep's run."""
     import shutil
 
+    import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator import cli
+    from orchestrator.cook.plan import plan_cook
 
     shutil.copy(cooked["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the shared store stays
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert cli.main(["doctor", "--sweep", "c4", "--images", "200"]) == 0
+    planned = {p["name"]: p for p in plan_cook("c4", tracking_uri=uri, doctor=True).phases}["doctor"]
+    try:
+        assert cli.main(["doctor", "--sweep", "c4"]) == 0
+    finally:
+        ray.shutdown()
     printed = capsys.readouterr().out
     print(printed)
     lines = printed.splitlines()
@@ -264,8 +271,9 @@ def test_doctor_prints_its_table_and_logs_it_on_the_sweep_run(cooked, tmp_path, 
     assert len(rows) == 3 and all(r.split()[-1] in ("kept", "left") for r in rows), rows
     assert lines[head + 4] == "findings:" and lines[head + 5].startswith("- ")
     images = int(lines[head - 1].split("; ")[1].split()[0].replace(",", ""))
-    assert 190 <= images <= 210
+    assert images == 269  # all of held-out: fewer than the default subsample of 2,000
     assert f"cost: {(1 + 4 * 3) * images:,} forward passes" in printed
+    assert planned["passes"] == (1 + 4 * 3) * images
     client = MlflowClient(uri)
     parent = cooked["sweep"].parent_run_id
     names = {a.path for a in client.list_artifacts(parent, "doctor")}
