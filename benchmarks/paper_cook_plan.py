@@ -12,7 +12,8 @@ such a store would give, without the store or ImageNet on this machine:
 - ImageNet's splits as search_spaces/clip_vit_b32_imagenet.yaml sets them: 2% of train held out
   (25,623), val as test (50,000), ImageNetV2 (10,000), ImageNet-R (30,000), ImageNet-Sketch
   (50,889), ObjectNet (18,574), ImageNet-A (7,500);
-- the cook's device: one GPU with `--gpu-gib` free (default 80: an H100 or an A100 80GB).
+- the cook's device: one GPU with `--gpu-gib` free (default 80: an H100 or an A100 80GB), and
+  `--host-gib` of free host memory beside it (default 128).
 
 Then a wall-time estimate from throughputs given on the command line. THESE ARE ASSUMPTIONS, not
 measurements: no GPU was used to write this file. Defaults: 1,500 images/s decoded and
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--forward", type=float, default=8000.0, help="images/s of forward on the GPU (assumed)")
     ap.add_argument("--read-gib", type=float, default=1.0, help="GiB/s read from storage (assumed)")
     ap.add_argument("--budget", default=None, help="cook.memory_budget (default: 50%% of the free memory)")
+    ap.add_argument("--host-gib", type=float, default=128.0,
+                    help="free host memory beside the GPU (GiB; default 128): sampled ingredients are held there")
     args = ap.parse_args()
     every = sum(SPLITS.values())
     logits = every * 1000 * 2
@@ -55,7 +58,7 @@ def main() -> None:
     free = int(args.gpu_gib * GIB)
     for p in phases:  # the learned soups against this GPU's free memory, not this machine's
         if p["name"].startswith("learned"):
-            p.update(learned_plan(options, N, N * CKPT, "cuda", free=free))
+            p.update(learned_plan(options, N, N * CKPT, "cuda", free=free, host_free=int(args.host_gib * GIB)))
     print(f"{N} ingredients of {CKPT / MIB:.0f} MiB ({N * CKPT / GIB:.1f} GiB), logits {logits / MIB:.0f} MiB "
           f"each; {every:,} images per model evaluated; a GPU with {args.gpu_gib:g} GiB free")
     print(f"assumed (not measured): {args.decode:,.0f} images/s decoded, {args.forward:,.0f} images/s "
@@ -80,7 +83,8 @@ def main() -> None:
         if p.get("mode"):
             print(f"  {p['name']}: {p['mode']}")
     learned = next(p for p in phases if p["name"] == "learned")
-    streaming = learned_plan(RecipeOptions(learned_mode="streaming"), N, N * CKPT, "cuda", free=free)
+    streaming = learned_plan(RecipeOptions(learned_mode="streaming"), N, N * CKPT, "cuda", free=free,
+                             host_free=int(args.host_gib * GIB))
     print(f"\nlearned soup: {learned['bytes'] / GIB:.0f} GiB read ({streaming['bytes'] / GIB:,.0f} GiB in "
           f"streaming mode); MEHL-Soup+ reports {MEHL_SOUP_PLUS[0]} s and {MEHL_SOUP_PLUS[1]} GB for the "
           "same 72 ingredients (its own steps and held-out set, measured on a GPU)")

@@ -154,7 +154,7 @@ def phases_of(plan: CookPlan, sizes: dict[str, tuple[int, int]], n: dict[str, in
 
 
 def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
-                 free: int | None = None) -> dict:
+                 free: int | None = None, host_free: int | None = None) -> dict:
     """How a learned soup of `n` ingredients (`ckpt` bytes of float32 checkpoints in all) would
     run: its mode (``auto`` resolved as the cook resolves it), bytes read, bytes held on the
     device. `free`: the device's free memory (default: measured here, for a CPU or a visible GPU;
@@ -175,7 +175,10 @@ def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
         budget = int(value if kind == "bytes" else value * free)
         mode, k, why = choose_mode(params, n, budget, options.learned_sample)
         why = f" ({why}; budget {budget / MIB:,.0f} MiB)"
-    host_held = device == "cuda"  # beside a GPU the sampled ingredients are read once into host memory
+    # beside a GPU the sampled mode reads the N into host memory once, when they fit half of it
+    # (`host_free`, default this machine's as the plan sees it; the cook's node decides)
+    host = free_memory(torch.device("cpu")) if host_free is None else host_free
+    host_held = device == "cuda" and ckpt <= 0.5 * host
     reads = {"stacked": 2 * ckpt, "streaming": (2 * LEARNED_STEPS + 1) * ckpt, "memory": 2 * ckpt,
              "sampled": 2 * ckpt if host_held else 2 * ckpt + LEARNED_STEPS * k * per}[mode]
     label = f"sampled, {k} of {n} per step" if mode == "sampled" else mode
