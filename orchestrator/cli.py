@@ -407,8 +407,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("doctor", cmd_doctor, "Why the greedy soup kept what it kept: each ingredient's path to the "
              "best model (its barrier) and the angle between their updates; findings logged on the sweep.")
     sp.add_argument("--sweep", required=True, help="sweep id (printed by soup sweep)")
-    sp.add_argument("--images", type=_positive_int, default=2000,
-                    help="held-out images, a seeded stratified subsample (default 2000; all when fewer)")
+    sp.add_argument("--images", type=_positive_int,
+                    help="held-out images, a seeded stratified subsample (default: the space's doctor.images, "
+                         "2000; all when fewer)")
     _resource_options(sp, "the doctor's task")
     sp = add("models", cmd_models, "List a registered model's versions, metrics and aliases.")
     sp.add_argument("model", help="registered model name")

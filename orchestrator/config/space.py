@@ -147,6 +147,14 @@ class CookResources(Frozen):
     memory_gib: float = Field(0.0, ge=0)  # 0: no memory reservation
 
 
+class DoctorSettings(Frozen):
+    """How `soup doctor` looks at this sweep (`soup doctor --images` overrides)."""
+
+    # held-out images each path is scored on: a seeded, class-stratified subsample (all of
+    # held-out when it is smaller)
+    images: int = Field(2000, ge=1)
+
+
 class CookSettings(Frozen):
     """How the cook builds the soups of this sweep (`soup cook --learned-mode` overrides it)."""
 
@@ -180,6 +188,7 @@ class SearchSpace(Frozen):
     sweep: SweepSettings = SweepSettings()
     tracking: TrackingSettings = TrackingSettings()
     cook: CookSettings = CookSettings()
+    doctor: DoctorSettings = DoctorSettings()
 
     @model_validator(mode="after")
     def _search_keys_exist(self) -> "SearchSpace":

@@ -51,10 +51,10 @@ from orchestrator.record.schema import (
 from orchestrator.record.tracking import tag_is
 from orchestrator.runtime import connect, task
 from orchestrator.soups.doctor import ALPHAS, PathRow, diagnose, findings
+from orchestrator.soups.io.stream import bytes_read
 from orchestrator.soups.learned import heldout_loss_and_acc
 from orchestrator.train import models
 
-DOCTOR_IMAGES = 2000
 TABLE, FIGURE = "doctor/table.json", "doctor/paths.png"
 
 
@@ -69,6 +69,7 @@ class Diagnosis:
     images: int
     passes: int
     seconds: float
+    bytes: int = 0  # read from the checkpoint files by the measurements
 
     def lines(self) -> list[str]:
         head = (f"{'ingredient':<44}{'a=0.25':>8}{'0.5':>7}{'0.75':>7}{'end':>7}{'barrier':>9}"
@@ -83,7 +84,7 @@ class Diagnosis:
                                                        for i, a in enumerate(acc))
                        + f"{r.barrier:+9.2f}{r.angle:7.1f}{'in' if r.in_basin else 'OUT':>7}{greedy:>8}")
         out += ["findings:"] + ([f"- {f}" for f in self.findings] or ["- no finding"])
-        out.append(f"cost: {self.passes:,} forward passes, {self.seconds:.1f} s")
+        out.append(f"cost: {self.passes:,} forward passes, {self.bytes / 2**20:,.1f} MiB read, {self.seconds:.1f} s")
         return out
 
 
@@ -117,14 +118,15 @@ def _greedy_kept(target) -> set[str] | None:
     return set(filter(None, runs[0].data.tags.get(KEPT_INGREDIENTS, "").split(",")))
 
 
-def doctor(sweep_id: str, tracking_uri: str | None = None, images: int = DOCTOR_IMAGES,
+def doctor(sweep_id: str, tracking_uri: str | None = None, images: int | None = None,
            use_ray: bool = True, resources: Mapping[str, float | None] | None = None,
            log: Callable[[str], None] = print) -> Diagnosis:
     """Diagnose sweep `sweep_id`'s ingredients against its best one, and log what was found.
 
     The ingredients are checked here as the cook checks them; the measurements run in a Ray task
     with the cook's resources (`cook.resources`, overridden by `resources`), on its device, or
-    in this process without `use_ray`."""
+    in this process without `use_ray`. `images`: the held-out subsample (default the space's
+    ``doctor.images``)."""
     start = time.perf_counter()
     target = find_target(sweep_id, tracking_uri, None, partial=False)
     space, tracker, parent = target.space, target.tracker, target.parent
@@ -142,7 +144,7 @@ def doctor(sweep_id: str, tracking_uri: str | None = None, images: int = DOCTOR_
         by_id = {r.info.run_id: r for r in target.runs}
         params = [{k: _number(by_id[c.run_id].data.params.get(k)) for k in space.search} for c in checkpoints]
         kept = None if kept_ids is None else [i for i, c in enumerate(checkpoints) if c.run_id in kept_ids]
-        args = (space.base.model_dump(), checkpoints, best, kept, params, images, tracker.uri,
+        args = (space.base.model_dump(), checkpoints, best, kept, params, images or space.doctor.images, tracker.uri,
                 BuildResources(res.cpu, res.gpu))
         if use_ray:
             connect.init_ray(lambda s: None)
@@ -152,7 +154,7 @@ def doctor(sweep_id: str, tracking_uri: str | None = None, images: int = DOCTOR_
             found = examine(*args, log=log)
     said = findings(found["rows"], found["heldout"])
     out = Diagnosis(sweep_id, checkpoints[best].name, found["rows"], said, found["images"], found["passes"],
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, found["bytes"])
     _log(tracker, parent, out)
     return out
 
@@ -179,11 +181,14 @@ def examine(base_cfg: dict, checkpoints: list[TrialCheckpoint], best: int, kept:
     try:
         with tempfile.TemporaryDirectory(prefix="soup-doctor-") as tmp:
             paths, _, _ = fetch_checkpoints(checkpoints, tracking_uri, Path(tmp))
+            read0 = bytes_read()
             rows = diagnose(paths, [c.name for c in checkpoints], best, base, accuracy, kept=kept,
                             params=params, log=log)
+            nbytes = bytes_read() - read0
     finally:
         hook.remove()
-    return {"rows": rows, "images": len(y), "passes": passes[0], "heldout": len(task_data.heldout.labels)}
+    return {"rows": rows, "images": len(y), "passes": passes[0], "bytes": nbytes,
+            "heldout": len(task_data.heldout.labels)}
 
 
 def examine_with_progress(*args) -> Iterator[tuple[str, object]]:
@@ -205,7 +210,7 @@ def _number(v: str | None):
 def _log(tracker, parent, out: Diagnosis) -> None:
     """The table, the figure and the findings on the sweep's run."""
     rid = parent.info.run_id
-    table = {"best": out.best, "images": out.images, "passes": out.passes,
+    table = {"best": out.best, "images": out.images, "passes": out.passes, "bytes": out.bytes,
              "rows": [{**asdict(r), "accuracy": {str(a): v for a, v in r.accuracy.items()}} for r in out.rows],
              "findings": out.findings}
     tracker.log_text(rid, json.dumps(table, indent=1), TABLE)
@@ -248,4 +253,4 @@ def figure(out: Diagnosis) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["DOCTOR_IMAGES", "Diagnosis", "doctor", "figure", "stratified"]
+__all__ = ["Diagnosis", "doctor", "figure", "stratified"]

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import data
-from orchestrator.cook.doctor import DOCTOR_IMAGES
 from orchestrator.cook.driver import (
     cook_resources,
     find_target,
@@ -92,7 +91,7 @@ def plan_cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: s
     plan.phases = phases_of(plan, sizes, {k: len(s) for k, s in splits.items()}, options,
                           "cuda" if res.gpu else "cpu")
     if doctor:  # `soup cook --doctor`: each ingredient read once; len(ALPHAS) + 1 passes each but the best's
-        k, images = len(plan.usable), min(DOCTOR_IMAGES, len(splits["heldout"]))
+        k, images = len(plan.usable), min(target.space.doctor.images, len(splits["heldout"]))
         plan.phases.append(_p("doctor", ((len(ALPHAS) + 1) * (k - 1) + 1) * images if k else 0,
                               sum(c for c, _ in sizes.values())))
     return plan

@@ -272,8 +272,11 @@ def test_doctor_prints_its_table_and_logs_it_on_the_sweep_run(cooked, tmp_path, 
     assert lines[head + 4] == "findings:" and lines[head + 5].startswith("- ")
     images = int(lines[head - 1].split("; ")[1].split()[0].replace(",", ""))
     assert images == 269  # all of held-out: fewer than the default subsample of 2,000
-    assert f"cost: {(1 + 4 * 3) * images:,} forward passes" in printed
+    cost = next(line for line in lines if line.startswith("cost: "))
+    assert cost.startswith(f"cost: {(1 + 4 * 3) * images:,} forward passes, "), cost
     assert planned["passes"] == (1 + 4 * 3) * images
+    read = float(cost.split(", ")[1].split()[0].replace(",", ""))  # MiB: each ingredient once
+    assert read == pytest.approx(planned["bytes"] / 2**20, rel=0.02), (cost, planned)
     client = MlflowClient(uri)
     parent = cooked["sweep"].parent_run_id
     names = {a.path for a in client.list_artifacts(parent, "doctor")}
