@@ -38,6 +38,7 @@ from orchestrator.cook.driver import (
     cook_resources,
     find_target,
     load_ingredients,
+    ray_for,
 )
 from orchestrator.data.splits import to_float_images
 from orchestrator.record.schema import (
@@ -49,7 +50,7 @@ from orchestrator.record.schema import (
     SWEEP_ID,
 )
 from orchestrator.record.tracking import tag_is
-from orchestrator.runtime import connect, task
+from orchestrator.runtime import task
 from orchestrator.soups.doctor import ALPHAS, PathRow, diagnose, findings
 from orchestrator.soups.io.stream import bytes_read
 from orchestrator.soups.learned import heldout_loss_and_acc
@@ -147,7 +148,7 @@ def doctor(sweep_id: str, tracking_uri: str | None = None, images: int | None = 
         args = (space.base.model_dump(), checkpoints, best, kept, params, images or space.doctor.images, tracker.uri,
                 BuildResources(res.cpu, res.gpu))
         if use_ray:
-            connect.init_ray(lambda s: None)
+            ray_for(res, space.sweep.autoscale)
             found = task.run_with_progress(examine_with_progress, args, num_cpus=res.cpu, num_gpus=res.gpu,
                                            log=log, memory_bytes=int(res.memory_gib * 2**30))
         else:

@@ -261,6 +261,12 @@ def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
     return emit
 
 
+def ray_for(res: CookResources, autoscale: bool = False) -> None:
+    """Ray started (or joined), and checked to have a node for a task with the cook's resources."""
+    connect.init_ray(lambda s: None)
+    _check_fits(res, autoscale)
+
+
 def _check_fits(res: CookResources, autoscale: bool) -> None:
     """Refuse a build task no node of this Ray can ever run (it would wait for ever), unless a
     cluster's autoscaler may still add one (``sweep.autoscale``)."""
@@ -279,8 +285,7 @@ def _build_soups(base, checkpoints, recipes, options, res: CookResources, use_ra
     wanted = BuildResources(res.cpu, res.gpu)
     if not use_ray:
         return build_and_evaluate(base, checkpoints, recipes, options, uri, progress, resources=wanted)
-    connect.init_ray(lambda s: None)
-    _check_fits(res, autoscale)
+    ray_for(res, autoscale)
     return task.run_with_progress(build_with_progress, (base, checkpoints, recipes, options, uri, wanted),
                                   num_cpus=res.cpu, num_gpus=res.gpu, log=progress,
                                   memory_bytes=int(res.memory_gib * 2**30))

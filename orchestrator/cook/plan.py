@@ -37,6 +37,7 @@ from orchestrator.soups.learned import (
     choose_mode,
     free_memory,
     held_bytes,
+    held_in_host,
 )
 from orchestrator.soups.recipe import RecipeOptions
 
@@ -176,8 +177,7 @@ def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
         why = f" ({why}; budget {budget / MIB:,.0f} MiB)"
     # beside a GPU the sampled mode reads the N into host memory once, when they fit half of it
     # (`host_free`, default this machine's as the plan sees it; the cook's node decides)
-    host = free_memory(torch.device("cpu")) if host_free is None else host_free
-    host_held = device == "cuda" and ckpt <= 0.5 * host
+    host_held = device == "cuda" and held_in_host(ckpt, host_free)
     reads = {"stacked": 2 * ckpt, "streaming": (2 * LEARNED_STEPS + 1) * ckpt, "memory": 2 * ckpt,
              "sampled": 2 * ckpt if host_held else 2 * ckpt + LEARNED_STEPS * k * per}[mode]
     label = f"sampled, {k} of {n} per step" if mode == "sampled" else mode

@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from orchestrator.soups.io.stream import Ingredient, is_file, layout, map_chunks, plan, read_weights
+from orchestrator.soups.io.stream import (
+    Ingredient,
+    is_file,
+    layout,
+    map_chunks,
+    plan,
+    read_weights,
+)
 from orchestrator.soups.io.weights import (
     StateDict,
     check_compatible,
@@ -147,6 +154,13 @@ def free_memory(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+def held_in_host(nbytes: int, host_free: int | None = None) -> bool:
+    """Whether a sampled soup beside a GPU holds its ingredients (`nbytes` of float32 in all) in
+    host memory, read once: when they fit half of the host's free memory (`host_free`, default
+    this machine's)."""
+    return nbytes <= 0.5 * (free_memory(torch.device("cpu")) if host_free is None else host_free)
 
 
 def budget_bytes(device: torch.device, budget: tuple[str, float] | None) -> tuple[int, str]:
@@ -397,8 +411,7 @@ class _SampledStep:
         self.host = None
         if not any(is_file(i) for i in ingredients):
             self.host = list(ingredients)
-        elif device.type == "cuda" and self.n * sum(infos[k].numel * 4 for k in keys) <= 0.5 * free_memory(
-                torch.device("cpu")):
+        elif device.type == "cuda" and held_in_host(self.n * sum(infos[k].numel * 4 for k in keys)):
             self.host = [read_weights(i) for i in ingredients]
         self.soup: dict[str, torch.Tensor] | None = None
 
@@ -453,8 +466,7 @@ class _SampledStep:
         for name, m in mixing.items():
             m[~self.mask] = self.before[name][~self.mask]
         for key in self.keys:
-            new = _weights(mixing, key)
-            old = torch.softmax(self.before[key] if key in self.before else self.before[""], dim=0)
+            new, old = _weights(mixing, key), _weights(self.before, key)
             s = self.soup[key]
             if self.k < self.n:
                 for i, st in zip(self.chosen, self.states):
