@@ -143,6 +143,7 @@ def cmd_sweep(args) -> int:
     try:
         with _detail(args, "sweep") as log:
             out = run_sweep(args.space, name=args.name, resume=args.resume, storage_path=args.storage_path)
+            registered = _register_online(out)
     except SweepInterrupted as err:
         print(f"soup sweep: {err}", file=sys.stderr)
         return 128 + signal.Signals[err.signal_name].value  # as a shell reports death by signal
@@ -150,8 +151,28 @@ def cmd_sweep(args) -> int:
         print(f"detail log also on the sweep run: {where}")
     print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
           f"parent run {out.parent_run_id} in {out.tracking_uri}")
+    if out.stopped:
+        print(f"stopped early: {out.stopped}")
+    if registered:
+        print(registered)
     print(f"cook it with: {cook_hint(out.sweep_id)}")
     return 0 if out.finished else 1
+
+
+def _register_online(out) -> str | None:
+    """A sweep with an online soup registers it at its end (recipe online-greedy); the line
+    that says so, or why not."""
+    from orchestrator.cook.driver import CookError, cook_online
+
+    if not (out.online_soup and out.finished):
+        return None
+    try:
+        cooked = cook_online(out.sweep_id, out.tracking_uri)
+    except CookError as err:  # the sweep itself is done and logged; say why, and how to retry
+        return f"online soup not registered: {err} (soup cook --sweep {out.sweep_id} --recipes online-greedy)"
+    row = next(r for r in cooked.rows if r["name"] == "online-greedy soup")
+    return (f"online soup: registered as online-greedy, version {cooked.versions['online-greedy']} "
+            f"(held-out {row['heldout']:.1%}, test {row['test']:.1%})")
 
 
 def _recipes(text: str | None) -> tuple[str, ...] | None:

@@ -35,7 +35,7 @@ LAYERS = {
     "train": {"config", "data", "hashing"},
     "soups": {"train"},
     "record": {"hashing"},
-    "sweep": {"config", "data", "train", "record", "runtime", "hashing"},
+    "sweep": {"config", "data", "train", "soups", "record", "runtime", "hashing"},
     "cook": {"config", "data", "train", "soups", "record", "runtime", "hashing"},
 }
 TOP = {"cli", "demo", "quickstart", "serving", "starter"}

@@ -84,6 +84,16 @@ class Resources(Frozen):
         return self
 
 
+class StopSettings(Frozen):
+    """When a sweep with an online soup ends before its last trial (`sweep.online_soup`)."""
+
+    # End the sweep when the online soup's held-out accuracy has not risen by more than
+    # `min_delta` over the last `soup_patience` finished trials: trials not yet started are not
+    # started, running ones finish. None: never.
+    soup_patience: int | None = Field(None, ge=1)
+    min_delta: float = Field(0.0, ge=0.0, lt=1.0)  # in accuracy: 0.002 is 0.2 points
+
+
 class SweepSettings(Frozen):
     """How Ray Tune runs the search."""
 
@@ -101,6 +111,21 @@ class SweepSettings(Frozen):
     # On a cluster (RAY_ADDRESS) whose nodes cannot yet run one trial: true starts the sweep and
     # waits for the autoscaler to add a node; false refuses it. A local Ray is always refused.
     autoscale: bool = False
+    # A soup actor (the cook's resources) takes each trial as it finishes into a greedy soup, in
+    # finishing order, and logs its held-out accuracy on the sweep run; the sweep registers it
+    # at its end as recipe `online-greedy`.
+    online_soup: bool = False
+    stop: StopSettings = StopSettings()
+
+    @model_validator(mode="after")
+    def _stop_needs_online_soup(self) -> "SweepSettings":
+        if self.stop.soup_patience is not None and not self.online_soup:
+            raise FieldError("stop.soup_patience", "the soup-patience stopper watches the online soup: "
+                                                   "set sweep.online_soup: true")
+        if self.stop.soup_patience is not None and self.search_alg == "optuna":
+            raise FieldError("stop.soup_patience", "the soup-patience stopper works with search_alg "
+                                                   "random or grid")
+        return self
 
 
 class TrackingSettings(Frozen):

@@ -50,6 +50,7 @@ class TrialCheckpoint:
     sha256: str
     logits_path: Path | None = None  # its logged logits (`logitstore`), checked; None: none usable
     logits_sha256: str | None = None
+    finished: int = 0  # its place in the order the sweep's trials finished (0 first)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ def _build(cfg: FinetuneConfig, checkpoints, paths, logit_paths, recipes, option
     labels = [f"{checkpoints[i].name} ({checkpoints[i].run_id[:8]})" if checkpoints[i].name != checkpoints[i].run_id
               else checkpoints[i].run_id for i in use]  # progress lines and errors name the trial
     inputs = RecipeInputs([paths[i] for i in use], labels, [scores[i] for i in use], model,
-                          evaluated.heldout, options, meter.log, base=base)
+                          evaluated.heldout, options, meter.log, base=base,
+                          finish_order=[checkpoints[i].finished for i in use])
     soups = {}
     for recipe in recipes:
         with meter.phase(recipe.name):

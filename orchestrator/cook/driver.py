@@ -87,6 +87,7 @@ from orchestrator.record.schema import (
     SOUP_HELDOUT_ACC,
     SOUP_KEY,
     SOUP_RUN_ID,
+    STOP_REASON,
     SWEEP_ID,
     TEST_ACC,
     accuracy_metric,
@@ -99,6 +100,7 @@ from orchestrator.record.soups import (
     find_version,
     locate_sweep,
     log_soup_model,
+    online_record,
     register_soup,
 )
 from orchestrator.record.tracking import Tracker, read_artifact_text
@@ -151,6 +153,7 @@ class CookContext:
     record: str = ""  # `record_key` of this cook's inputs: where its record is kept
     classnames: list[str] = field(default_factory=list)  # the soups' classes, in output order
     digests: dict[str, str] = field(default_factory=dict)  # split -> digest of the data selected and measured on
+    stopped: str = ""  # why the sweep's stopper ended it early (`schema.STOP_REASON`), if it did
 
 
 @dataclass
@@ -380,6 +383,13 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
                                                  reference_state(space), Path(tmp), log)
         if not checkpoints:
             raise CookError(f"sweep {sweep_id!r}: every run was excluded: {excluded}")
+        online = online_record(tracker, parent.info.run_id)
+        order = finish_order(target.runs, online)
+        for c in checkpoints:
+            c.finished = order[c.run_id]
+        # best first, as MLflow ranked them; among equal figures the first finished (so that of
+        # byte-identical checkpoints the cook takes the one the online soup took)
+        checkpoints.sort(key=lambda c: (-c.heldout_acc, c.finished))
         fetched = {"name": "fetch and check", "passes": 0, "seconds": time.perf_counter() - start,
                    "bytes": int(_mib(*[p for c in checkpoints for p in (c.path, c.logits_path)]) * 2**20)}
         log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
@@ -389,14 +399,49 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
                              use_ray, tracker.uri, _flushed(log), space.sweep.autoscale)
         built.phases = [fetched, *(p for p in built.phases if p["name"] != "fetch" or p["bytes"])]
         excluded.update(built.excluded)
+        _compare_online(built, online, log)
         ctx = CookContext(tracker, target.experiment_id, parent.info.run_id, sweep_id, space, built.used,
                           model_name=target.model_name, options=options, tmp=Path(tmp),
                           partial=parent.info.status != FINISHED,
                           names={c.run_id: c.name for c in checkpoints}, record=record,
-                          classnames=built.classnames, digests=built.digests)
+                          classnames=built.classnames, digests=built.digests,
+                          stopped=parent.data.tags.get(STOP_REASON, ""))
         out = _log_all(ctx, built, excluded, log)
         _report_cost(ctx, built, log)
         return out
+
+
+def cook_online(sweep_id: str, tracking_uri: str | None = None, use_ray: bool = True,
+                log: Callable[[str], None] = print) -> CookOutcome:
+    """Register the online soup of a sweep run with ``sweep.online_soup`` (what ``soup sweep`` does
+    at its end): recipe ``online-greedy``, the greedy rule over the trials in the order its
+    online soup took them (`finish_order`), evaluated and registered as every soup is."""
+    return cook(sweep_id, recipes=["online-greedy"], tracking_uri=tracking_uri, use_ray=use_ray, log=log)
+
+
+def finish_order(runs, online: list[dict]) -> dict[str, int]:
+    """Each run's place in the order the sweep's trials finished: the online soup's record
+    (the order it was offered them), then any other run by its end time."""
+    recorded = [e["run_id"] for e in online]
+    rest = sorted((r for r in runs if r.info.run_id not in recorded),
+                  key=lambda r: (r.info.end_time or 0, r.info.run_id))
+    return {rid: n for n, rid in enumerate([*recorded, *(r.info.run_id for r in rest)])}
+
+
+def _compare_online(built: Built, online: list[dict], log: Callable[[str], None]) -> None:
+    """Say whether the `online-greedy` soup kept what the sweep's online soup kept (the same rule
+    over the same order and the same held-out examples; only a different device's arithmetic
+    could tell them apart)."""
+    soup = built.soups.get("online-greedy")
+    if soup is None or not online:
+        return
+    kept = [built.used[i] for i in soup.kept]
+    live = [e["run_id"] for e in online if e.get("kept") and e["run_id"] in built.used]
+    if kept == live:
+        log(f"online-greedy soup: kept the {len(kept)} ingredients the sweep's online soup kept, in its order")
+    else:
+        log(f"online-greedy soup: kept {len(kept)} ingredients where the sweep's online soup kept "
+            f"{len(live)} (first difference at {next((a for a, b in zip(kept, live) if a != b), '-')})")
 
 
 def record_key(target: CookTarget, table: Sequence, options: RecipeOptions) -> str:
@@ -530,6 +575,7 @@ def _cooked_description(ctx: CookContext, rows: list[dict]) -> str:
         (f"**Sweep `{ctx.sweep_id}`**, cooked from {len(ctx.run_ids)} trials into registered model "
          f"`{ctx.model_name}`."), "", markdown_table(rows, _columns(rows)),
         *(f"- {line}" for line in verdict(rows)), "",
+        *([f"Stopped early: {ctx.stopped}.", ""] if ctx.stopped else []),
         # a path relative to the UI's page: a tracking server serves the run's artifact there
         f"![test against mean shift accuracy](get-artifact?path={quote(COOK_FIGURE, safe='')}"
         f"&run_uuid={ctx.parent_run_id})",
@@ -690,4 +736,4 @@ def _log_soup_run(ctx: CookContext, soup: SoupRecord, weights: Path, plot: Path,
     return rid, model_id
 
 
-__all__ = ["ConfigError", "CookError", "CookOutcome", "cook", "soup_key"]
+__all__ = ["ConfigError", "CookError", "CookOutcome", "cook", "cook_online", "soup_key"]

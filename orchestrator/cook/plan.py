@@ -191,7 +191,7 @@ def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOpt
         return _p(name, 0, ckpt)
     if name == "model-stock":
         return _p(name, 0, 2 * ckpt)
-    if name == "greedy":
+    if name in ("greedy", "online-greedy"):
         return _p(name, k * heldout, ckpt, bound=True)
     if name in ("learned", "learned-layerwise"):
         steps = LEARNED_STEPS * min(LEARNED_BATCH, fit)

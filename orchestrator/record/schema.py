@@ -111,6 +111,10 @@ SPACE_DIR = "space"  # the search-space file as given
 RESOLVED_SPACE = f"{SPACE_DIR}/resolved_config.yaml"  # the space as validated: the cook reads it back
 LOGS_DIR = "logs"  # the detail logs of the commands that worked on the run (any run)
 COOK_DIR = "cook"
+# the online soup's record on the sweep run: every finished trial offered, in order, and what the
+# greedy rule decided (what a restarted soup actor and the cook's `online-greedy` recipe read)
+ONLINE_RECORD = "online/record.json"
+STOP_REASON = "stop_reason"  # on the sweep run: why `sweep.stop` ended it before its last trial
 COOK_TABLE = f"{COOK_DIR}/comparison.md"  # soups, baselines and ingredients compared
 COOK_FIGURE = f"{COOK_DIR}/soups.png"  # test against mean shift accuracy
 COOK_COST = f"{COOK_DIR}/cost.txt"  # forward passes, bytes and time per phase
@@ -153,6 +157,9 @@ HELDOUT_ACC = "heldout_acc"  # the selection split: trials are ranked by it, the
 TEST_ACC = "test_acc"
 SHIFT_MEAN_ACC = "shift_mean_acc"  # mean over the distribution shifts
 SOUP_HELDOUT_ACC = "soup_heldout_acc"  # a greedy soup's held-out accuracy per ingredient tried
+# the online soup, on the sweep run, at step = trials finished (`sweep.online`)
+SOUP_KEPT = "soup_kept"  # ingredients the online soup holds
+BEST_TRIAL_HELDOUT_ACC = "best_trial_heldout_acc"  # the best single trial so far, beside it
 TRAIN_LOSS = "train_loss"  # per logged step
 EPOCH = "epoch"  # logged at each epoch's end: which epochs are in
 EPOCH_TRAIN_LOSS = "epoch_train_loss"

@@ -22,6 +22,7 @@ from mlflow.types.schema import Array
 
 from orchestrator.record.schema import (
     FINISHED,
+    ONLINE_RECORD,
     PYFUNC_CONFIG,
     PYFUNC_CONFIG_FILE,
     PYFUNC_WEIGHTS,
@@ -33,6 +34,7 @@ from orchestrator.record.schema import (
 from orchestrator.record.tracking import (
     PACKAGE_DIR,
     Tracker,
+    read_artifact_text,
     resolve_uri,
     retry,
     status_is,
@@ -41,7 +43,7 @@ from orchestrator.record.tracking import (
 )
 
 __all__ = ["locate_sweep", "soup_runs", "find_soup", "stale_soups", "log_soup_model", "register_soup",
-           "find_version"]
+           "find_version", "online_record", "save_online_record"]
 
 
 # --- sweeps and soup runs found ----------------------------------------------------------------
@@ -74,6 +76,23 @@ def find_soup(tracker: Tracker, experiment_id: str, soup_key: str):
 def stale_soups(tracker: Tracker, experiment_id: str, soup_key: str) -> list:
     """Unfinished soup runs with this key: being logged, or left by a cook killed while logging."""
     return [r for r in soup_runs(tracker, experiment_id, soup_key) if r.info.status != FINISHED]
+
+
+# --- the online soup's record ------------------------------------------------------------------
+
+def online_record(tracker: Tracker, sweep_run_id: str) -> list[dict]:
+    """The online soup's entries on the sweep run (`schema.ONLINE_RECORD`), in the order the trials
+    were offered; [] when the sweep has none."""
+    try:
+        text = read_artifact_text(tracker, sweep_run_id, ONLINE_RECORD)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        return []
+    return json.loads(text)["entries"]
+
+
+def save_online_record(tracker: Tracker, sweep_run_id: str, entries: list[dict]) -> None:
+    """Write the whole record again (one small JSON: an entry per finished trial)."""
+    tracker.log_text(sweep_run_id, json.dumps({"entries": entries}, indent=1), ONLINE_RECORD)
 
 
 # --- a soup logged and registered --------------------------------------------------------------

@@ -92,28 +92,78 @@ def greedy_soup(ingredients: Sequence[Ingredient], heldout: HeldoutCounter | Cal
     (held-out examples; None for a plain function), "rejected_early"}``; ``stats`` the totals.
     Progress lines, prefixed ``greedy soup:``, go to `log`.
     """
-    infos = check_compatible(ingredients, names)
+    check_compatible(ingredients, names)
     label = (lambda i: names[i]) if names else (lambda i: f"ingredient {i}")
-    order = rank_best_first(order_scores, len(ingredients))
-    fixed, total = _start(ingredients[order[0]], infos)
-    best, seen, _ = _score(heldout, stream_mean_with(total, None, 1, infos, fixed), None, strict, False)
-    kept = [order[0]]
-    steps = [_step(order[0], True, kept, _acc(best, heldout), _acc(best, heldout), seen, False)]
-    log(f"greedy soup: start from {label(order[0])} (held-out {_acc(best, heldout):.2%})")
-    for i in order[1:]:
-        candidate = stream_mean_with(total, ingredients[i], len(kept) + 1, infos, fixed)
-        score, seen, early = _score(heldout, candidate, best, strict, early_reject)
+    run = GreedyRun(heldout, strict, early_reject, log)
+    for i in rank_best_first(order_scores, len(ingredients)):
+        run.offer(i, ingredients[i], label(i))
+    return run.result(len(ingredients))
+
+
+class GreedyRun:
+    """The greedy rule one ingredient at a time, in the order they are offered: the first starts
+    the soup, each later one is kept if the soup's held-out accuracy does not drop (`improves`).
+    `greedy_soup` offers them best first (the paper's Algorithm 1); the online soup offers them
+    as their trials finish. `restore` re-adds an ingredient an earlier run already decided on,
+    without scoring it again."""
+
+    def __init__(self, heldout, strict: bool = False, early_reject: bool = True,
+                 log: Callable[[str], None] = print, prefix: str = "greedy soup"):
+        self.heldout, self.strict, self.early, self.log, self.prefix = heldout, strict, early_reject, log, prefix
+        self.infos = self.fixed = self.total = self.first = None
+        self.kept: list[int] = []
+        self.steps: list[dict] = []
+        self.best = None  # the soup's score: a correct count for a `HeldoutCounter`
+
+    def offer(self, i: int, ingredient: Ingredient, label: str) -> dict:
+        """Try ingredient `i`; its step (`greedy_soup`'s) is returned and kept in `steps`."""
+        if self.total is None:
+            self._begin(ingredient, label)
+            best, seen, _ = _score(self.heldout, stream_mean_with(self.total, None, 1, self.infos, self.fixed),
+                                   None, self.strict, False)
+            self.kept, self.best = [i], best
+            acc = _acc(best, self.heldout)
+            self.steps.append(_step(i, True, self.kept, acc, acc, seen, False))
+            self.log(f"{self.prefix}: start from {label} (held-out {acc:.2%})")
+            return self.steps[-1]
+        check_compatible([self.first[0], ingredient], [self.first[1], label])
+        candidate = stream_mean_with(self.total, ingredient, len(self.kept) + 1, self.infos, self.fixed)
+        score, seen, early = _score(self.heldout, candidate, self.best, self.strict, self.early)
         del candidate  # before reading the ingredient again: one candidate at a time
-        accepted = not early and improves(score, best, strict)
+        accepted = not early and improves(score, self.best, self.strict)
         if accepted:
             # Same float ops as the scored candidate, so the final soup is bit-identical to it.
-            stream_add(total, ingredients[i])
-            kept.append(i)
-            best = score
-        steps.append(_step(i, accepted, kept, _acc(best, heldout),
-                           None if early else _acc(score, heldout), seen, early))
-        log(_line(label(i), steps[-1], heldout, len(kept)))
-    return _result(ingredients, total, kept, infos, fixed, steps, _acc(best, heldout), heldout)
+            stream_add(self.total, ingredient)
+            self.kept.append(i)
+            self.best = score
+        self.steps.append(_step(i, accepted, self.kept, _acc(self.best, self.heldout),
+                                None if early else _acc(score, self.heldout), seen, early))
+        self.log(_line(label, self.steps[-1], self.heldout, len(self.kept), self.prefix))
+        return self.steps[-1]
+
+    def restore(self, i: int, ingredient: Ingredient, label: str, kept: bool, best) -> None:
+        """Re-add ingredient `i` as an earlier run decided (kept or not), the soup's score then
+        being `best`, with the same float operations as `offer`: no forward pass."""
+        if kept and self.total is None:
+            self._begin(ingredient, label)
+        elif kept:
+            stream_add(self.total, ingredient)
+        if kept:
+            self.kept.append(i)
+        self.best = best
+
+    def _begin(self, ingredient: Ingredient, label: str) -> None:
+        self.infos = check_compatible([ingredient], [label])
+        self.first = (ingredient, label)
+        self.fixed, self.total = _start(ingredient, self.infos)
+
+    def soup(self) -> dict[str, torch.Tensor]:
+        """The soup's weights now: the mean of the kept ingredients."""
+        return stream_mean_with(self.total, None, len(self.kept), self.infos, self.fixed)
+
+    def result(self, n: int) -> SoupResult:
+        """The soup as a `SoupResult` over `n` ingredients (indices as offered)."""
+        return _result(n, self.soup(), self.kept, self.steps, _acc(self.best, self.heldout), self.heldout)
 
 
 def _start(ingredient: Ingredient, infos) -> tuple[dict, dict]:
@@ -133,7 +183,7 @@ def _step(i, accepted, kept, soup_acc, cand_acc, seen, early) -> dict:
             "candidate_acc": cand_acc, "evaluated": seen, "rejected_early": early}
 
 
-def _line(name: str, step: dict, heldout, n_kept: int) -> str:
+def _line(name: str, step: dict, heldout, n_kept: int, prefix: str = "greedy soup") -> str:
     what = "kept" if step["accepted"] else "skipped"
     size = f"/{heldout.size}" if isinstance(heldout, HeldoutCounter) else ""
     if step["rejected_early"]:
@@ -141,16 +191,15 @@ def _line(name: str, step: dict, heldout, n_kept: int) -> str:
     else:
         detail = f"candidate {step['candidate_acc']:.2%}"
         detail += f" on {step['evaluated']}{size} examples" if step["evaluated"] is not None else ""
-    return f"greedy soup: {name} {what} ({detail}; soup {step['heldout_acc']:.2%}, {n_kept} kept)"
+    return f"{prefix}: {name} {what} ({detail}; soup {step['heldout_acc']:.2%}, {n_kept} kept)"
 
 
-def _result(ingredients, total, kept, infos, fixed, steps, best, heldout) -> SoupResult:
-    n = len(ingredients)
+def _result(n, state, kept, steps, best, heldout) -> SoupResult:
     coefficients = [1.0 / len(kept) if i in kept else 0.0 for i in range(n)]
     evaluated = [s["evaluated"] for s in steps]
     stats = {}
     if isinstance(heldout, HeldoutCounter):
-        stats = {"heldout_evaluated": sum(evaluated), "heldout_evaluated_plain": heldout.size * len(steps),
+        stats = {"heldout_evaluated": sum(e or 0 for e in evaluated),
+                 "heldout_evaluated_plain": heldout.size * len(steps),
                  "rejected_early": sum(s["rejected_early"] for s in steps)}
-    state = stream_mean_with(total, None, len(kept), infos, fixed)
-    return SoupResult("greedy", state, coefficients, kept, steps, best, stats)
+    return SoupResult("greedy", state, coefficients, list(kept), steps, best, stats)

@@ -54,7 +54,8 @@ class RecipeInputs:
     `model` gives the architecture and device (its own weights are not an ingredient);
     `heldout` is the selection split (anything with ``batches``, ``tensors`` and ``labels``).
     `base` is the weights every ingredient was fine-tuned from (the pretrained classifier with
-    its initial head: a safetensors path or a state dict); None when unknown.
+    its initial head: a safetensors path or a state dict); None when unknown. `finish_order` is
+    each ingredient's place in the order its trial finished (0 first); None when unknown.
     """
 
     ingredients: Sequence[Any]
@@ -65,6 +66,7 @@ class RecipeInputs:
     options: RecipeOptions = RecipeOptions()
     log: Callable[[str], None] = print
     base: Any = None
+    finish_order: Sequence[int] | None = None
 
 
 @dataclass

@@ -52,6 +52,7 @@ from orchestrator.record.schema import (
     RUNNING,
     SPACE_DIR,
     SPACE_NAME,
+    STOP_REASON,
     SWEEP_ID,
     TRIALS_FAILED,
     TRIALS_FINISHED,
@@ -59,6 +60,7 @@ from orchestrator.record.schema import (
 from orchestrator.record.soups import locate_sweep
 from orchestrator.record.tracking import Tracker, flatten, searchable
 from orchestrator.runtime import connect, signals, terminal
+from orchestrator.sweep import online
 from orchestrator.sweep.trial import (
     KEEP_CHECKPOINTS,
     METRIC,
@@ -176,11 +178,18 @@ class SweepOutcome:
     failed: int
     tracking_uri: str
     storage_path: str
+    online_soup: bool = False  # its online soup is to be registered (`cook.driver.cook_online`)
+    stopped: str | None = None  # why `sweep.stop` ended it before its last trial
 
 
-def _tune_config(space: SearchSpace):
+def _tune_config(space: SearchSpace, sweep_id: str = ""):
     s = space.sweep
     search_alg = None
+    if s.online_soup and s.search_alg in ("random", "grid"):
+        # Tune's generator, which with a stopper waits for the online soup's verdict (`online`)
+        return _tune_config_with(space, online.PatientVariants(
+            sweep_id, random_state=s.seed if s.search_alg == "random" else None,
+            max_concurrent=s.max_concurrent_trials), None)
     if s.search_alg == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -192,6 +201,12 @@ def _tune_config(space: SearchSpace):
 
         # Tune ignores max_concurrent_trials for a SearchGenerator: the generator limits itself
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials)
+    limit = s.max_concurrent_trials if s.search_alg != "random" else None
+    return _tune_config_with(space, search_alg, limit)
+
+
+def _tune_config_with(space: SearchSpace, search_alg, limit: int | None):
+    s = space.sweep
     scheduler = None
     if s.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -199,7 +214,6 @@ def _tune_config(space: SearchSpace):
         max_t = max([space.base.train.epochs] + [v for d in space.search.values()
                                                   for v in (d.randint or ())])
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=1)
-    limit = s.max_concurrent_trials if s.search_alg != "random" else None
     return tune.TuneConfig(metric=METRIC, mode="max", num_samples=s.num_samples,
                            search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit,
                            reuse_actors=True)
@@ -356,6 +370,8 @@ def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]
     A local Ray is all there is. A cluster (``RAY_ADDRESS``) may add nodes: with
     ``sweep.autoscale: true`` the sweep starts and waits for them; without, it is refused."""
     res = space.sweep.resources
+    if space.sweep.online_soup:
+        _check_soup_fits(space, space_path)
     miss = connect.misfit(res.cpu, res.gpu, count=res.workers)
     if miss is None:
         return
@@ -371,6 +387,19 @@ def _check_fits(space: SearchSpace, space_path: Path, log: Callable[[str], None]
         raise ConfigError(f"{space_path}: key 'sweep.resources': {what}; set sweep.autoscale: true "
                           "if the cluster adds nodes on demand")
     log(f"{what}: waiting for the cluster to add a node (sweep.autoscale)")
+
+
+def _check_soup_fits(space: SearchSpace, space_path: Path) -> None:
+    """On a local Ray, the online soup's actor (``cook.resources``, held for the whole sweep) and
+    one trial must fit together, or the sweep would wait for ever."""
+    soup, res = space.cook.resources, space.sweep.resources
+    miss = connect.misfit(soup.cpu + res.workers * res.cpu, soup.gpu + res.workers * res.gpu)
+    if miss is not None and miss.local:
+        raise ConfigError(
+            f"{space_path}: key 'sweep.online_soup': the online soup holds cook.resources ({soup.cpu:g} CPU, "
+            f"{soup.gpu:g} GPU) for the whole sweep, and beside it a trial needs {res.workers * res.cpu:g} "
+            f"CPU and {res.workers * res.gpu:g} GPU, but this local Ray has {miss.largest_has}: "
+            "lower cook.resources (fractions are allowed) or the trial's")
 
 
 def run_sweep(space_path: str | Path, name: str | None = None, resume: bool = False,
@@ -416,15 +445,32 @@ def _sweep(tracker: Tracker, exp_id: str, sweep_id: str, space: SearchSpace, spa
     ctx = TrialContext(tracker.uri, exp_id, parent, sweep_id, space.base, tags,
                        storage=storage, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
                        max_failures=space.sweep.max_failures, in_trial=res.in_trial)
-    with _tune_silent(terminal.detail_log() is not None), _state_saves(), signals.handing_over():
-        _tuner(space, ctx, storage, resume).fit()
+    feed = online.start(_online_context(space, ctx), log) if space.sweep.online_soup else None
+    try:
+        with _tune_silent(terminal.detail_log() is not None), _state_saves(), signals.handing_over():
+            _tuner(space, ctx, storage, resume).fit()
+    finally:
+        if feed is not None:
+            online.finish(feed, wait=not signals.received())
     if stopped := signals.received():  # Tune stopped on it and saved its state: resumable
         raise SweepInterrupted(sweep_id, stopped.name, space_path)
     finished = len(tracker.trial_runs(exp_id, sweep_id, FINISHED))
     failed = len(tracker.trial_runs(exp_id, sweep_id, FAILED))
     tracker.log_metrics(parent, {TRIALS_FINISHED: finished, TRIALS_FAILED: failed})
+    reason = tracker.client.get_run(parent).data.tags.get(STOP_REASON)  # this driver's or a killed one's
+    if reason:
+        tracker.describe(parent, _sweep_description(sweep_id, space, space_path) + f"\n\nStopped early: {reason}.")
+        log(f"sweep {sweep_id}: stopped early after {finished} finished trials: {reason}")
     tracker.end_run(parent, FINISHED)
-    return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage)
+    return SweepOutcome(sweep_id, exp_id, parent, finished, failed, tracker.uri, storage,
+                        space.sweep.online_soup, reason)
+
+
+def _online_context(space: SearchSpace, ctx: TrialContext) -> online.OnlineContext:
+    res, stop = space.cook.resources, space.sweep.stop
+    return online.OnlineContext(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id,
+                                space.base, res.cpu, res.gpu, res.memory_gib, False,
+                                stop.soup_patience, stop.min_delta)
 
 
 # A trial function that only drives its TorchTrainer, whose workers reserve the CPUs and GPUs,
@@ -475,11 +521,12 @@ def _tuner(space: SearchSpace, ctx: TrialContext, storage: str, resume: bool):
     # verbosity and callbacks it was started with: Tune restores its RunConfig, and offers no
     # public way to change them.
     quiet = terminal.detail_log() is not None
-    return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space),
+    return tune.Tuner(trainable, param_space=param_space(space), tune_config=_tune_config(space, ctx.sweep_id),
                       run_config=tune.RunConfig(
                           name=ctx.sweep_id, storage_path=storage, verbose=0 if quiet else None,
                           callbacks=[EndTrialRuns(ctx), TrialProgress(verbose=not quiet), StopSignals(),
-                                     *([TrialDetail()] if quiet else [])],
+                                     *([TrialDetail()] if quiet else []),
+                                     *([online.SoupFeed(ctx.sweep_id)] if space.sweep.online_soup else [])],
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                           failure_config=tune.FailureConfig(max_failures=space.sweep.max_failures)))
 

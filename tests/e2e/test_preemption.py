@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,14 +46,16 @@ sweep:
   max_concurrent_trials: 1
   resources: {{workers: {workers}, cpu: 1, launcher: {launcher}}}
   max_failures: 2
+  online_soup: {online}
 tracking:
   experiment_name: {experiment}
 """
 
 
 def _space(tmp: Path, experiment: str, workers: int = 1, trials: int = 1, launcher: str = "auto",
-           **train) -> str:
-    text = SPACE.format(workers=workers, experiment=experiment, trials=trials, launcher=launcher)
+           online: bool = False, **train) -> str:
+    text = SPACE.format(workers=workers, experiment=experiment, trials=trials, launcher=launcher,
+                        online=str(online).lower())
     for k, v in train.items():
         text = text.replace("seed: 7}", f"seed: 7, {k}: {v}}}")
     path = tmp / f"{experiment}-{workers}.yaml"
@@ -198,6 +201,19 @@ def uninterrupted(tmp_path_factory):
             "heldout": trial.data.metrics["heldout_acc"], "run": trial, "uri": uri}
 
 
+def _recorded(uri: str, experiment: str) -> int:
+    """Trials in the online soup's record on the sweep run (0 when it has none yet)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`soup.role` = 'sweep'")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return len(json.loads(Path(client.download_artifacts(parent.info.run_id, "online/record.json",
+                                                                 tmp)).read_text())["entries"])
+        except Exception:  # noqa: BLE001 - no record yet
+            return 0
+
+
 def _check_each_epoch_once(uri: str, trial, resumed_at: int | None):
     """The trial's run is FINISHED with each epoch logged once, trained in one attempt or, if
     `resumed_at`, in a second that started at that epoch from the epoch-2 checkpoint."""
@@ -279,11 +295,15 @@ def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, unint
     """Two trials of the uninterrupted run's config, one at a time: the driver and its local Ray
     are SIGKILLed once the first has finished and the second is in epoch 3 (in the Tune actor:
     once Tune's saved state holds its epoch-2 checkpoint). `--resume` leaves the finished trial
-    alone and continues the other from the epoch after its last checkpoint, in its run."""
+    alone and continues the other from the epoch after its last checkpoint, in its run.
+
+    The one-worker sweep has an online soup: the resumed sweep's new soup actor rebuilds it from
+    the record on the sweep run and counts no trial twice (one point per finished trial; the
+    second trial's checkpoint is byte-identical to the first's, which it says, and takes once)."""
     mark, name = new_mark(), f"driverkill-{launcher}"
-    space = _space(hermetic["tmp"], name, trials=2, launcher=launcher)
-    proc = _start_sweep(space, name, hermetic, mark)
     in_trial = launcher != "torch_trainer"
+    space = _space(hermetic["tmp"], name, trials=2, launcher=launcher, online=in_trial)
+    proc = _start_sweep(space, name, hermetic, mark)
     try:
         _wait_for_epoch_3(proc, hermetic, name, name, finished=1, saved=in_trial)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -292,6 +312,7 @@ def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, unint
         kill_owned(mark, session=proc.pid)  # nothing of the killed sweep logs on behind the resume
     before = {t.info.status: t for t in _trials(hermetic["uri"], name)}
     assert sorted(before) == ["FINISHED", "RUNNING"], before
+    recorded = _recorded(hermetic["uri"], name) if in_trial else 0
     last = before["RUNNING"].data.tags.get("checkpoint", "")
     assert last == "epoch0002-end", before["RUNNING"].data.tags
     if in_trial:  # what a restore reads, and the newest checkpoint on storage, say epoch 2
@@ -321,6 +342,24 @@ def test_driver_killed_then_resume_continues_from_the_checkpoint(hermetic, unint
     _check_each_epoch_once(hermetic["uri"], resumed, resumed_at=3)
     for trial in (done, resumed):
         assert trial.data.tags["checkpoint_sha256"] == uninterrupted["sha256"]
+    if in_trial:
+        _check_online_soup_counted_once(client, parent, recorded, [done, resumed], res.stdout)
+
+
+def _check_online_soup_counted_once(client, parent, recorded: int, trials, terminal: str) -> None:
+    """The online soup after a driver kill and resume: one record entry and one point per
+    finished trial, the byte-identical second checkpoint taken once, the soup registered."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(parent.info.run_id, "online/record.json", tmp)
+        entries = json.loads(Path(path).read_text())["entries"]
+    print(f"online soup: {recorded} trial(s) recorded before the kill; after the resume {len(entries)}: "
+          f"{[(e['name'].split()[0], e['kept'], e.get('excluded', '')[:40]) for e in entries]}")
+    assert [e["run_id"] for e in entries] == [t.info.run_id for t in trials]
+    assert [e["kept"] for e in entries] == [True, False] and "byte-identical" in entries[1]["excluded"]
+    for key in ("soup_kept", "soup_heldout_acc"):
+        steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, key))
+        assert steps == [1, 2], (key, steps)
+    assert "online soup: registered as online-greedy" in terminal, terminal[-2000:]
 
 
 def test_two_gloo_workers_train_what_one_worker_trains(hermetic, uninterrupted):
