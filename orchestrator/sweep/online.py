@@ -23,6 +23,7 @@ is still being judged, and none once the stopper has spoken; running trials fini
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -212,6 +213,10 @@ class OnlineSoup:
         for n in range(1, len(self.entries) + 1):
             if n not in logged:
                 self._point(n)
+
+    def pid(self) -> int:
+        """The actor's process (to find it among Ray's workers)."""
+        return os.getpid()
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

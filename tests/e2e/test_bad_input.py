@@ -109,7 +109,10 @@ def test_bad_input_space_unknown_key(hermetic, capsys, change, key):
     ({"cook": {"memory_budget": "lots"}}, "cook.memory_budget",
      "give a size (e.g. 12GiB, 500MiB) or a share of the device's free memory (e.g. 40%)"),
     ({"cook": {"learned_mode": "telepathy"}}, "cook.learned_mode", "'auto', 'stacked', 'sampled' or 'streaming'"),
-], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section", "budget", "mode"])
+    ({"sweep": {"stop": {"soup_patience": 3}}}, "sweep.stop.soup_patience",
+     "the soup-patience stopper watches the online soup: set sweep.online_soup: true"),
+], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section", "budget", "mode",
+        "patience"])
 def test_bad_input_space_wrong_type(hermetic, capsys, change, key, why):
     sweep_is_refused(hermetic, capsys, change, f"key '{key}'", why)
 

@@ -11,6 +11,8 @@ list equals a replay of that rule, here, over the trials' checkpoints in that or
 """
 
 import json
+import os
+import signal
 
 import pytest
 from conftest import SPACES
@@ -134,3 +136,29 @@ def test_the_record_rebuilds_the_same_soup(stopped):
         assert soup.entries == before
     finally:
         soup.close()
+
+
+def test_a_killed_soup_actor_is_restarted_from_the_record(stopped):
+    """The soup actor's process SIGKILLed: Ray restarts it (`max_restarts`), it rebuilds the soup
+    from the record on the sweep run, and the call in flight is retried: nothing is taken twice."""
+    import ray
+
+    from orchestrator.runtime import connect
+    from orchestrator.sweep import online
+
+    out = stopped["out"]
+    connect.init_ray(lambda s: None)
+    ctx = online.OnlineContext(stopped["uri"], out.experiment_id, out.parent_run_id, out.sweep_id,
+                               _base(stopped), cpu=0.5)
+    feed = online.start(ctx, log=lambda s: None)
+    try:
+        before, pid = ray.get([feed.actor.history.remote(), feed.actor.pid.remote()], timeout=600)
+        os.kill(pid, signal.SIGKILL)
+        after = ray.get(feed.actor.offer.remote("no-such-trial"), timeout=600)
+        assert ray.get(feed.actor.pid.remote(), timeout=600) != pid
+        assert after == before and len(after) == out.finished
+    finally:
+        online.finish(feed, wait=False)
+        ray.shutdown()
+    steps = sorted(m.step for m in stopped["client"].get_metric_history(out.parent_run_id, "soup_kept"))
+    assert steps == list(range(1, out.finished + 1))
