@@ -11,7 +11,7 @@ trained) and the online one. It prints, per seed and as means with paired 95% in
 greedy soup's test and mean shift accuracy, stopped minus full.
 
     .venv/bin/python benchmarks/online_soup.py [--k 5] [--trials 24] [--patience 6]
-        [--min-delta 0.001] [--space PATH] [--first-seed 0] [--out DIR]
+        [--min-delta 0.001] [--space PATH] [--first-seed 0] [--out DIR] [--figure PNG]
 
 The stopper's settings were chosen by reasoning, before any of these sweeps ran (test and shift
 accuracy are reported, never used to choose): a patience of a quarter of the sweep, and a rise
@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soup_quality import _quiet, _stdout_to_stderr, mean_std, paired  # noqa: E402
+from soup_quality import _quiet, _stdout_to_stderr, mean_std, paired
 
 RECIPES = ["greedy", "online-greedy"]
 
@@ -63,7 +63,46 @@ def run_one(text: str, name: str, work: Path) -> dict:
     cooked = cook(out.sweep_id, recipes=RECIPES, log=_quiet, resources={"cpu": 2})
     rows = {r["name"]: {k: r[k] for k in ("heldout", "test", "shift_mean")} for r in cooked.rows}
     return {"name": name, "trials": out.finished, "stopped": out.stopped, "rows": rows,
-            "sweep_seconds": t1 - t0, "cook_seconds": time.perf_counter() - t1}
+            "curve": curve(out.parent_run_id), "sweep_seconds": t1 - t0,
+            "cook_seconds": time.perf_counter() - t1}
+
+
+def curve(sweep_run_id: str) -> list[dict]:
+    """The online soup's record on the sweep run: per finished trial, in order, its held-out
+    accuracy, whether the soup kept it, and the soup's held-out accuracy after it."""
+    from orchestrator.record.soups import online_record
+    from orchestrator.record.tracking import Tracker
+
+    return [{k: e.get(k) for k in ("name", "heldout_acc", "kept", "soup_acc")}
+            for e in online_record(Tracker(None), sweep_run_id)]
+
+
+def figure(pairs: list[tuple[dict, dict]], path: Path) -> Path:
+    """One panel per seed: the full sweep's online soup and best trial so far (held-out) against
+    trials finished, the stopped sweep's soup over it, and where the stopper ended that sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False, sharey=True)
+    for ax, (full, stop) in zip(axes[0], pairs):
+        n = range(1, len(full["curve"]) + 1)
+        best = [max(e["heldout_acc"] for e in full["curve"][:i]) for i in n]
+        ax.plot(n, [100 * b for b in best], color="grey", label="best trial so far (full)")
+        ax.plot(n, [100 * e["soup_acc"] for e in full["curve"]], color="tab:blue", label="online soup (full)")
+        m = range(1, len(stop["curve"]) + 1)
+        ax.plot(m, [100 * e["soup_acc"] for e in stop["curve"]], "--", color="tab:orange",
+                label="online soup (stopped sweep)")
+        ax.axvline(stop["trials"], color="tab:orange", alpha=0.4)
+        ax.set(title=f"seed {full['seed']}: stopped after {stop['trials']} of {full['trials']}",
+               xlabel="trials finished")
+    axes[0][0].set_ylabel("held-out accuracy, %")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def summary(pairs: list[tuple[dict, dict]]) -> str:
@@ -103,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--space", type=Path, default=None, help="default: the demo's world")
     p.add_argument("--out", type=Path, default=None, help="keeps each sweep's result (resumable)")
+    p.add_argument("--figure", type=Path, default=None, help="where to draw the curves (PNG)")
     args = p.parse_args(argv)
     from orchestrator.demo import choose_world
 
@@ -138,6 +178,8 @@ def main(argv=None) -> int:
 
     ray.shutdown()
     print(summary(pairs))
+    if args.figure:
+        print(f"figure: {figure(pairs, args.figure)}")
     return 0
 
 

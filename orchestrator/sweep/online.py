@@ -161,7 +161,7 @@ class OnlineSoup:
                 self._drop(path)
                 entry.update(kept=step["accepted"], candidate_acc=step["candidate_acc"],
                              evaluated=step["evaluated"], rejected_early=step["rejected_early"])
-            except (ValueError, OSError) as err:  # an unreadable or incompatible checkpoint
+            except Exception as err:  # noqa: BLE001 - one that cannot be fetched, read or mixed is left out, as the cook leaves it
                 entry["excluded"] = f"{type(err).__name__}: {err}"[:500]
                 self._log(f"online soup: {name} excluded: {entry['excluded']}")
         if self.run.best is not None:
