@@ -3,6 +3,7 @@
 One sweep of eight tiny trials, two at a time, with ``sweep.online_soup`` and a stopper that can
 never be satisfied (``min_delta`` of 50 points over ``soup_patience: 2``): after the third
 finished trial the stopper speaks, the trial still running finishes, the other four never start.
+The soup actor is SIGKILLed once it has taken the first trial, and comes back from its record.
 The sweep run holds one soup point per finished trial, the record says what the greedy rule
 decided in the order the soup took them, and the registered ``online-greedy`` version's kept
 list equals a replay of that rule, here, over the trials' checkpoints in that order.
@@ -13,6 +14,8 @@ list equals a replay of that rule, here, over the trials' checkpoints in that or
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 from conftest import SPACES
@@ -40,11 +43,44 @@ def stopped(tmp_path_factory):
     space.write_text(text)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     lines: list[str] = []
-    out = run_sweep(space, name="on8", storage_path=str(tmp / "ray_results"), tracking_uri=uri,
-                    log=lines.append)
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=_kill_the_soup_once, args=(uri, done, killed), daemon=True)
+    killer.start()
+    try:
+        out = run_sweep(space, name="on8", storage_path=str(tmp / "ray_results"), tracking_uri=uri,
+                        log=lines.append)
+    finally:
+        done.set()
+        killer.join(timeout=600)
     cooked = cook_online("on8", tracking_uri=uri, log=lines.append)
     ray.shutdown()
-    return {"out": out, "cooked": cooked, "uri": uri, "lines": lines, "client": MlflowClient(uri)}
+    return {"out": out, "cooked": cooked, "uri": uri, "lines": lines, "client": MlflowClient(uri),
+            "killed": killed}
+
+
+def _kill_the_soup_once(uri: str, done: threading.Event, killed: dict) -> None:
+    """Once the soup has taken its first trial (its record says so), SIGKILL the soup actor's
+    process; Ray restarts it, and it must rebuild the soup from the record (the pid it answers
+    with afterwards is kept, to show it was a new process)."""
+    import ray
+
+    from orchestrator.record.soups import locate_sweep, online_record
+    from orchestrator.record.tracking import Tracker
+
+    try:
+        tracker = Tracker(uri)
+        while not done.is_set():
+            _, parent = locate_sweep(tracker, "on8")
+            if parent is not None and online_record(tracker, parent.info.run_id):
+                break
+            time.sleep(0.1)
+        actor = ray.get_actor("soup-online-on8")
+        killed["pid"] = ray.get(actor.pid.remote(), timeout=600)
+        killed["during_sweep"] = not done.is_set()
+        os.kill(killed["pid"], signal.SIGKILL)
+        killed["restarted_pid"] = ray.get(actor.pid.remote(), timeout=600)
+    except Exception as err:  # noqa: BLE001 - asserted by the test
+        killed["error"] = repr(err)
 
 
 def _trials(client, out):
@@ -65,6 +101,16 @@ def test_the_stopper_ends_the_sweep_and_the_unstarted_trials_never_run(stopped):
     description = parent.data.tags["mlflow.note.content"]
     assert "Stopped early" in description and "soup patience" in description, description
     print(f"stopped after {out.finished} of {TRIALS} trials: {out.stopped}")
+
+
+def test_the_soup_actor_killed_mid_sweep_is_restarted_from_its_record(stopped):
+    """The soup actor's process SIGKILLed after it took the first trial: Ray restarts it
+    (`max_restarts`), it rebuilds the soup from the record, the offer in flight is retried, and
+    the sweep ends as it would have: nothing taken twice (the other tests check the points and
+    the kept list on this sweep)."""
+    killed = stopped["killed"]
+    assert "error" not in killed, killed
+    assert killed["during_sweep"] and killed["restarted_pid"] != killed["pid"], killed
 
 
 def test_one_soup_point_per_finished_trial(stopped):
@@ -137,28 +183,3 @@ def test_the_record_rebuilds_the_same_soup(stopped):
     finally:
         soup.close()
 
-
-def test_a_killed_soup_actor_is_restarted_from_the_record(stopped):
-    """The soup actor's process SIGKILLed: Ray restarts it (`max_restarts`), it rebuilds the soup
-    from the record on the sweep run, and the call in flight is retried: nothing is taken twice."""
-    import ray
-
-    from orchestrator.runtime import connect
-    from orchestrator.sweep import online
-
-    out = stopped["out"]
-    connect.init_ray(lambda s: None)
-    ctx = online.OnlineContext(stopped["uri"], out.experiment_id, out.parent_run_id, out.sweep_id,
-                               _base(stopped), cpu=0.5)
-    feed = online.start(ctx, log=lambda s: None)
-    try:
-        before, pid = ray.get([feed.actor.history.remote(), feed.actor.pid.remote()], timeout=600)
-        os.kill(pid, signal.SIGKILL)
-        after = ray.get(feed.actor.offer.remote("no-such-trial"), timeout=600)
-        assert ray.get(feed.actor.pid.remote(), timeout=600) != pid
-        assert after == before and len(after) == out.finished
-    finally:
-        online.finish(feed, wait=False)
-        ray.shutdown()
-    steps = sorted(m.step for m in stopped["client"].get_metric_history(out.parent_run_id, "soup_kept"))
-    assert steps == list(range(1, out.finished + 1))
