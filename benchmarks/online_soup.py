@@ -91,9 +91,10 @@ def figure(pairs: list[tuple[dict, dict]], path: Path) -> Path:
         best = [max(e["heldout_acc"] for e in full["curve"][:i]) for i in n]
         ax.plot(n, [100 * b for b in best], color="grey", label="best trial so far (full)")
         ax.plot(n, [100 * e["soup_acc"] for e in full["curve"]], color="tab:blue", label="online soup (full)")
-        m = range(1, len(stop["curve"]) + 1)
-        ax.plot(m, [100 * e["soup_acc"] for e in stop["curve"]], "--", color="tab:orange",
-                label="online soup (stopped sweep)")
+        if stop.get("curve"):  # (a result saved without its curve draws the line only)
+            m = range(1, len(stop["curve"]) + 1)
+            ax.plot(m, [100 * e["soup_acc"] for e in stop["curve"]], "--", color="tab:orange",
+                    label="online soup (stopped sweep)")
         ax.axvline(stop["trials"], color="tab:orange", alpha=0.4)
         ax.set(title=f"seed {full['seed']}: stopped after {stop['trials']} of {full['trials']}",
                xlabel="trials finished")

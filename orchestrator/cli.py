@@ -151,8 +151,6 @@ def cmd_sweep(args) -> int:
         print(f"detail log also on the sweep run: {where}")
     print(f"sweep {out.sweep_id}: {out.finished} trials finished, {out.failed} failed; "
           f"parent run {out.parent_run_id} in {out.tracking_uri}")
-    if out.stopped:
-        print(f"stopped early: {out.stopped}")
     if registered:
         print(registered)
     print(f"cook it with: {cook_hint(out.sweep_id)}")

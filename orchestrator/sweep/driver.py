@@ -182,7 +182,7 @@ class SweepOutcome:
     stopped: str | None = None  # why `sweep.stop` ended it before its last trial
 
 
-def _tune_config(space: SearchSpace, sweep_id: str = ""):
+def _tune_config(space: SearchSpace, sweep_id: str):
     s = space.sweep
     search_alg = None
     if s.online_soup and s.search_alg in ("random", "grid"):
