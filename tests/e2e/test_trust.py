@@ -208,13 +208,13 @@ def test_a_sweep_id_reused_after_its_sweep_run_was_deleted_means_the_new_sweep(s
 
 
 @pytest.mark.parametrize("resources, message", [
-    ("{cpu: 64, gpu: 0}", r"'sweep.resources': a trial worker asks for 64 CPU and 0 GPU, but the largest node of "
-                          r"this Ray has \d+ CPU"),
-    ("{workers: 64, cpu: 1}", r"'sweep.resources': a trial of 64 workers asks for 64 CPU and 0 GPU, but this local "
-                              r"Ray has \d+ CPU"),
+    ("{cpu: 64, gpu: 0}", (r"'sweep.resources': a trial worker asks for 64 CPU and 0 GPU, but the largest "
+                           r"node of this Ray has \d+ CPU")),
+    ("{workers: 64, cpu: 1}", (r"'sweep.resources': a trial of 64 workers asks for 64 CPU and 0 GPU, but this "
+                               r"local Ray has \d+ CPU")),
     ("{cpu: 1}\n  online_soup: true\ncook:\n  resources: {cpu: 64}",
-     r"'sweep.online_soup': the online soup holds cook.resources \(64 CPU, 0 GPU\) for the whole sweep, and "
-     r"beside it a trial needs 1 CPU and 0 GPU, but this local Ray has \d+ CPU"),
+     (r"'sweep.online_soup': the online soup holds cook.resources \(64 CPU, 0 GPU\) for the whole sweep, and "
+      r"beside it a trial needs 1 CPU and 0 GPU, but this local Ray has \d+ CPU")),
 ], ids=["worker", "workers", "online-soup"])
 def test_a_sweep_that_could_never_be_scheduled_is_refused_before_anything_is_logged(hermetic, resources, message):
     import ray
