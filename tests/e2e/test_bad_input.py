@@ -362,7 +362,7 @@ def test_bad_input_cook_sweep_without_finished_runs(store, capsys):
 def test_bad_input_cook_unknown_recipe(store, capsys):
     line, out = cook_is_refused(store, capsys, ["--sweep", SWEEP, "--recipes", "uniform,gredy", "--no-ray"],
                                 "unknown soup recipe 'gredy'",
-                                "known: greedy, learned, learned-layerwise, model-stock, uniform")
+                                "known: greedy, learned, learned-layerwise, model-stock, online-greedy, uniform")
     assert out == ""
 
 
