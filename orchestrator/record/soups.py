@@ -82,12 +82,11 @@ def stale_soups(tracker: Tracker, experiment_id: str, soup_key: str) -> list:
 
 def online_record(tracker: Tracker, sweep_run_id: str) -> list[dict]:
     """The online soup's entries on the sweep run (`schema.ONLINE_RECORD`), in the order the trials
-    were offered; [] when the sweep has none."""
-    try:
-        text = read_artifact_text(tracker, sweep_run_id, ONLINE_RECORD)
-    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+    were offered; [] when the sweep has none. A store that cannot be read raises (after the
+    retries): an empty record would make a restarted soup take every trial again."""
+    if not tracker.has_artifact(sweep_run_id, ONLINE_RECORD):
         return []
-    return json.loads(text)["entries"]
+    return json.loads(read_artifact_text(tracker, sweep_run_id, ONLINE_RECORD))["entries"]
 
 
 def save_online_record(tracker: Tracker, sweep_run_id: str, entries: list[dict]) -> None:

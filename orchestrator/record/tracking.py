@@ -318,7 +318,18 @@ class Tracker:
         retry(lambda: self.client.log_text(run_id, text, artifact_file))
 
     def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        """Artifact `path` of run `run_id`, downloaded under `dst`. One that the run does not hold
+        is `FileNotFoundError` at once: the listing of its folder is retried like every call
+        (the server may restart), but a missing file is an answer, not an outage to wait out."""
+        if not self.has_artifact(run_id, path):
+            raise FileNotFoundError(f"run {run_id} has no artifact {path!r}")
         return Path(retry(lambda: self.client.download_artifacts(run_id, path, str(dst))))
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether run `run_id` holds artifact `path` (a file or a folder)."""
+        folder = str(Path(path).parent)
+        listed = retry(lambda: self.client.list_artifacts(run_id, None if folder == "." else folder))
+        return any(f.path == str(Path(path)) for f in listed)
 
     # -- sweeps and trials ----------------------------------------------------------------------
     def find_sweep(self, experiment_id: str, sweep_id: str):
