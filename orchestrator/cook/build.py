@@ -21,7 +21,7 @@ import torch
 from orchestrator import data
 from orchestrator.config import FinetuneConfig, SearchSpace, validate
 from orchestrator.cook.meter import Meter
-from orchestrator.data.splits import LoaderOptions, TaskData, fingerprint, resident
+from orchestrator.data.splits import TaskData, fingerprint, resident
 from orchestrator.hashing import file_sha256
 from orchestrator.record import logits as logitstore
 from orchestrator.record.schema import CHECKPOINT_PATH, LOGITS_PATH
@@ -31,7 +31,7 @@ from orchestrator.soups.greedy import rank_best_first
 from orchestrator.soups.io.stream import read_weights
 from orchestrator.soups.recipe import Recipe, RecipeInputs, RecipeOptions, SoupResult
 from orchestrator.train import evaluate, models
-from orchestrator.train.accel import Accel, resolve_device, resolve_precision
+from orchestrator.train.accel import Accel, for_resources
 
 
 class CookError(ValueError):
@@ -67,10 +67,7 @@ class BuildResources:
         return max(1, int(self.cpus))
 
     def accel(self) -> Accel:
-        device = resolve_device("cuda" if self.gpus > 0 else "cpu")
-        cuda = device.type == "cuda"
-        return Accel(device, resolve_precision("auto", device), False,
-                     LoaderOptions(workers=self.threads - 1, pin_memory=cuda))
+        return for_resources(self.gpus, loader_workers=self.threads - 1)
 
 
 @dataclass

@@ -93,18 +93,16 @@ class OnlineSoup:
         import torch
 
         from orchestrator import data
-        from orchestrator.data.splits import LoaderOptions, resident
+        from orchestrator.data.splits import resident
         from orchestrator.soups.greedy import GreedyRun
         from orchestrator.train import models
-        from orchestrator.train.accel import Accel, resolve_device, resolve_precision
+        from orchestrator.train.accel import for_resources
         from orchestrator.train.evaluate import heldout_counter
 
         torch.set_num_threads(max(1, int(ctx.cpu)))
         self.ctx, self.tracker = ctx, Tracker(ctx.tracking_uri)
         self.tmp = Path(tempfile.mkdtemp(prefix="soup-online-"))
-        device = resolve_device("cuda" if ctx.gpu > 0 else "cpu")
-        accel = Accel(device, resolve_precision("auto", device), False,
-                      LoaderOptions(workers=0, pin_memory=device.type == "cuda"))
+        accel = for_resources(ctx.gpu)
         task = data.load_task(ctx.base.data)
         model = accel.prepare(models.build_classifier(ctx.base.model, task.classnames))
         self.counter = heldout_counter(model, resident(task).heldout)

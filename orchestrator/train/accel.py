@@ -90,6 +90,15 @@ def accel_for(cfg: TrainConfig, workers: int = 0) -> Accel:
 CPU = Accel(torch.device("cpu"), "fp32", False, LoaderOptions())
 
 
+def for_resources(gpus: float, loader_workers: int = 0) -> Accel:
+    """Settings for a Ray task or actor given `gpus` (the cook's build, the online soup): CUDA
+    when it holds any share of a GPU, else the CPU; automatic precision there, pinned memory on
+    CUDA, `loader_workers` loader processes."""
+    device = resolve_device("cuda" if gpus > 0 else "cpu")
+    return Accel(device, resolve_precision("auto", device), False,
+                 LoaderOptions(workers=loader_workers, pin_memory=device.type == "cuda"))
+
+
 def for_device(device: torch.device) -> Accel:
     """Evaluation settings for a model already on `device`: the same automatic precision as
     fine-tuning there (bf16 autocast on a GPU that has it, fp32 on the CPU)."""
