@@ -67,9 +67,10 @@ def measure(space: Path, workers: int | None) -> dict:
         from orchestrator.record.tracking import Tracker
         from orchestrator.sweep.driver import run_sweep
 
-        t0 = time.perf_counter()
-        out = run_sweep(path, name="bench", storage_path=f"{tmp}/ray_results")
-        wall = time.perf_counter() - t0
+        t0, lines = time.time(), []
+        out = run_sweep(path, name="bench", storage_path=f"{tmp}/ray_results",
+                        log=lambda line: lines.append((time.time() - t0, line)))
+        wall = time.time() - t0
         cpus = ray.cluster_resources().get("CPU", 1)
         ray.shutdown()
         runs = Tracker().trial_runs(out.experiment_id, out.sweep_id, "FINISHED")
@@ -78,7 +79,32 @@ def measure(space: Path, workers: int | None) -> dict:
         conc = max(1, min(text.get("sweep", {}).get("max_concurrent_trials", 2), int(cpus // per_trial)))
         phases = {p: sum(r.data.metrics.get(f"time_{p}_s", float("nan")) for r in runs) for p in PHASES}
         return {"trials": len(runs), "concurrency": conc, "wall": wall,
-                "train": sum(r.data.metrics["train_seconds"] for r in runs), "phases": phases}
+                "train": sum(r.data.metrics["train_seconds"] for r in runs), "phases": phases,
+                "timeline": _timeline(t0, lines, runs)}
+
+
+def _timeline(t0: float, lines: list[tuple[float, str]], runs) -> dict:
+    """Seconds from `run_sweep`'s call: the driver's log lines (Ray started, the sweep begun), and
+    per trial its MLflow run's start and end with its training time (`--timeline` prints them)."""
+    trials = sorted(({"name": r.info.run_name.split(" ", 1)[0], "start": r.info.start_time / 1000 - t0,
+                      "end": r.info.end_time / 1000 - t0, "train": r.data.metrics["train_seconds"],
+                      "final_evaluation": r.data.metrics.get("time_final_evaluation_s", float("nan")),
+                      "log_result": r.data.metrics.get("time_log_result_s", float("nan"))}
+                     for r in runs), key=lambda t: t["start"])
+    return {"log": [(round(t, 2), line[:90]) for t, line in lines], "trials": trials}
+
+
+def print_timeline(tl: dict, wall: float) -> None:
+    print("timeline (seconds from run_sweep's call):")
+    for t, line in tl["log"]:
+        print(f"  {t:6.1f}  driver: {line}")
+    for tr in tl["trials"]:
+        outside = tr["end"] - tr["start"] - tr["train"]
+        print(f"  {tr['start']:6.1f} -> {tr['end']:6.1f}  {tr['name']}: trained {tr['train']:.1f}s, "
+              f"{outside:.1f}s of its run outside training (final evaluation {tr['final_evaluation']:.1f}s, "
+              f"logging the result {tr['log_result']:.1f}s)")
+    first, last = min(t["start"] for t in tl["trials"]), max(t["end"] for t in tl["trials"])
+    print(f"  before the first trial's run: {first:.1f}s; after the last trial's end: {wall - last:.1f}s")
 
 
 # Ray's tasks on the way from a Tune trial's start to its worker function, in the order they
@@ -226,6 +252,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
     ap.add_argument("--before", help="a git revision to measure first, side by side")
     ap.add_argument("--floor", action="store_true", help="also measure Ray Train's start-up alone")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print when Ray started and each trial's MLflow run began and ended")
     ap.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: a child run writes its figures
     args = ap.parse_args()
@@ -251,6 +279,8 @@ def main() -> None:
         report(f"before {args.before}" + (f", {args.workers} workers per trial" if args.workers else ""), before)
     m = measure(space, args.workers)
     report("now" + (f", {args.workers} workers per trial" if args.workers else ""), m)
+    if args.timeline:
+        print_timeline(m["timeline"], m["wall"])
     if args.floor:
         print_floors(args.workers or 1, m)
     if args.before:

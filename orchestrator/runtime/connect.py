@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.runtime.signals import keep_stop_handler
-from orchestrator.runtime.terminal import note
+from orchestrator.runtime.terminal import env_default, note
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK_ONLY = {LOOPBACK_ENV: "0"}
@@ -105,6 +105,16 @@ def local_train_env() -> dict[str, str]:
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
+# When the first driver connects, Ray starts one idle worker process per CPU and makes the driver
+# wait for them. They are started with Ray's default runtime environment, so they can serve no task
+# or actor that carries one (ray-project/ray#33621): not Tune's trainable actors (Tune always sets
+# environment variables on them), nor, while `local_train_env` sets anything, any task of ours. On
+# a local Ray they only cost its start (0.5 s of `ray.init` on 2 cores, and 2 processes' CPU), so
+# the local Ray we start skips them with Ray's setting for that (a system config read from the
+# environment); one the user set wins.
+NO_PRESTART = "RAY_prestart_worker_first_driver"
+
+
 def _start_local(dashboard: bool = True) -> None:
     """A new local Ray (never one found on the machine), checked to be on loopback."""
     import ray
@@ -117,9 +127,10 @@ def _start_local(dashboard: bool = True) -> None:
             f"{__name__} could set {LOOPBACK_ENV}=0. Import {__name__} before "
             f"ray, or set {LOOPBACK_ENV}=0 in the environment.")
     # "local": start our own, not attach to whatever `ray start` last left in the machine's temp dir
-    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port() if dashboard else None, log_to_driver=True, configure_logging=False,
-             runtime_env={"env_vars": local_train_env()})
+    with env_default(NO_PRESTART, "0"):  # read by the raylet this starts
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port() if dashboard else None, log_to_driver=True,
+                 configure_logging=False, runtime_env={"env_vars": local_train_env()})
     gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
     if wanted and not is_loopback(gcs_host):
         ray.shutdown()
