@@ -2,7 +2,7 @@
 
 One sweep of eight tiny trials, two at a time, with ``sweep.online_soup`` and a stopper that can
 never be satisfied (``min_delta`` of 50 points over ``soup_patience: 2``): after the third
-finished trial the stopper speaks, the trial still running finishes, the other four never start.
+finished trial the stopper speaks, a trial still running then finishes, the others never start.
 The soup actor is SIGKILLed once it has taken the first trial, and comes back from its record.
 The sweep run holds one soup point per finished trial, the record says what the greedy rule
 decided in the order the soup took them, and the registered ``online-greedy`` version's kept
@@ -13,6 +13,7 @@ list equals a replay of that rule, here, over the trials' checkpoints in that or
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -91,8 +92,14 @@ def _trials(client, out):
 def test_the_stopper_ends_the_sweep_and_the_unstarted_trials_never_run(stopped):
     out, client = stopped["out"], stopped["client"]
     runs = _trials(client, out)
-    # patience 2: the third finished trial brings the verdict; the one running beside it finishes
-    assert out.finished == len(runs) == 4, [r.info.run_name for r in runs]
+    # patience 2: the third judged trial brings the verdict. No trial starts while a finished one
+    # is being judged, so at that moment at most one trial runs beside it (two run at once): it
+    # finishes, and whether it had started depends on how long the soup took to judge (here it is
+    # also killed and restarted once)
+    judged = int(re.search(r"stopped after (\d+) trials", out.stopped or "")[1])
+    assert judged == 3, out.stopped
+    assert out.finished == len(runs), [r.info.run_name for r in runs]
+    assert judged <= out.finished <= judged + 1, [r.info.run_name for r in runs]
     assert {r.info.status for r in runs} == {"FINISHED"}  # none stopped midway
     assert out.stopped and "soup patience" in out.stopped, out.stopped
     parent = client.get_run(out.parent_run_id)
