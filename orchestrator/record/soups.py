@@ -84,9 +84,11 @@ def online_record(tracker: Tracker, sweep_run_id: str) -> list[dict]:
     """The online soup's entries on the sweep run (`schema.ONLINE_RECORD`), in the order the trials
     were offered; [] when the sweep has none. A store that cannot be read raises (after the
     retries): an empty record would make a restarted soup take every trial again."""
-    if not tracker.has_artifact(sweep_run_id, ONLINE_RECORD):
+    try:
+        text = read_artifact_text(tracker, sweep_run_id, ONLINE_RECORD)
+    except FileNotFoundError:  # `Tracker.download`: the run holds none (other errors raise)
         return []
-    return json.loads(read_artifact_text(tracker, sweep_run_id, ONLINE_RECORD))["entries"]
+    return json.loads(text)["entries"]
 
 
 def save_online_record(tracker: Tracker, sweep_run_id: str, entries: list[dict]) -> None:
