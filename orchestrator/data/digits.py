@@ -1,4 +1,4 @@
-"""The tiny world's data: rendered glyphs, the scikit-learn digits and their distribution shifts.
+"""The tiny world's data: rendered glyphs, the UCI handwritten digits and their distribution shifts.
 
 Glyphs (digits and letters in Pillow's bundled font, degraded) are what the tiny base model is
 pretrained on; the digits, upsampled to 32 px and split into train / held-out / test, are the
@@ -109,14 +109,20 @@ def render_batch(chars: list[str], rng: np.random.Generator, size: int = IMAGE_S
 
 # --- the digits target task ----------------------------------------------------------------------
 
+# The 1,797 8x8 digits of the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin
+# and C. Kaynak, 1998; CC BY 4.0), exactly as scikit-learn's `load_digits` returns them (pixels
+# 0-16; tests/data/test_digits_asset.py compares them). Shipped so that building the world does
+# not import scikit-learn for them: 1.3 s of every fresh store's first sweep, which waits for it.
+DIGITS_FILE = Path(__file__).resolve().parents[1] / "assets" / "digits.npz"
+
+
 @lru_cache(maxsize=1)
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
+    with np.load(DIGITS_FILE, allow_pickle=False) as d:
+        images, target = d["images"], d["target"]
+    x = torch.tensor(images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return x.expand(-1, 3, -1, -1).contiguous().clamp(0, 1), torch.tensor(d.target, dtype=torch.int64)
+    return x.expand(-1, 3, -1, -1).contiguous().clamp(0, 1), torch.tensor(target, dtype=torch.int64)
 
 
 def _stratified_split(labels: torch.Tensor, cfg: DataConfig) -> tuple[np.ndarray, ...]:

@@ -115,3 +115,24 @@ def test_the_built_tiny_world_is_cached_and_read_back_identical(tmp_path, monkey
     cached.write_bytes(b"not safetensors")  # a damaged file is rebuilt, not trusted
     assert torch.equal(tinyworld.load_digits_task(cfg).train.images, built.train.images)
     assert len(list((tmp_path / "model-soup").glob("tinyworld-*"))) == 1
+
+
+def test_the_shipped_digits_are_scikit_learns_and_building_the_world_does_not_import_it(tmp_path):
+    """The digits ship with the package (orchestrator/assets/digits.npz) so that the world's
+    first build does not import scikit-learn (1.3 s); they are its `load_digits`, value for value."""
+    import os
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    with np.load(tinyworld.DIGITS_FILE, allow_pickle=False) as shipped:
+        assert shipped["images"].dtype == np.uint8 and shipped["target"].dtype == np.uint8
+        assert np.array_equal(shipped["images"], d.images) and np.array_equal(shipped["target"], d.target)
+    code = ("import sys; from orchestrator.data import digits; from orchestrator.config import DataConfig; "
+            "task = digits.load_digits_task(DataConfig()); "
+            "print(len(task.train) + len(task.heldout) + len(task.test), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert out.stdout.split() == ["1797", "False"]
