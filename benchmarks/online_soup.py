@@ -11,7 +11,19 @@ trained) and the online one. It prints, per seed and as means with paired 95% in
 greedy soup's test and mean shift accuracy, stopped minus full.
 
     .venv/bin/python benchmarks/online_soup.py [--k 5] [--trials 24] [--patience 6]
-        [--min-delta 0.001] [--space PATH] [--first-seed 0] [--out DIR] [--figure PNG]
+        [--min-delta 0.001] [--watch-best] [--replay] [--space PATH] [--first-seed 0]
+        [--out DIR] [--figure PNG]
+
+``--watch-best`` stops only when the best single trial has not risen either
+(``sweep.stop.watch_best``). ``--replay`` sweeps each seed in full only and replays both rules
+(the soup alone, and with ``watch_best``) on it: until the stopper speaks, a stopped sweep is
+the full one (the same trials, started in the same order), and when it speaks it has started
+the trials it judged and the ones running beside them, which with the stopper (no trial starts
+while one is judged) are the first ``judged + max_concurrent_trials - 1`` trials. The stopped
+sweep's soups are then cooked from those trials' runs of the full sweep, in the order they
+finished there (the cook's build, in this process, nothing registered). Both rules cost one
+sweep per seed instead of two each; the verdict is the live stopper's function
+(`sweep.online.stop_reason`) on the full sweep's online-soup record.
 
 The stopper's settings were chosen by reasoning, before any of these sweeps ran (test and shift
 accuracy are reported, never used to choose): a patience of a quarter of the sweep, and a rise
@@ -24,6 +36,7 @@ cooked; a rerun with the same ``--out`` skips the sweeps it already has.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -38,14 +51,16 @@ from soup_quality import _quiet, _stdout_to_stderr, mean_std, paired
 RECIPES = ["greedy", "online-greedy"]
 
 
-def space_text(base: str, seed: int, trials: int, patience: int | None, min_delta: float) -> str:
+def space_text(base: str, seed: int, trials: int, patience: int | None, min_delta: float,
+               watch_best: bool = False) -> str:
     """The world's space with `trials` trials of seed `seed`, an online soup (and its stopper)."""
     space = yaml.safe_load(base)
     sweep = space.setdefault("sweep", {})
     sweep.update(seed=seed, num_samples=trials, online_soup=True, max_concurrent_trials=2)
     sweep.setdefault("resources", {})["cpu"] = 0.75
     if patience is not None:
-        sweep["stop"] = {"soup_patience": patience, "min_delta": min_delta}
+        sweep["stop"] = {"soup_patience": patience, "min_delta": min_delta,
+                         **({"watch_best": True} if watch_best else {})}
     space.setdefault("cook", {})["resources"] = {"cpu": 0.5}
     return yaml.safe_dump(space, sort_keys=False)
 
@@ -62,7 +77,7 @@ def run_one(text: str, name: str, work: Path) -> dict:
     t1 = time.perf_counter()
     cooked = cook(out.sweep_id, recipes=RECIPES, log=_quiet, resources={"cpu": 2})
     rows = {r["name"]: {k: r[k] for k in ("heldout", "test", "shift_mean")} for r in cooked.rows}
-    return {"name": name, "trials": out.finished, "stopped": out.stopped, "rows": rows,
+    return {"name": name, "sweep_id": out.sweep_id, "trials": out.finished, "stopped": out.stopped, "rows": rows,
             "curve": curve(out.parent_run_id), "sweep_seconds": t1 - t0,
             "cook_seconds": time.perf_counter() - t1}
 
@@ -73,8 +88,75 @@ def curve(sweep_run_id: str) -> list[dict]:
     from orchestrator.record.soups import online_record
     from orchestrator.record.tracking import Tracker
 
-    return [{k: e.get(k) for k in ("name", "heldout_acc", "kept", "soup_acc")}
+    return [{k: e.get(k) for k in ("name", "run_id", "heldout_acc", "kept", "soup_acc")}
             for e in online_record(Tracker(None), sweep_run_id)]
+
+
+RULES = {"soup": False, "soup+best": True}  # --replay: each rule's watch_best
+
+
+def replayed_stop(full: dict, patience: int, min_delta: float, watch_best: bool,
+                  concurrent: int) -> tuple[int, str | None]:
+    """How many trials a stopped twin of the full sweep `full` would have trained, and why it
+    stopped (None: it ran them all): the first point of the full sweep's online-soup curve at
+    which the live rule speaks, plus the trials running beside it (`concurrent` - 1)."""
+    from orchestrator.sweep.online import curves, stop_reason
+
+    c = curves(full["curve"])
+    for k in range(1, len(c["soup"]) + 1):
+        why = stop_reason(c["soup"][:k], patience, min_delta, c["best"][:k] if watch_best else None)
+        if why:
+            return min(full["trials"], k + concurrent - 1), why
+    return full["trials"], None
+
+
+def replay_cook(full: dict, trained: int) -> dict:
+    """The stopped twin's soups (the paper's greedy and the online one): the cook's build over the
+    full sweep's first `trained` trials (by trial index), in the order they finished there, in
+    this process and registering nothing; the rows as `run_one` keeps them."""
+    from orchestrator.cook.build import (
+        BuildResources,
+        build_and_evaluate,
+        reference_state,
+    )
+    from orchestrator.cook.driver import (
+        find_target,
+        finish_order,
+        load_ingredients,
+        recipe_options,
+        recipes_named,
+    )
+    from orchestrator.record.soups import online_record
+
+    target = find_target(full["sweep_id"], None, None, False)
+    runs = [r for r in target.runs if int(r.info.run_name.split(" ", 1)[0][1:]) < trained]
+    with tempfile.TemporaryDirectory(prefix="online-replay-") as tmp:
+        checkpoints, _ = load_ingredients(target.tracker, runs, target.parent.data.tags,
+                                          reference_state(target.space), Path(tmp), _quiet)
+        order = finish_order(runs, online_record(target.tracker, target.parent.info.run_id))
+        for c in checkpoints:
+            c.finished = order[c.run_id]
+        checkpoints.sort(key=lambda c: (-c.heldout_acc, c.finished))  # as the cook ranks them
+        built = build_and_evaluate(target.space.base.model_dump(mode="json"), checkpoints,
+                                   recipes_named(RECIPES), recipe_options(target.space), None, _quiet,
+                                   BuildResources(2, 0))
+    rows = {r["name"]: {k: r[k] for k in ("heldout", "test", "shift_mean")} for r in built.rows}
+    return {"trials": trained, "rows": rows}
+
+
+def replay(full: dict, rule: str, patience: int, min_delta: float, concurrent: int, out: Path) -> dict:
+    """The stopped twin of `full` under `rule` (saved in `out`, reused when there)."""
+    saved = out / f"replay-{rule}-seed{full['seed']}.json"
+    key = {"full": full["sweep_id"], "patience": patience, "min_delta": min_delta}
+    if saved.exists() and json.loads(saved.read_text()).get("key") == key:
+        return json.loads(saved.read_text())
+    trained, why = replayed_stop(full, patience, min_delta, RULES[rule], concurrent)
+    with _stdout_to_stderr():
+        res = {**replay_cook(full, trained), "seed": full["seed"], "stopped": why, "key": key}
+    saved.write_text(json.dumps(res, indent=1))
+    print(f"seed {full['seed']} replayed ({rule}): {trained} trials, greedy test "
+          f"{100 * res['rows']['greedy soup']['test']:.2f}", file=sys.stderr, flush=True)
+    return res
 
 
 def figure(pairs: list[tuple[dict, dict]], path: Path) -> Path:
@@ -106,7 +188,7 @@ def figure(pairs: list[tuple[dict, dict]], path: Path) -> Path:
     return path
 
 
-def summary(pairs: list[tuple[dict, dict]]) -> str:
+def summary(pairs: list[tuple[dict, dict]], how: str = "each sweep once in full, once with the stopper") -> str:
     from orchestrator.cook.report import text_table
 
     k = len(pairs)
@@ -114,6 +196,7 @@ def summary(pairs: list[tuple[dict, dict]]) -> str:
     for full, stop in pairs:
         g, h = full["rows"]["greedy soup"], stop["rows"]["greedy soup"]
         rows.append({"seed": full["seed"], "trials full": full["trials"], "trials stopped": stop["trials"],
+                     "greedy held-out full / stopped": f"{100 * g['heldout']:.2f} / {100 * h['heldout']:.2f}",
                      "greedy test full / stopped": f"{100 * g['test']:.2f} / {100 * h['test']:.2f}",
                      "greedy shift full / stopped": f"{100 * g['shift_mean']:.2f} / {100 * h['shift_mean']:.2f}",
                      "online soup held-out full / stopped":
@@ -122,12 +205,12 @@ def summary(pairs: list[tuple[dict, dict]]) -> str:
     nf = [f["trials"] for f, _ in pairs]
     ns = [s["trials"] for _, s in pairs]
     saved = [1 - s / f for f, s in zip(nf, ns)]
-    lines = [f"Per seed ({k} seeds; each sweep once in full, once with the stopper):", text_table(rows), ""]
+    lines = [f"Per seed ({k} seeds; {how}):", text_table(rows), ""]
     m, lo, hi = paired([-x for x in saved], [0.0] * k)
     lines.append(f"trials trained: full {mean_std(nf)[0]:.1f}, stopped {mean_std(ns)[0]:.1f}; saved "
                  f"{-100 * m:.1f}% on average (95% interval [{-100 * hi:.1f}, {-100 * lo:.1f}]%)")
     for recipe in ("greedy soup", "online-greedy soup"):
-        for metric, label in (("test", "test"), ("shift_mean", "mean shift")):
+        for metric, label in (("heldout", "held-out"), ("test", "test"), ("shift_mean", "mean shift")):
             d = paired([s["rows"][recipe][metric] for _, s in pairs], [f["rows"][recipe][metric] for f, _ in pairs])
             lines.append(f"{recipe} {label}, stopped minus full: {100 * d[0]:+.2f} points "
                          f"(95% interval [{100 * d[1]:+.2f}, {100 * d[2]:+.2f}])")
@@ -140,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--min-delta", type=float, default=0.001)
+    p.add_argument("--watch-best", action="store_true", help="sweep.stop.watch_best in the stopped sweeps")
+    p.add_argument("--replay", action="store_true",
+                   help="sweep each seed in full only and replay both rules on it (see above)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--space", type=Path, default=None, help="default: the demo's world")
     p.add_argument("--out", type=Path, default=None, help="keeps each sweep's result (resumable)")
@@ -152,18 +238,23 @@ def main(argv=None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="online-soup-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"space {space}, {args.trials} trials, stopper patience {args.patience}, "
-          f"min_delta {args.min_delta}; results in {out}", file=sys.stderr, flush=True)
-    pairs = []
-    with tempfile.TemporaryDirectory(prefix="online-soup-") as tmp:
+          f"min_delta {args.min_delta}{', watching the best trial' if args.watch_best else ''}"
+          f"{', replayed' if args.replay else ''}; results in {out}", file=sys.stderr, flush=True)
+    kinds = [("full", None)] + ([] if args.replay else [("stopped", args.patience)])
+    pairs, fulls = [], []
+    # a replay reads the full sweeps' runs again: their store is kept in --out with the results
+    with (contextlib.nullcontext(str(out / "store")) if args.replay
+          else tempfile.TemporaryDirectory(prefix="online-soup-")) as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         import os
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         for seed in range(args.first_seed, args.first_seed + args.k):
             got = []
-            for kind, patience in (("full", None), ("stopped", args.patience)):
+            for kind, patience in kinds:
                 saved = out / f"{kind}-seed{seed}.json"
-                text = space_text(base, seed, args.trials, patience, args.min_delta)
+                text = space_text(base, seed, args.trials, patience, args.min_delta, args.watch_best)
                 if saved.exists() and json.loads(saved.read_text()).get("space") == text:
                     got.append(json.loads(saved.read_text()))
                     continue
@@ -174,11 +265,23 @@ def main(argv=None) -> int:
                       f"{100 * res['rows']['greedy soup']['test']:.2f}, {res['sweep_seconds']:.0f} s sweep"
                       + (f"; {res['stopped']}" if res["stopped"] else ""), file=sys.stderr, flush=True)
                 got.append(res)
-            pairs.append((got[0], got[1]))
+            fulls.append(got[0])
+            if not args.replay:
+                pairs.append((got[0], got[1]))
+        replays = {rule: [replay(f, rule, args.patience, args.min_delta, 2, out) for f in fulls]
+                   for rule in RULES} if args.replay else {}
     import ray
 
     ray.shutdown()
-    print(summary(pairs))
+    if args.replay:
+        for rule, twins in replays.items():
+            print(f"== rule: {'the online soup and the best trial' if RULES[rule] else 'the online soup'}, "
+                  f"patience {args.patience}, min_delta {args.min_delta} ==")
+            print(summary(list(zip(fulls, twins)), "each swept once in full; the stopped sweep replayed on it"))
+            print()
+        pairs = list(zip(fulls, replays["soup+best" if args.watch_best else "soup"]))
+    else:
+        print(summary(pairs))
     if args.figure:
         print(f"figure: {figure(pairs, args.figure)}")
     return 0

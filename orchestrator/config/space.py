@@ -92,6 +92,11 @@ class StopSettings(Frozen):
     # started, running ones finish. None: never.
     soup_patience: int | None = Field(None, ge=1)
     min_delta: float = Field(0.0, ge=0.0, lt=1.0)  # in accuracy: 0.002 is 0.2 points
+    # Also wait for the best single trial: stop only when neither the online soup nor the best
+    # trial so far has risen by more than `min_delta` over those trials. The paper's greedy
+    # soup starts from the best trial, so a late best trial changes it even when the online
+    # soup (which keeps its first ingredients) has stopped moving.
+    watch_best: bool = False
 
 
 class SweepSettings(Frozen):
@@ -122,6 +127,9 @@ class SweepSettings(Frozen):
         if self.stop.soup_patience is not None and not self.online_soup:
             raise FieldError("stop.soup_patience", "the soup-patience stopper watches the online soup: "
                                                    "set sweep.online_soup: true")
+        if self.stop.watch_best and self.stop.soup_patience is None:
+            raise FieldError("stop.watch_best", "watching the best trial is part of the soup-patience "
+                                                "stopper: set sweep.stop.soup_patience")
         if self.stop.soup_patience is not None and self.search_alg == "optuna":
             raise FieldError("stop.soup_patience", "the soup-patience stopper works with search_alg "
                                                    "random or grid")

@@ -470,7 +470,7 @@ def _online_context(space: SearchSpace, ctx: TrialContext) -> online.OnlineConte
     res, stop = space.cook.resources, space.sweep.stop
     return online.OnlineContext(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id,
                                 space.base, res.cpu, res.gpu, res.memory_gib, False,
-                                stop.soup_patience, stop.min_delta)
+                                stop.soup_patience, stop.min_delta, stop.watch_best)
 
 
 # A trial function that only drives its TorchTrainer, whose workers reserve the CPUs and GPUs,

@@ -15,7 +15,8 @@ a forward pass, then takes any FINISHED trial the record lacks (no trial is coun
 record is keyed by run id, and byte-identical checkpoints are taken once, as the cook does).
 
 ``sweep.stop.soup_patience: K`` ends the sweep when the soup's held-out accuracy has not risen by
-more than ``sweep.stop.min_delta`` over the last K finished trials (`stop_reason`): the search
+more than ``sweep.stop.min_delta`` over the last K finished trials (`stop_reason`; with
+``sweep.stop.watch_best``, when the best single trial's has not either): the search
 algorithm (`PatientVariants`, Tune's random/grid generator) starts no trial while a finished one
 is still being judged, and none once the stopper has spoken; running trials finish.
 """
@@ -67,20 +68,43 @@ class OnlineContext:
     strict: bool = False
     patience: int | None = None
     min_delta: float = 0.0
+    watch_best: bool = False
 
 
-def stop_reason(accs: list[float], patience: int | None, min_delta: float) -> str | None:
+def stop_reason(accs: list[float], patience: int | None, min_delta: float,
+                best: list[float] | None = None) -> str | None:
     """Why the sweep should stop after these soup accuracies (one per finished trial, in order),
     or None: the last `patience` trials did not raise the soup's held-out accuracy by more than
-    `min_delta`."""
+    `min_delta`, nor, when `best` is given (the best single trial's held-out accuracy so far,
+    after each of the same trials: ``sweep.stop.watch_best``), the best trial's."""
     if patience is None or len(accs) <= patience:
         return None
     then, now = accs[-1 - patience], accs[-1]
     if now - then > min_delta:
         return None
+    also = ""
+    if best is not None:
+        b_then, b_now = best[-1 - patience], best[-1]
+        if b_now - b_then > min_delta:
+            return None
+        also = f", the best trial's by {100 * (b_now - b_then):.2f} ({b_then:.2%} -> {b_now:.2%})"
     return (f"soup patience: the online soup's held-out accuracy rose by {100 * (now - then):.2f} points "
-            f"({then:.2%} -> {now:.2%}) over the last {patience} finished trials, not more than "
+            f"({then:.2%} -> {now:.2%}){also} over the last {patience} finished trials, not more than "
             f"sweep.stop.min_delta ({100 * min_delta:.2f} points); stopped after {len(accs)} trials")
+
+
+def curves(entries: list[dict]) -> dict[str, list[float]]:
+    """From the online record: after each judged trial, in order, the soup's held-out accuracy
+    (``soup``) and the best single trial's so far (``best``), aligned (a trial judged before the
+    soup had any ingredient adds neither)."""
+    soup, best, top = [], [], None
+    for e in entries:
+        if e.get("heldout_acc") is not None:
+            top = e["heldout_acc"] if top is None else max(top, e["heldout_acc"])
+        if e.get("soup_acc") is not None:
+            soup.append(e["soup_acc"])
+            best.append(top if top is not None else e["soup_acc"])
+    return {"soup": soup, "best": best}
 
 
 # --- the actor ----------------------------------------------------------------------------------
@@ -120,11 +144,12 @@ class OnlineSoup:
     def _log(self, line: str) -> None:
         print(line, flush=True)
 
-    def history(self) -> list[float]:
-        """The soup's held-out accuracy after each finished trial, in order."""
-        return [e["soup_acc"] for e in self.entries if e.get("soup_acc") is not None]
+    def history(self) -> dict[str, list[float]]:
+        """The soup's held-out accuracy after each finished trial, in order, and the best
+        trial's so far (`curves`)."""
+        return curves(self.entries)
 
-    def offer(self, key: str) -> list[float]:
+    def offer(self, key: str) -> dict[str, list[float]]:
         """Take the FINISHED run of trial `key` (once; a trial that did not finish adds nothing);
         the soup's `history` after it."""
         runs = [r for r in self.tracker.find_trial(self.ctx.experiment_id, self.ctx.sweep_id, key)
@@ -133,7 +158,7 @@ class OnlineSoup:
             self._take(runs[0])
         return self.history()
 
-    def catch_up(self) -> list[float]:
+    def catch_up(self) -> dict[str, list[float]]:
         """Take every FINISHED trial the record lacks, by end time: those that finished while no
         soup was listening (a killed driver, a restarted actor)."""
         seen = {e["run_id"] for e in self.entries}
@@ -236,7 +261,8 @@ class Feed:
         # it does not hold trials back: only offers are waited for
         self.starting: list = [actor.catch_up.remote()]
         self.pending: list = []
-        self.accs: list[float] = []
+        self.accs: list[float] = []  # the soup's held-out accuracy after each judged trial
+        self.best: list[float] = []  # the best trial's so far, after each of them
         self.stopped: str | None = None
         self.failed = False
 
@@ -259,13 +285,15 @@ class Feed:
         self.pending = [r for r in self.pending if r not in ready]
         for ref in ready:
             try:
-                accs = ray.get(ref)
+                got = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - the sweep goes on without its soup
                 self._fail(err)
                 return
-            self.accs = accs if len(accs) >= len(self.accs) else self.accs
+            if len(got["soup"]) >= len(self.accs):
+                self.accs, self.best = got["soup"], got["best"]
         if not self.pending and not self.starting and self.stopped is None:
-            self.stopped = stop_reason(self.accs, self.ctx.patience, self.ctx.min_delta)
+            self.stopped = stop_reason(self.accs, self.ctx.patience, self.ctx.min_delta,
+                                       self.best if self.ctx.watch_best else None)
             if self.stopped:
                 self.log(f"sweep {self.ctx.sweep_id}: {self.stopped}: no new trial starts, running ones finish")
                 Tracker(self.ctx.tracking_uri).set_tags(self.ctx.sweep_run_id, {STOP_REASON: self.stopped})
@@ -291,8 +319,8 @@ def start(ctx: OnlineContext, log: Callable[[str], None]) -> Feed:
     ).remote(ctx)
     feed = _FEEDS[ctx.sweep_id] = Feed(actor, ctx, log)
     log(f"sweep {ctx.sweep_id}: online soup on {ctx.gpu:g} GPU and {ctx.cpu:g} CPU (cook.resources)"
-        + (f"; stops after {ctx.patience} trials without a rise of more than "
-           f"{100 * ctx.min_delta:.2f} points" if ctx.patience else ""))
+        + (f"; stops after {ctx.patience} trials in which {'neither it nor the best trial' if ctx.watch_best else 'it'}"
+           f" rose by more than {100 * ctx.min_delta:.2f} points" if ctx.patience else ""))
     return feed
 
 

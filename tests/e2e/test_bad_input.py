@@ -111,8 +111,10 @@ def test_bad_input_space_unknown_key(hermetic, capsys, change, key):
     ({"cook": {"learned_mode": "telepathy"}}, "cook.learned_mode", "'auto', 'stacked', 'sampled' or 'streaming'"),
     ({"sweep": {"stop": {"soup_patience": 3}}}, "sweep.stop.soup_patience",
      "the soup-patience stopper watches the online soup: set sweep.online_soup: true"),
+    ({"sweep": {"online_soup": True, "stop": {"watch_best": True}}}, "sweep.stop.watch_best",
+     "watching the best trial is part of the soup-patience stopper: set sweep.stop.soup_patience"),
 ], ids=["int", "float-range", "searched-value", "out-of-range", "off-value", "section", "budget", "mode",
-        "patience"])
+        "patience", "watch-best"])
 def test_bad_input_space_wrong_type(hermetic, capsys, change, key, why):
     sweep_is_refused(hermetic, capsys, change, f"key '{key}'", why)
 

@@ -1,7 +1,8 @@
 """The online soup and its stopper, on a real local Ray and a real MLflow store.
 
 One sweep of eight tiny trials, two at a time, with ``sweep.online_soup`` and a stopper that can
-never be satisfied (``min_delta`` of 50 points over ``soup_patience: 2``): after the third
+never be satisfied (``min_delta`` of 50 points over ``soup_patience: 2``, for the soup and, with
+``watch_best``, for the best trial so far: the verdict reads both curves): after the third
 finished trial the stopper speaks, a trial still running then finishes, the others never start.
 The soup actor is SIGKILLed once it has taken the first trial, and comes back from its record.
 The sweep run holds one soup point per finished trial, the record says what the greedy rule
@@ -38,7 +39,7 @@ def stopped(tmp_path_factory):
     text = (SPACES / "tiny4.yaml").read_text().replace("num_samples: 4", f"num_samples: {TRIALS}")
     # two trials and the soup actor side by side on two cores
     text = text.replace("resources: {cpu: 1}", "resources: {cpu: 0.75}\n  online_soup: true\n"
-                        "  stop: {soup_patience: 2, min_delta: 0.5}")
+                        "  stop: {soup_patience: 2, min_delta: 0.5, watch_best: true}")
     text += "cook:\n  resources: {cpu: 0.5}\n"
     space = tmp / "online.yaml"
     space.write_text(text)
@@ -102,6 +103,7 @@ def test_the_stopper_ends_the_sweep_and_the_unstarted_trials_never_run(stopped):
     assert judged <= out.finished <= judged + 1, [r.info.run_name for r in runs]
     assert {r.info.status for r in runs} == {"FINISHED"}  # none stopped midway
     assert out.stopped and "soup patience" in out.stopped, out.stopped
+    assert ", the best trial's by " in out.stopped, out.stopped  # watch_best: both curves were read
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["stop_reason"] == out.stopped
@@ -177,7 +179,7 @@ def test_the_record_rebuilds_the_same_soup(stopped):
     """What a restarted actor does: the kept ingredients re-added from the record, no forward
     pass, give the soup whose held-out count the record holds; a trial offered twice, or one
     that never finished, adds nothing."""
-    from orchestrator.sweep.online import OnlineContext, OnlineSoup
+    from orchestrator.sweep.online import OnlineContext, OnlineSoup, curves
 
     out = stopped["out"]
     soup = OnlineSoup(OnlineContext(stopped["uri"], out.experiment_id, out.parent_run_id, out.sweep_id,
@@ -185,7 +187,8 @@ def test_the_record_rebuilds_the_same_soup(stopped):
     try:
         assert sum(r for r, _ in soup.counter.correct(soup.run.soup())) == soup.entries[-1]["correct"]
         before = [dict(e) for e in soup.entries]
-        assert soup.offer("no-such-trial") == soup.catch_up() == [e["soup_acc"] for e in before]
+        assert soup.offer("no-such-trial") == soup.catch_up() == curves(before)
+        assert curves(before)["soup"] == [e["soup_acc"] for e in before]
         assert soup.entries == before
     finally:
         soup.close()

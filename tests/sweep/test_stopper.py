@@ -1,0 +1,36 @@
+"""The soup-patience stopper's rule (`sweep.online.stop_reason`) and the curves it reads from
+the online soup's record (`curves`), on hand-made figures."""
+
+from orchestrator.sweep.online import curves, stop_reason
+
+
+def test_the_soup_alone_stops_after_patience_trials_without_a_rise_above_min_delta():
+    soup = [0.80, 0.82, 0.821, 0.821, 0.8215]
+    assert stop_reason(soup[:3], 3, 0.001) is None  # not yet `patience` trials after a first one
+    assert stop_reason(soup[:4], 3, 0.001) is None  # 0.80 -> 0.821: a rise
+    assert stop_reason(soup, 3, 0.001) is None  # 0.82 -> 0.8215: 0.15 points, above min_delta
+    why = stop_reason(soup, 3, 0.002)  # ... not above 0.2 points
+    assert why.startswith("soup patience: the online soup's held-out accuracy rose by 0.15 points")
+    assert "best trial" not in why and why.endswith("stopped after 5 trials")
+    assert stop_reason(soup, None, 0.0) is None
+
+
+def test_watching_the_best_trial_waits_until_neither_the_soup_nor_the_best_trial_rises():
+    soup = [0.80, 0.82, 0.82, 0.82, 0.82, 0.82]
+    best = [0.80, 0.82, 0.82, 0.83, 0.83, 0.83]  # a late best trial that the soup did not take
+    assert stop_reason(soup[:5], 3, 0.001) is not None  # the soup alone would stop after 5
+    assert stop_reason(soup[:5], 3, 0.001, best[:5]) is None  # 0.82 -> 0.83 within the last 3
+    assert stop_reason(soup, 3, 0.001, best) is None
+    why = stop_reason(soup + [0.82], 3, 0.001, best + [0.83])
+    assert ", the best trial's by 0.00 (83.00% -> 83.00%) over the last 3 finished trials" in why
+    assert why.endswith("stopped after 7 trials")
+
+
+def test_curves_align_the_soup_with_the_best_trial_so_far_as_the_record_lists_them():
+    entries = [{"heldout_acc": 0.70, "kept": False, "excluded": "not finite"},  # before any soup
+               {"heldout_acc": 0.81, "kept": True, "soup_acc": 0.81},
+               {"heldout_acc": 0.85, "kept": False, "soup_acc": 0.81},
+               {"heldout_acc": None, "kept": False, "soup_acc": 0.81, "excluded": "no figure"},
+               {"heldout_acc": 0.83, "kept": True, "soup_acc": 0.84}]
+    assert curves(entries) == {"soup": [0.81, 0.81, 0.81, 0.84], "best": [0.81, 0.85, 0.85, 0.85]}
+    assert curves([]) == {"soup": [], "best": []}
