@@ -111,8 +111,8 @@ def render_batch(chars: list[str], rng: np.random.Generator, size: int = IMAGE_S
 
 # The 1,797 8x8 digits of the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin
 # and C. Kaynak, 1998; CC BY 4.0), exactly as scikit-learn's `load_digits` returns them (pixels
-# 0-16; tests/data/test_digits_asset.py compares them). Shipped so that building the world does
-# not import scikit-learn for them: 1.3 s of every fresh store's first sweep, which waits for it.
+# 0-16; tests/data/test_data.py compares them). Shipped so that building the world does
+# not import scikit-learn for them: 0.8 s of every fresh store's first sweep, which waits for it.
 DIGITS_FILE = Path(__file__).resolve().parents[1] / "assets" / "digits.npz"
 
 

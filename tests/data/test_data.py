@@ -119,7 +119,7 @@ def test_the_built_tiny_world_is_cached_and_read_back_identical(tmp_path, monkey
 
 def test_the_shipped_digits_are_scikit_learns_and_building_the_world_does_not_import_it(tmp_path):
     """The digits ship with the package (orchestrator/assets/digits.npz) so that the world's
-    first build does not import scikit-learn (1.3 s); they are its `load_digits`, value for value."""
+    first build does not import scikit-learn (0.8 s); they are its `load_digits`, value for value."""
     import os
     import subprocess
     import sys
