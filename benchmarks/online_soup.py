@@ -255,11 +255,15 @@ def main(argv=None) -> int:
             for kind, patience in kinds:
                 saved = out / f"{kind}-seed{seed}.json"
                 text = space_text(base, seed, args.trials, patience, args.min_delta, args.watch_best)
-                if saved.exists() and json.loads(saved.read_text()).get("space") == text:
+                # (a replay reads the sweep's runs: only a result whose store is this one will do)
+                store = str(work) if args.replay else None
+                if saved.exists() and json.loads(saved.read_text()).get("space") == text \
+                        and (store is None or json.loads(saved.read_text()).get("store") == store):
                     got.append(json.loads(saved.read_text()))
                     continue
                 with _stdout_to_stderr():
-                    res = {**run_one(text, f"{kind}-seed{seed}", work), "seed": seed, "space": text}
+                    res = {**run_one(text, f"{kind}-seed{seed}", work), "seed": seed, "space": text,
+                           "store": store}
                 saved.write_text(json.dumps(res, indent=1))
                 print(f"seed {seed} {kind}: {res['trials']} trials, greedy test "
                       f"{100 * res['rows']['greedy soup']['test']:.2f}, {res['sweep_seconds']:.0f} s sweep"
