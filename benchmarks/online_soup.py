@@ -121,8 +121,8 @@ def replay_cook(full: dict, trained: int) -> dict:
     )
     from orchestrator.cook.driver import (
         find_target,
-        finish_order,
         load_ingredients,
+        rank_ingredients,
         recipe_options,
         recipes_named,
     )
@@ -133,10 +133,7 @@ def replay_cook(full: dict, trained: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="online-replay-") as tmp:
         checkpoints, _ = load_ingredients(target.tracker, runs, target.parent.data.tags,
                                           reference_state(target.space), Path(tmp), _quiet)
-        order = finish_order(runs, online_record(target.tracker, target.parent.info.run_id))
-        for c in checkpoints:
-            c.finished = order[c.run_id]
-        checkpoints.sort(key=lambda c: (-c.heldout_acc, c.finished))  # as the cook ranks them
+        rank_ingredients(checkpoints, runs, online_record(target.tracker, target.parent.info.run_id))
         built = build_and_evaluate(target.space.base.model_dump(mode="json"), checkpoints,
                                    recipes_named(RECIPES), recipe_options(target.space), None, _quiet,
                                    BuildResources(2, 0))

@@ -384,12 +384,7 @@ def cook(sweep_id: str, recipes: Sequence[str] | None = None, model_name: str | 
         if not checkpoints:
             raise CookError(f"sweep {sweep_id!r}: every run was excluded: {excluded}")
         online = online_record(tracker, parent.info.run_id)
-        order = finish_order(target.runs, online)
-        for c in checkpoints:
-            c.finished = order[c.run_id]
-        # best first, as MLflow ranked them; among equal figures the first finished (so that of
-        # byte-identical checkpoints the cook takes the one the online soup took)
-        checkpoints.sort(key=lambda c: (-c.heldout_acc, c.finished))
+        rank_ingredients(checkpoints, target.runs, online)
         fetched = {"name": "fetch and check", "passes": 0, "seconds": time.perf_counter() - start,
                    "bytes": int(_mib(*[p for c in checkpoints for p in (c.path, c.logits_path)]) * 2**20)}
         log(f"cooking {len(checkpoints)} ingredients of sweep {sweep_id} "
@@ -417,6 +412,16 @@ def cook_online(sweep_id: str, tracking_uri: str | None = None, use_ray: bool = 
     at its end): recipe ``online-greedy``, the greedy rule over the trials in the order its
     online soup took them (`finish_order`), evaluated and registered as every soup is."""
     return cook(sweep_id, recipes=["online-greedy"], tracking_uri=tracking_uri, use_ray=use_ray, log=log)
+
+
+def rank_ingredients(checkpoints: list[TrialCheckpoint], runs, online: list[dict]) -> None:
+    """Each checkpoint's place in the order the sweep's trials finished (`finish_order`), and the
+    checkpoints sorted best first, as MLflow ranked them; among equal figures the first finished
+    (so that of byte-identical checkpoints the cook takes the one the online soup took)."""
+    order = finish_order(runs, online)
+    for c in checkpoints:
+        c.finished = order[c.run_id]
+    checkpoints.sort(key=lambda c: (-c.heldout_acc, c.finished))
 
 
 def finish_order(runs, online: list[dict]) -> dict[str, int]:
