@@ -42,10 +42,28 @@ def tiny_finetune_config():
     return validate(FinetuneConfig, {"train": {"epochs": 1, "batch_size": 128, "warmup_steps": 2}})
 
 
+def _empty_store() -> Path:
+    """An MLflow sqlite store with MLflow's whole schema and nothing in it, made once per session
+    by MLflow itself (in a child process, so that no connection of ours stays open on it): MLflow
+    runs every schema migration when it first opens a new store (about 2 s here), and most tests
+    would otherwise each pay that for a store they then fill."""
+    db = _SESSION_HOME / "empty-store" / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(exist_ok=True)
+        code = "import sys; from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()"
+        subprocess.run([sys.executable, "-c", code, f"sqlite:///{db}"], check=True, capture_output=True)
+    return db
+
+
 @pytest.fixture
-def hermetic(tmp_path, monkeypatch):
-    """A private MLflow store and Tune storage per test (HOME and the Ray token are per session)."""
+def hermetic(request, tmp_path, monkeypatch):
+    """A private MLflow store and Tune storage per test (HOME and the Ray token are per session).
+
+    The store is a copy of `_empty_store` (MLflow's schema, no experiment but MLflow's Default);
+    a test marked ``fresh_store`` (one that checks a refused command creates no store) gets none."""
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    if request.node.get_closest_marker("fresh_store") is None:
+        shutil.copy(_empty_store(), tmp_path / "mlflow.db")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     yield {"tmp": tmp_path, "storage": str(tmp_path / "ray_results"), "uri": env["MLFLOW_TRACKING_URI"],

@@ -87,6 +87,7 @@ def _sweep(hermetic, capsys, space: Path, *args: str) -> str:
     return one_error_line(err, "sweep")
 
 
+@pytest.mark.fresh_store
 def test_a_sweep_id_of_too_many_bytes_is_refused_before_anything_starts(hermetic, capsys):
     """100 characters of 3 bytes each are 300 bytes, too long for a folder name: this used to end
     in `OSError: [Errno 36] File name too long` and a FAILED sweep run."""
@@ -99,6 +100,7 @@ def test_a_sweep_id_of_too_many_bytes_is_refused_before_anything_starts(hermetic
     assert _sweep_id(Path("s.yaml"), "é" * 50, resume=False) == "é" * 50  # 100 bytes: accepted
 
 
+@pytest.mark.fresh_store
 @pytest.mark.parametrize("name, resume, why", [
     ("", False, "--name '': a sweep id must not be empty"),
     ("", True, "--name '': a sweep id must not be empty"),

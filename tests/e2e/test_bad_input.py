@@ -504,6 +504,7 @@ def test_bad_input_promote_unknown_model(store, capsys):
                        "no registered model 'nosuch-soup'")
 
 
+@pytest.mark.fresh_store
 def test_bad_input_console_script_prints_one_line(hermetic):
     """The installed `soup` script, not just `main`: one line on stderr, exit 2, no run."""
     space = write_space(hermetic["tmp"], {"search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-4]},

@@ -281,6 +281,7 @@ def test_two_cooks_at_once_register_each_soup_once(swept, tmp_path, ray_task):
     assert {v.run_id for v in versions} == {r.info.run_id for r in soups}
 
 
+@pytest.mark.fresh_store
 def test_a_sweep_id_too_long_for_a_folder_is_refused_before_anything_starts(hermetic):
     import ray
 
