@@ -29,7 +29,7 @@ import argparse
 
 from orchestrator.config import parse_budget
 from orchestrator.cook.meter import MIB
-from orchestrator.cook.plan import LEARNED_BATCH, LEARNED_STEPS, CookPlan, learned_plan, phases_of
+from orchestrator.cook.plan import LEARNED_BATCH, CookPlan, learned_plan, phases_of
 from orchestrator.soups.recipe import BUILTIN, RecipeOptions
 
 N, CKPT = 72, 337 * MIB
@@ -68,8 +68,8 @@ def main() -> None:
     for p in phases:
         learned = p["name"].startswith("learned")
         if learned:  # held-out images decoded once (HELDOUT_LIMIT), steps forward and backward
-            fit = p["passes"] - LEARNED_STEPS * LEARNED_BATCH
-            gpu = (3 * LEARNED_STEPS * LEARNED_BATCH + fit) / args.forward
+            fit = p["passes"] - options.learned_steps * LEARNED_BATCH
+            gpu = (3 * options.learned_steps * LEARNED_BATCH + fit) / args.forward
             decode = fit / args.decode
         else:
             gpu, decode = p["passes"] / args.forward, p["passes"] / args.decode

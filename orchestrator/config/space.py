@@ -204,6 +204,9 @@ class CookSettings(Frozen):
     memory_budget: str | None = None
     # Ingredients mixed and differentiated at each step of a sampled learned soup.
     learned_sample: int = Field(8, ge=1)
+    # Optimisation steps of each learned soup's mixing coefficients (Adam on held-out mini-batches
+    # of 256); every step is a forward and backward pass of the mixed model.
+    learned_steps: int = Field(50, ge=1)
 
     @field_validator("memory_budget")
     @classmethod

@@ -302,7 +302,7 @@ def recipe_options(space: SearchSpace, strict: bool = False, learned_mode: str |
     c = space.cook
     return RecipeOptions(strict, learned_mode or c.learned_mode,
                          parse_budget(c.memory_budget) if c.memory_budget else None,
-                         learned_sample or c.learned_sample)
+                         learned_sample or c.learned_sample, c.learned_steps)
 
 
 def soup_key(recipe: str, run_ids: Sequence[str], settings: Mapping[str, Any]) -> str:

@@ -41,7 +41,7 @@ from orchestrator.soups.learned import (
 )
 from orchestrator.soups.recipe import RecipeOptions
 
-LEARNED_STEPS, LEARNED_BATCH = 50, 256  # `learned_soup`'s defaults, as the cook runs it
+LEARNED_BATCH = 256  # `learned_soup`'s default mini-batch, as the cook runs it (its steps: cook.learned_steps)
 
 
 @dataclass
@@ -178,8 +178,9 @@ def learned_plan(options: RecipeOptions, n: int, ckpt: int, device: str = "cpu",
     # beside a GPU the sampled mode reads the N into host memory once, when they fit half of it
     # (`host_free`, default this machine's as the plan sees it; the cook's node decides)
     host_held = device == "cuda" and held_in_host(ckpt, host_free)
-    reads = {"stacked": 2 * ckpt, "streaming": (2 * LEARNED_STEPS + 1) * ckpt, "memory": 2 * ckpt,
-             "sampled": 2 * ckpt if host_held else 2 * ckpt + LEARNED_STEPS * k * per}[mode]
+    steps = options.learned_steps
+    reads = {"stacked": 2 * ckpt, "streaming": (2 * steps + 1) * ckpt, "memory": 2 * ckpt,
+             "sampled": 2 * ckpt if host_held else 2 * ckpt + steps * k * per}[mode]
     label = f"sampled, {k} of {n} per step" if mode == "sampled" else mode
     return {"mode": label + why, "bytes": reads, "held": held_bytes(mode, params, n, k), "bound": False}
 
@@ -194,7 +195,7 @@ def _recipe_phase(name: str, k: int, heldout: int, ckpt: int, options: RecipeOpt
     if name in ("greedy", "online-greedy"):
         return _p(name, k * heldout, ckpt, bound=True)
     if name in ("learned", "learned-layerwise"):
-        steps = LEARNED_STEPS * min(LEARNED_BATCH, fit)
+        steps = options.learned_steps * min(LEARNED_BATCH, fit)
         how = learned_plan(options, k, ckpt, device)
         return {**_p(name, steps + fit, how["bytes"]), "held": how["held"], "mode": how["mode"]}
     return {"name": name, "passes": 0, "bound": True, "bytes": 0, "unknown": True}

@@ -53,7 +53,7 @@ from orchestrator.soups.io.weights import (
     stream_dots,
     stream_weighted_sum,
 )
-from orchestrator.soups.recipe import RecipeInputs, RecipeOptions, SoupResult, register
+from orchestrator.soups.recipe import LEARNED_STEPS, RecipeInputs, RecipeOptions, SoupResult, register
 from orchestrator.train.evaluate import eval_mode
 
 MODES = ("auto", "stacked", "sampled", "streaming", "memory")
@@ -138,10 +138,14 @@ def heldout_loss_and_acc(model: nn.Module, state: StateDict, images: torch.Tenso
 
 
 def _settings(options: RecipeOptions) -> dict:
-    """What makes a learned soup what it is: the mode, and the sample size where it is used."""
+    """What makes a learned soup what it is: the mode, the sample size where it is used, and the
+    steps where they are not the default (so that the soups cooked before the setting existed keep
+    their keys)."""
     out = {"learned_mode": options.learned_mode}
     if options.learned_mode in ("auto", "sampled"):
         out["learned_sample"] = options.learned_sample
+    if options.learned_steps != LEARNED_STEPS:
+        out["learned_steps"] = options.learned_steps
     return out
 
 
@@ -222,11 +226,11 @@ def _cook(inputs: RecipeInputs, per_layer: bool) -> SoupResult:
     o = inputs.options
     return learned_soup(inputs.ingredients, inputs.model, images, labels, per_layer=per_layer,
                         names=inputs.names, log=inputs.log, mode=o.learned_mode,
-                        memory_budget=o.memory_budget, sample=o.learned_sample)
+                        memory_budget=o.memory_budget, sample=o.learned_sample, steps=o.learned_steps)
 
 
 def learned_soup(ingredients: Sequence[Ingredient], model: nn.Module, heldout_images: torch.Tensor,
-                 heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = 50,
+                 heldout_labels: torch.Tensor, per_layer: bool = False, steps: int = LEARNED_STEPS,
                  lr: float = 0.05, batch_size: int = 256, seed: int = 0,
                  names: Sequence[str] | None = None, log: Callable[[str], None] = print,
                  mode: str = "streaming", stack_dtype: torch.dtype = torch.bfloat16,

@@ -23,6 +23,7 @@ from torch import nn
 
 # The built-in recipes (each in the module of its name), in the cook's default order.
 BUILTIN = ("uniform", "greedy", "learned", "learned-layerwise", "model-stock")
+LEARNED_STEPS = 50  # a learned soup's optimisation steps unless ``cook.learned_steps`` says otherwise
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class RecipeOptions:
     `learned_sample` ingredients mixed and differentiated per step; ``streaming``: memory flat
     in the number of ingredients, every one read at every step). `memory_budget`: ``("bytes",
     n)`` or ``("share", f)`` of the device's free memory (``cook.memory_budget``, parsed); None:
-    the learned recipe's default share.
+    the learned recipe's default share. `learned_steps`: the learned soups' optimisation steps.
     """
 
     strict: bool = False
     learned_mode: str = "auto"
     memory_budget: tuple[str, float] | None = None
     learned_sample: int = 8
+    learned_steps: int = LEARNED_STEPS
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+LEARNED_STEPS = 5
 
 
 def _space(tmp: Path) -> Path:
@@ -34,6 +36,10 @@ def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
 
     tmp = hermetic["tmp"]
     space = _space(tmp)
+    # five steps of the learned soups, not 50: each is a forward and backward pass of a ViT-B/32
+    # on one CPU thread (about 1.9 s here), and five go through the same path
+    text = yaml.safe_load(space.read_text())
+    space.write_text(yaml.safe_dump({**text, "cook": {"learned_steps": LEARNED_STEPS}}))
     out = run_sweep(space, name="vitb32", storage_path=hermetic["storage"])
     assert (out.finished, out.failed) == (2, 0)
     client = MlflowClient(hermetic["uri"])
@@ -53,3 +59,6 @@ def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
     assert {p["name"]: p for p in res.phases}["baselines"]["passes"] == 0  # from the trials' logits
     v = client.get_model_version("vitb32-smoke-soup", res.versions["uniform"])
     assert len(v.tags["ingredients"].split(",")) == 2
+    learned = client.get_model_version("vitb32-smoke-soup", res.versions["learned"])
+    assert learned.tags["learned_steps"] == str(LEARNED_STEPS)  # cook.learned_steps, a setting of its own
+    assert {p["name"]: p for p in res.phases}["learned"]["passes"] == 3 * LEARNED_STEPS + 3

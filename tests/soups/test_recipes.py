@@ -88,6 +88,33 @@ def test_soup_keys_keep_the_first_releases_layout():
         assert soup_key("learned", ids, {"learned_mode": mode}) == old("learned", ids, False, mode)
 
 
+def test_learned_steps_are_a_setting_of_their_own_only_off_their_default(world):
+    """``cook.learned_steps`` reaches the learned soup; at its default (50) the settings, and so
+    the soup keys and the cook's record, are what they were before the setting existed."""
+    from orchestrator.config import SearchSpace, validate
+    from orchestrator.cook.driver import recipe_options, soup_key
+    from orchestrator.soups.recipe import LEARNED_STEPS, RecipeInputs, RecipeOptions
+
+    assert LEARNED_STEPS == 50
+    learned = get_recipe("learned")
+    assert learned.settings(RecipeOptions(learned_mode="stacked")) == {"learned_mode": "stacked"}
+    ten = RecipeOptions(learned_mode="stacked", learned_steps=10)
+    assert learned.settings(ten) == {"learned_mode": "stacked", "learned_steps": 10}
+    ids = ["a", "b"]
+    assert soup_key("learned", ids, learned.settings(ten)) != soup_key("learned", ids, {"learned_mode": "stacked"})
+    space = validate(SearchSpace, {"cook": {"learned_steps": 10}})
+    assert recipe_options(space).learned_steps == 10
+    assert recipe_options(validate(SearchSpace, {})).learned_steps == LEARNED_STEPS
+    from orchestrator.data.splits import TensorSplit
+
+    said = []
+    inputs = RecipeInputs(world["states"], [f"run{i}" for i in range(5)], world["scores"], world["model"],
+                          TensorSplit("heldout", world["x"], world["y"]),
+                          RecipeOptions(learned_mode="stacked", learned_steps=3), said.append)
+    cook_learned(inputs)
+    assert any("after 3 steps" in line for line in said), said
+
+
 def test_uniform_soup_is_the_mean(world):
     states = world["states"]
     res = uniform_soup(states)
