@@ -205,7 +205,8 @@ class CookSettings(Frozen):
     # Ingredients mixed and differentiated at each step of a sampled learned soup.
     learned_sample: int = Field(8, ge=1)
     # Optimisation steps of each learned soup's mixing coefficients (Adam on held-out mini-batches
-    # of 256); every step is a forward and backward pass of the mixed model.
+    # of 256); every step is a forward and backward pass of the mixed model. The default is
+    # `soups.recipe.LEARNED_STEPS` (a test holds them equal).
     learned_steps: int = Field(50, ge=1)
 
     @field_validator("memory_budget")
