@@ -254,9 +254,9 @@ def main(argv=None) -> int:
                 text = space_text(base, seed, args.trials, patience, args.min_delta, args.watch_best)
                 # (a replay reads the sweep's runs: only a result whose store is this one will do)
                 store = str(work) if args.replay else None
-                if saved.exists() and json.loads(saved.read_text()).get("space") == text \
-                        and (store is None or json.loads(saved.read_text()).get("store") == store):
-                    got.append(json.loads(saved.read_text()))
+                kept = json.loads(saved.read_text()) if saved.exists() else {}
+                if kept.get("space") == text and (store is None or kept.get("store") == store):
+                    got.append(kept)
                     continue
                 with _stdout_to_stderr():
                     res = {**run_one(text, f"{kind}-seed{seed}", work), "seed": seed, "space": text,

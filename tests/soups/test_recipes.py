@@ -93,6 +93,7 @@ def test_learned_steps_are_a_setting_of_their_own_only_off_their_default(world):
     the soup keys and the cook's record, are what they were before the setting existed."""
     from orchestrator.config import SearchSpace, validate
     from orchestrator.cook.driver import recipe_options, soup_key
+    from orchestrator.data.splits import TensorSplit
     from orchestrator.soups.recipe import LEARNED_STEPS, RecipeInputs, RecipeOptions
 
     assert LEARNED_STEPS == 50
@@ -105,8 +106,6 @@ def test_learned_steps_are_a_setting_of_their_own_only_off_their_default(world):
     space = validate(SearchSpace, {"cook": {"learned_steps": 10}})
     assert recipe_options(space).learned_steps == 10
     assert recipe_options(validate(SearchSpace, {})).learned_steps == LEARNED_STEPS
-    from orchestrator.data.splits import TensorSplit
-
     said = []
     inputs = RecipeInputs(world["states"], [f"run{i}" for i in range(5)], world["scores"], world["model"],
                           TensorSplit("heldout", world["x"], world["y"]),
