@@ -17,6 +17,10 @@ be chosen on A, then the other way round (the two figures averaged):
   loss" (keep when the loss does not rise; the order is still by accuracy);
 - the logit ensemble of every ingredient.
 
+With several seeds it prints each rule's soup minus the best individual model, and the
+ensemble's, per seed and as a mean with its paired 95% interval over the seeds (Student's t): two
+seeds that agree can still be luck.
+
     .venv/bin/python benchmarks/soup_regime.py SPACE.yaml [SPACE.yaml ...] [--seeds 0,1,2] [--n 8]
 
 The fine-tunes are the project's own (``finetune.finetune``), one process, no Ray: the probe
@@ -39,6 +43,9 @@ from orchestrator.soups.io.weights import weighted_average
 from orchestrator.sweep.driver import sample_configs
 from orchestrator.train import evaluate
 from orchestrator.train.finetune import build_model, finetune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soup_quality import paired
 
 
 def _acc(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
@@ -105,6 +112,25 @@ def probe(space_path: Path, seed: int, n: int) -> dict:
     return out
 
 
+def report(title: str, got: list[dict]) -> list[str]:
+    """The probe's table: each figure's mean and per-seed values, then each soup and the ensemble
+    minus the best individual model, per seed and as a mean with its paired 95% interval."""
+    lines = [title]
+    for k in got[0]:
+        vals = [g[k] for g in got]
+        fmt = (lambda v: f"{v:.1f}") if k.endswith("kept") else (lambda v: f"{100 * v:.1f}")
+        lines.append(f"  {k:28s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
+    best = [g["best individual"] for g in got]
+    for name in [f"{rule} soup" for rule in RULES] + ["ensemble"]:
+        vals = [g[name] for g in got]
+        m, lo, hi = paired(vals, best)
+        interval = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if len(got) > 1 else ""
+        per_seed = " ".join(f"{100 * (v - b):+.2f}" for v, b in zip(vals, best))
+        lines.append(f"  {name.removesuffix(' soup') + ' - best':28s} mean {100 * m:+.2f} points{interval}   "
+                     f"per seed {per_seed}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("spaces", nargs="+", type=Path)
@@ -114,17 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     for space in args.spaces:
         got = [probe(space, s, args.n) for s in seeds]
-        keys = list(got[0])
-        print(f"{space.name} (seeds {seeds}, {args.n} fine-tunes each; held-out halves, chosen on one, "
-              "measured on the other)")
-        for k in keys:
-            vals = [g[k] for g in got]
-            fmt = (lambda v: f"{v:.1f}") if k.endswith("kept") else (lambda v: f"{100 * v:.1f}")
-            print(f"  {k:28s} mean {fmt(sum(vals) / len(vals)):>5s}   per seed {' '.join(fmt(v) for v in vals)}")
-        for name in RULES:
-            d = [g[f"{name} soup"] - g["best individual"] for g in got]
-            print(f"  {name + ' - best':28s} mean {100 * sum(d) / len(d):+.2f} points   per seed "
-                  f"{' '.join(f'{100 * v:+.1f}' for v in d)}", flush=True)
+        print("\n".join(report(f"{space.name} (seeds {seeds}, {args.n} fine-tunes each; held-out halves, "
+                                "chosen on one, measured on the other)", got)), flush=True)
     return 0
 
 
