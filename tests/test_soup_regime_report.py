@@ -2,21 +2,15 @@
 best individual model, paired by seed, with the 95% interval over seeds. The probe itself
 fine-tunes for minutes; its numbers here are made up."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benches import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def regime():
-    spec = importlib.util.spec_from_file_location("soup_regime", ROOT / "benchmarks" / "soup_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("soup_regime")
 
 
 def _seed(regime, best: float, greedy: float, ensemble: float) -> dict:

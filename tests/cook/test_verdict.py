@@ -1,10 +1,10 @@
 """The cook's table in words (the demo's verdict), and the quality benchmark's statistics."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
+from benches import load_benchmark
 
 from orchestrator.cook.report import verdict
 
@@ -48,10 +48,7 @@ def test_without_a_greedy_soup_there_is_no_verdict():
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("soup_quality", ROOT / "benchmarks" / "soup_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("soup_quality")
 
 
 def test_paired_interval_is_students_t_on_the_differences(quality):

@@ -6,11 +6,11 @@ cluster). Two trials train two steps each through Ray Tune and MLflow, then one 
 two checkpoints (uniform, greedy, learned, Model Stock from the real zero-shot base). Accuracies mean nothing here; shapes, plumbing and lineage do.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from benches import load_benchmark
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,11 +21,7 @@ def _space(tmp: Path) -> Path:
     """The smoke sweep's data tree, random base and space, written under `tmp` by the one
     definition that `benchmarks/cook_cost.py` also measures (the first three ImageNet classes as
     random JPEGs, a seeded random ViT-B-32 base, two learning rates, two steps each)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cook_cost.py"
-    spec = importlib.util.spec_from_file_location("cook_cost", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod._vit_space(tmp)
+    return load_benchmark("cook_cost")._vit_space(tmp)
 
 
 def test_vit_b32_two_steps_then_cook_on_cpu(hermetic):
