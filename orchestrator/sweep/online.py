@@ -93,6 +93,18 @@ def stop_reason(accs: list[float], patience: int | None, min_delta: float,
             f"sweep.stop.min_delta ({100 * min_delta:.2f} points); stopped after {len(accs)} trials")
 
 
+def first_stop(accs: list[float], patience: int | None, min_delta: float,
+               best: list[float] | None = None, checked: int = 0) -> str | None:
+    """The stopper's verdict at the first judged trial after the first `checked` at which
+    `stop_reason` holds, or None: when two trials' answers come in together (one finished while
+    the other was being judged), the sweep stops after the one that brought the verdict."""
+    for n in range(checked + 1, len(accs) + 1):
+        why = stop_reason(accs[:n], patience, min_delta, best[:n] if best is not None else None)
+        if why:
+            return why
+    return None
+
+
 def curves(entries: list[dict]) -> dict[str, list[float]]:
     """From the online record: after each judged trial, in order, the soup's held-out accuracy
     (``soup``) and the best single trial's so far (``best``), aligned (a trial judged before the
@@ -263,6 +275,7 @@ class Feed:
         self.pending: list = []
         self.accs: list[float] = []  # the soup's held-out accuracy after each judged trial
         self.best: list[float] = []  # the best trial's so far, after each of them
+        self.checked = 0  # how many of them the stopper has read
         self.stopped: str | None = None
         self.failed = False
 
@@ -291,9 +304,12 @@ class Feed:
                 return
             if len(got["soup"]) >= len(self.accs):
                 self.accs, self.best = got["soup"], got["best"]
-        if not self.pending and not self.starting and self.stopped is None:
-            self.stopped = stop_reason(self.accs, self.ctx.patience, self.ctx.min_delta,
-                                       self.best if self.ctx.watch_best else None)
+        if self.stopped is None:
+            # each judged trial in turn, as soon as its answer is in (not once all are: a trial
+            # that finished while another was judged must not move the verdict past that one)
+            self.stopped = first_stop(self.accs, self.ctx.patience, self.ctx.min_delta,
+                                      self.best if self.ctx.watch_best else None, self.checked)
+            self.checked = len(self.accs)
             if self.stopped:
                 self.log(f"sweep {self.ctx.sweep_id}: {self.stopped}: no new trial starts, running ones finish")
                 Tracker(self.ctx.tracking_uri).set_tags(self.ctx.sweep_run_id, {STOP_REASON: self.stopped})

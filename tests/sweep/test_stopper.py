@@ -1,7 +1,7 @@
 """The soup-patience stopper's rule (`sweep.online.stop_reason`) and the curves it reads from
 the online soup's record (`curves`), on hand-made figures."""
 
-from orchestrator.sweep.online import curves, stop_reason
+from orchestrator.sweep.online import curves, first_stop, stop_reason
 
 
 def test_the_soup_alone_stops_after_patience_trials_without_a_rise_above_min_delta():
@@ -24,6 +24,20 @@ def test_watching_the_best_trial_waits_until_neither_the_soup_nor_the_best_trial
     why = stop_reason(soup + [0.82], 3, 0.001, best + [0.83])
     assert ", the best trial's by 0.00 (83.00% -> 83.00%) over the last 3 finished trials" in why
     assert why.endswith("stopped after 7 trials")
+
+
+def test_two_answers_in_together_stop_after_the_trial_that_brought_the_verdict():
+    """A trial that finished while another was being judged: both answers arrive in one poll,
+    and the verdict is the one the first of them brought (the sweep's CI once read "stopped
+    after 4 trials" where patience 2 had spoken after the third)."""
+    soup, best = [0.72, 0.75, 0.77, 0.78], [0.79, 0.80, 0.82, 0.82]
+    why = first_stop(soup, 2, 0.5, best)  # nothing read yet: trials 3 and 4 came in together
+    assert why.endswith("stopped after 3 trials") and "(72.00% -> 77.00%)" in why, why
+    assert first_stop(soup, 2, 0.5, best, checked=3).endswith("stopped after 4 trials")
+    # 5 points over the last 2 at the third, 3 at the fourth
+    assert first_stop(soup, 2, 0.04, best).endswith("stopped after 4 trials")
+    assert first_stop(soup, 2, 0.01, best) is None
+    assert first_stop(soup, None, 0.0) is None and first_stop([], 2, 0.5) is None
 
 
 def test_curves_align_the_soup_with_the_best_trial_so_far_as_the_record_lists_them():
