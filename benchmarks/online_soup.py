@@ -100,14 +100,14 @@ def replayed_stop(full: dict, patience: int, min_delta: float, watch_best: bool,
     """How many trials a stopped twin of the full sweep `full` would have trained, and why it
     stopped (None: it ran them all): the first point of the full sweep's online-soup curve at
     which the live rule speaks, plus the trials running beside it (`concurrent` - 1)."""
-    from orchestrator.sweep.online import curves, stop_reason
+    from orchestrator.sweep.online import curves, first_stop
 
     c = curves(full["curve"])
-    for k in range(1, len(c["soup"]) + 1):
-        why = stop_reason(c["soup"][:k], patience, min_delta, c["best"][:k] if watch_best else None)
-        if why:
-            return min(full["trials"], k + concurrent - 1), why
-    return full["trials"], None
+    verdict = first_stop(c["soup"], patience, min_delta, c["best"] if watch_best else None)
+    if verdict is None:
+        return full["trials"], None
+    judged, why = verdict
+    return min(full["trials"], judged + concurrent - 1), why
 
 
 def replay_cook(full: dict, trained: int) -> dict:

@@ -94,14 +94,15 @@ def stop_reason(accs: list[float], patience: int | None, min_delta: float,
 
 
 def first_stop(accs: list[float], patience: int | None, min_delta: float,
-               best: list[float] | None = None, checked: int = 0) -> str | None:
-    """The stopper's verdict at the first judged trial after the first `checked` at which
-    `stop_reason` holds, or None: when two trials' answers come in together (one finished while
-    the other was being judged), the sweep stops after the one that brought the verdict."""
+               best: list[float] | None = None, checked: int = 0) -> tuple[int, str] | None:
+    """The first judged trial after the first `checked` at which `stop_reason` holds, as (how
+    many trials were judged then, the reason), or None: when two trials' answers come in
+    together (one finished while the other was being judged), the sweep stops after the one
+    that brought the verdict."""
     for n in range(checked + 1, len(accs) + 1):
         why = stop_reason(accs[:n], patience, min_delta, best[:n] if best is not None else None)
         if why:
-            return why
+            return n, why
     return None
 
 
@@ -307,9 +308,10 @@ class Feed:
         if self.stopped is None:
             # each judged trial in turn, as soon as its answer is in (not once all are: a trial
             # that finished while another was judged must not move the verdict past that one)
-            self.stopped = first_stop(self.accs, self.ctx.patience, self.ctx.min_delta,
-                                      self.best if self.ctx.watch_best else None, self.checked)
+            verdict = first_stop(self.accs, self.ctx.patience, self.ctx.min_delta,
+                                 self.best if self.ctx.watch_best else None, self.checked)
             self.checked = len(self.accs)
+            self.stopped = verdict[1] if verdict else None
             if self.stopped:
                 self.log(f"sweep {self.ctx.sweep_id}: {self.stopped}: no new trial starts, running ones finish")
                 Tracker(self.ctx.tracking_uri).set_tags(self.ctx.sweep_run_id, {STOP_REASON: self.stopped})

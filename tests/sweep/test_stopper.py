@@ -31,11 +31,11 @@ def test_two_answers_in_together_stop_after_the_trial_that_brought_the_verdict()
     and the verdict is the one the first of them brought (the sweep's CI once read "stopped
     after 4 trials" where patience 2 had spoken after the third)."""
     soup, best = [0.72, 0.75, 0.77, 0.78], [0.79, 0.80, 0.82, 0.82]
-    why = first_stop(soup, 2, 0.5, best)  # nothing read yet: trials 3 and 4 came in together
-    assert why.endswith("stopped after 3 trials") and "(72.00% -> 77.00%)" in why, why
-    assert first_stop(soup, 2, 0.5, best, checked=3).endswith("stopped after 4 trials")
+    judged, why = first_stop(soup, 2, 0.5, best)  # nothing read yet: trials 3 and 4 came in together
+    assert judged == 3 and why.endswith("stopped after 3 trials") and "(72.00% -> 77.00%)" in why, why
+    assert first_stop(soup, 2, 0.5, best, checked=3) == (4, stop_reason(soup, 2, 0.5, best))
     # 5 points over the last 2 at the third, 3 at the fourth
-    assert first_stop(soup, 2, 0.04, best).endswith("stopped after 4 trials")
+    assert first_stop(soup, 2, 0.04, best)[0] == 4
     assert first_stop(soup, 2, 0.01, best) is None
     assert first_stop(soup, None, 0.0) is None and first_stop([], 2, 0.5) is None
 
@@ -48,3 +48,17 @@ def test_curves_align_the_soup_with_the_best_trial_so_far_as_the_record_lists_th
                {"heldout_acc": 0.83, "kept": True, "soup_acc": 0.84}]
     assert curves(entries) == {"soup": [0.81, 0.81, 0.81, 0.84], "best": [0.81, 0.85, 0.85, 0.85]}
     assert curves([]) == {"soup": [], "best": []}
+
+
+def test_the_benchmark_replays_the_live_stopper():
+    """benchmarks/online_soup.py --replay stops a full sweep's curve where the live stopper would:
+    after the trial that brought the verdict, plus the trials running beside it."""
+    from benches import load_benchmark
+
+    replayed_stop = load_benchmark("online_soup").replayed_stop
+    entries = [{"heldout_acc": h, "kept": True, "soup_acc": s}
+               for h, s in [(0.79, 0.72), (0.80, 0.75), (0.82, 0.77), (0.81, 0.78), (0.83, 0.79)]]
+    full = {"curve": entries, "trials": 5}
+    trained, why = replayed_stop(full, 2, 0.5, watch_best=True, concurrent=2)
+    assert trained == 4 and why.endswith("stopped after 3 trials"), (trained, why)
+    assert replayed_stop(full, 2, 0.01, watch_best=False, concurrent=2) == (5, None)
