@@ -1,5 +1,11 @@
-"""The soup-patience stopper's rule (`sweep.online.stop_reason`) and the curves it reads from
-the online soup's record (`curves`), on hand-made figures."""
+"""The soup-patience stopper's rule (`sweep.online.stop_reason`, `first_stop`) and the curves it
+reads from the online soup's record (`curves`), on hand-made figures; and the driver's `Feed`
+reading the rule as the soup actor's answers come in, on a real local Ray."""
+
+import os
+import time
+
+import pytest
 
 from orchestrator.sweep.online import curves, first_stop, stop_reason
 
@@ -62,3 +68,55 @@ def test_the_benchmark_replays_the_live_stopper():
     trained, why = replayed_stop(full, 2, 0.5, watch_best=True, concurrent=2)
     assert trained == 4 and why.endswith("stopped after 3 trials"), (trained, why)
     assert replayed_stop(full, 2, 0.01, watch_best=False, concurrent=2) == (5, None)
+
+
+@pytest.mark.integration
+def test_the_feed_speaks_after_the_third_trial_while_the_fourth_is_still_judged(hermetic, tiny_finetune_config):
+    """The race that once failed CI: trial 4 finished while trial 3 was judged. The verdict comes
+    with trial 3's answer, trial 4's still in flight, and it names trial 3."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.runtime.connect import init_ray
+    from orchestrator.sweep.online import Feed, OnlineContext
+
+    class Answers:  # defined here, so that Ray ships it by value to the actor's process
+        """What the soup actor answers (the figures of the test above), with the fourth offer held
+        until `gate` exists: the driver's `Feed` is what is under test."""
+
+        SOUP, BEST = [0.72, 0.75, 0.77, 0.78], [0.79, 0.80, 0.82, 0.82]
+
+        def __init__(self, gate: str):
+            self.gate, self.n = gate, 0
+
+        def catch_up(self) -> dict:
+            return {"soup": [], "best": []}
+
+        def offer(self, key: str) -> dict:
+            self.n += 1
+            while self.n == 4 and not os.path.exists(self.gate):
+                time.sleep(0.05)
+            return {"soup": self.SOUP[:self.n], "best": self.BEST[:self.n]}
+
+    client = MlflowClient(hermetic["uri"])
+    run_id = client.create_run(client.create_experiment("stopper")).info.run_id
+    ctx = OnlineContext(hermetic["uri"], "0", run_id, "race", tiny_finetune_config, patience=2,
+                        min_delta=0.5, watch_best=True)
+    gate = hermetic["tmp"] / "gate"
+    init_ray(lambda line: None, dashboard=False)
+    try:
+        feed = Feed(ray.remote(Answers).remote(str(gate)), ctx, lambda line: None)
+        for key in "abcd":
+            feed.offer(key)
+        deadline = time.monotonic() + 300
+        while len(feed.accs) < 3 and not feed.failed and time.monotonic() < deadline:
+            feed.poll(timeout=1)
+        assert len(feed.accs) == 3 and len(feed.pending) == 1, (feed.accs, feed.pending)
+        assert feed.verdict() == (False, feed.stopped)
+        assert feed.stopped and feed.stopped.endswith("stopped after 3 trials"), feed.stopped
+        assert client.get_run(run_id).data.tags["stop_reason"] == feed.stopped
+        gate.touch()
+        feed.poll(timeout=300)
+        assert len(feed.accs) == 4 and not feed.pending and feed.stopped.endswith("after 3 trials")
+    finally:
+        ray.shutdown()
