@@ -103,20 +103,17 @@ def test_the_feed_speaks_after_the_third_trial_while_the_fourth_is_still_judged(
     ctx = OnlineContext(hermetic["uri"], "0", run_id, "race", tiny_finetune_config, patience=2,
                         min_delta=0.5, watch_best=True)
     gate = hermetic["tmp"] / "gate"
-    init_ray(lambda line: None, dashboard=False)
-    try:
-        feed = Feed(ray.remote(Answers).remote(str(gate)), ctx, lambda line: None)
-        for key in "abcd":
-            feed.offer(key)
-        deadline = time.monotonic() + 300
-        while len(feed.accs) < 3 and not feed.failed and time.monotonic() < deadline:
-            feed.poll(timeout=1)
-        assert len(feed.accs) == 3 and len(feed.pending) == 1, (feed.accs, feed.pending)
-        assert feed.verdict() == (False, feed.stopped)
-        assert feed.stopped and feed.stopped.endswith("stopped after 3 trials"), feed.stopped
-        assert client.get_run(run_id).data.tags["stop_reason"] == feed.stopped
-        gate.touch()
-        feed.poll(timeout=300)
-        assert len(feed.accs) == 4 and not feed.pending and feed.stopped.endswith("after 3 trials")
-    finally:
-        ray.shutdown()
+    init_ray(lambda line: None, dashboard=False)  # `hermetic` shuts it down
+    feed = Feed(ray.remote(Answers).remote(str(gate)), ctx, lambda line: None)
+    for key in "abcd":
+        feed.offer(key)
+    deadline = time.monotonic() + 300
+    while len(feed.accs) < 3 and not feed.failed and time.monotonic() < deadline:
+        feed.poll(timeout=1)
+    assert len(feed.accs) == 3 and len(feed.pending) == 1, (feed.accs, feed.pending)
+    assert feed.verdict() == (False, feed.stopped)
+    assert feed.stopped and feed.stopped.endswith("stopped after 3 trials"), feed.stopped
+    assert client.get_run(run_id).data.tags["stop_reason"] == feed.stopped
+    gate.touch()
+    feed.poll(timeout=300)
+    assert len(feed.accs) == 4 and not feed.pending and feed.stopped.endswith("after 3 trials")
