@@ -15,7 +15,11 @@ the same machine in one run. ``--floor`` (or ``--floor-only``) also measures wha
 costs a trial of that shape, with trial functions that do nothing: for one worker, Tune's start
 of the first trial and its turnaround from one trial to the next in a reused actor; for several,
 Ray Train's start-up from the Tune trial's start to the worker function's first line (the floor
-under our ``worker_start``), by stage.
+under our ``worker_start``), by stage. For one worker it also runs the sweep floor: the same
+training times in trial functions that only import what any open_clip trial logging to MLflow
+imports, open and end their MLflow run and keep a core busy for the time, on a fresh store and a
+local Ray like ours: what a Tune + MLflow + open_clip sweep pays here whatever its code, so that
+ours / floor is what our own code adds.
 """
 
 from __future__ import annotations
@@ -203,6 +207,57 @@ def tune_floor(trials: int) -> tuple[float, float]:
         return starts[0] - t0, sum(gaps) / max(1, len(gaps))
 
 
+def sweep_floor(trains: list[float], concurrency: int) -> float:
+    """Wall seconds of the sweep that any Tune + MLflow + open_clip trial would pay for, on the
+    same path as ours: a fresh MLflow store's first client, the local Ray ours starts, and Tune
+    running one trial per entry of `trains` (in that order, `concurrency` at a time, actors
+    reused), each importing torch, torchvision, open_clip and mlflow, opening an MLflow run in the
+    store, keeping one core busy for that many seconds (as a one-thread training does), ending
+    the run. Timed from before the store's first client, as ours is from `run_sweep`'s call."""
+    with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
+        _hermetic(tmp)
+        from orchestrator.runtime import connect  # noqa: I001 (before ray: the local Ray stays on loopback)
+        import ray
+        from mlflow.tracking import MlflowClient
+        from ray import tune
+
+        def trial(config):
+            import open_clip  # noqa: F401 (imports torch and torchvision)
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(config["uri"])
+            run = client.create_run(config["experiment"])
+            end = time.time() + config["train"]
+            while time.time() < end:
+                pass
+            client.set_terminated(run.info.run_id)
+            tune.report({"done": 1})
+
+        t0 = time.time()
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        experiment = MlflowClient(uri).create_experiment("floor")
+        connect.init_ray(lambda line: None, dashboard=False)
+        tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
+                   param_space={"train": tune.grid_search(trains), "uri": uri, "experiment": experiment},
+                   tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+                   run_config=tune.RunConfig(storage_path=f"{tmp}/tune", verbose=0)).fit()
+        wall = time.time() - t0
+        ray.shutdown()
+        return wall
+
+
+def print_sweep_floor(m: dict) -> None:
+    """The floor sweep (`sweep_floor`) with our trials' training times, beside ours."""
+    trains = [t["train"] for t in m["timeline"]["trials"]]  # in the order our trials started
+    wall = sweep_floor(trains, m["concurrency"])
+    ideal, ours = m["train"] / m["concurrency"], m["wall"] / (m["train"] / m["concurrency"])
+    print(f"[floor] the same {len(trains)} training times, {m['concurrency']} at a time, in trial functions "
+          f"that only import torch, torchvision, open_clip and mlflow, open and end an MLflow run and keep "
+          f"a core busy for the time (a fresh store, a local Ray, Tune, actors reused): sweep wall "
+          f"{wall:.1f}s  ideal wall: {ideal:.1f}s  overhead ratio: {wall / ideal:.2f}  "
+          f"(ours {ours:.2f}: ours / floor {m['wall'] / wall:.2f} in wall time)")
+
+
 def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
     """The stages: the Tune trial actor's own start comes before the trial function (and is not
     in `start`); the others are in it, and what is left of `start` is the calls between them."""
@@ -283,6 +338,8 @@ def main() -> None:
         print_timeline(m["timeline"], m["wall"])
     if args.floor:
         print_floors(args.workers or 1, m)
+        if (args.workers or 1) == 1:
+            print_sweep_floor(m)
     if args.before:
         print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
               f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")
