@@ -246,16 +246,21 @@ def sweep_floor(trains: list[float], concurrency: int) -> float:
         return wall
 
 
+def ideal_wall(m: dict) -> float:
+    """The sweep's wall time if it were its trials' training alone, packed `concurrency` at a time."""
+    return m["train"] / m["concurrency"]
+
+
 def print_sweep_floor(m: dict) -> None:
     """The floor sweep (`sweep_floor`) with our trials' training times, beside ours."""
     trains = [t["train"] for t in m["timeline"]["trials"]]  # in the order our trials started
     wall = sweep_floor(trains, m["concurrency"])
-    ideal, ours = m["train"] / m["concurrency"], m["wall"] / (m["train"] / m["concurrency"])
+    ideal = ideal_wall(m)
     print(f"[floor] the same {len(trains)} training times, {m['concurrency']} at a time, in trial functions "
           f"that only import torch, torchvision, open_clip and mlflow, open and end an MLflow run and keep "
           f"a core busy for the time (a fresh store, a local Ray, Tune, actors reused): sweep wall "
           f"{wall:.1f}s  ideal wall: {ideal:.1f}s  overhead ratio: {wall / ideal:.2f}  "
-          f"(ours {ours:.2f}: ours / floor {m['wall'] / wall:.2f} in wall time)")
+          f"(ours {m['wall'] / ideal:.2f}: ours / floor {m['wall'] / wall:.2f} in wall time)")
 
 
 def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
@@ -286,7 +291,7 @@ def print_floors(workers: int, m: dict | None) -> None:
 
 
 def report(label: str, m: dict) -> None:
-    ideal = m["train"] / m["concurrency"]
+    ideal = ideal_wall(m)
     print(f"[{label}] trials finished: {m['trials']}  concurrency: {m['concurrency']}")
     print(f"[{label}] sum of trial training time: {m['train']:.1f}s  ideal wall: {ideal:.1f}s  "
           f"sweep wall: {m['wall']:.1f}s  overhead ratio (wall / ideal): {m['wall'] / ideal:.2f}")
@@ -341,8 +346,8 @@ def main() -> None:
         if (args.workers or 1) == 1:
             print_sweep_floor(m)
     if args.before:
-        print(f"overhead ratio before / now: {before['wall'] / (before['train'] / before['concurrency']):.2f}"
-              f" / {m['wall'] / (m['train'] / m['concurrency']):.2f}")
+        print(f"overhead ratio before / now: {before['wall'] / ideal_wall(before):.2f}"
+              f" / {m['wall'] / ideal_wall(m):.2f}")
 
 
 def _parse_old(stdout: str) -> dict | None:
