@@ -19,7 +19,9 @@ under our ``worker_start``), by stage. For one worker it also runs the sweep flo
 training times in trial functions that only import what any open_clip trial logging to MLflow
 imports, open and end their MLflow run and keep a core busy for the time, on a fresh store and a
 local Ray like ours: what a Tune + MLflow + open_clip sweep pays here whatever its code, so that
-ours / floor is what our own code adds.
+ours / floor is what our own code adds; and that floor once more with the work any trial of the
+space must do besides training (build the task and the model with its zero-shot head, evaluate
+test and every shift once), so that ours / (floor + required) is what our code adds beyond it.
 """
 
 from __future__ import annotations
@@ -207,13 +209,18 @@ def tune_floor(trials: int) -> tuple[float, float]:
         return starts[0] - t0, sum(gaps) / max(1, len(gaps))
 
 
-def sweep_floor(trains: list[float], concurrency: int) -> float:
+def sweep_floor(trains: list[float], concurrency: int, space: Path | None = None) -> float:
     """Wall seconds of the sweep that any Tune + MLflow + open_clip trial would pay for, on the
     same path as ours: a fresh MLflow store's first client, the local Ray ours starts, and Tune
     running one trial per entry of `trains` (in that order, `concurrency` at a time, actors
     reused), each importing torch, torchvision, open_clip and mlflow, opening an MLflow run in the
     store, keeping one core busy for that many seconds (as a one-thread training does), ending
-    the run. Timed from before the store's first client, as ours is from `run_sweep`'s call."""
+    the run. Timed from before the store's first client, as ours is from `run_sweep`'s call.
+
+    With `space`, each trial also does the work that fine-tuning `space`'s model and reporting
+    it requires whatever the code: the task and the model with its zero-shot head built before
+    the training time, test and every shift evaluated once after it (the forward passes whose
+    accuracies every trial logs)."""
     with tempfile.TemporaryDirectory(prefix="soup-floor-") as tmp:
         _hermetic(tmp)
         from orchestrator.runtime import connect  # noqa: I001 (before ray: the local Ray stays on loopback)
@@ -227,9 +234,12 @@ def sweep_floor(trains: list[float], concurrency: int) -> float:
 
             client = MlflowClient(config["uri"])
             run = client.create_run(config["experiment"])
+            required = _required_work(config["space"]) if config["space"] else None
             end = time.time() + config["train"]
             while time.time() < end:
                 pass
+            if required:
+                required()
             client.set_terminated(run.info.run_id)
             tune.report({"done": 1})
 
@@ -238,7 +248,8 @@ def sweep_floor(trains: list[float], concurrency: int) -> float:
         experiment = MlflowClient(uri).create_experiment("floor")
         connect.init_ray(lambda line: None, dashboard=False)
         tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
-                   param_space={"train": tune.grid_search(trains), "uri": uri, "experiment": experiment},
+                   param_space={"train": tune.grid_search(trains), "uri": uri, "experiment": experiment,
+                                "space": str(space) if space else ""},
                    tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
                    run_config=tune.RunConfig(storage_path=f"{tmp}/tune", verbose=0)).fit()
         wall = time.time() - t0
@@ -246,21 +257,47 @@ def sweep_floor(trains: list[float], concurrency: int) -> float:
         return wall
 
 
+def _required_work(space: str):
+    """In a floor trial: build `space`'s task and model (one torch thread, as a one-CPU trial
+    trains), and return the final evaluation on test and every shift, to run after training."""
+    import torch
+
+    from orchestrator import data
+    from orchestrator.config import SearchSpace
+    from orchestrator.config.loading import load_yaml
+    from orchestrator.train import evaluate
+    from orchestrator.train.accel import accel_for
+    from orchestrator.train.finetune import build_model
+
+    torch.set_num_threads(1)
+    cfg = load_yaml(SearchSpace, Path(space)).base
+    task = data.load_task(cfg.data)
+    accel = accel_for(cfg.train, cfg.data.workers)
+    model = accel.prepare(build_model(cfg, task, accel, lead=True))
+    return lambda: evaluate.evaluate_all(model, task.reporting(), accel)
+
+
 def ideal_wall(m: dict) -> float:
     """The sweep's wall time if it were its trials' training alone, packed `concurrency` at a time."""
     return m["train"] / m["concurrency"]
 
 
-def print_sweep_floor(m: dict) -> None:
-    """The floor sweep (`sweep_floor`) with our trials' training times, beside ours."""
+def print_sweep_floor(m: dict, space: Path) -> None:
+    """The floor sweeps (`sweep_floor`, without and with the required work) with our trials'
+    training times, beside ours."""
     trains = [t["train"] for t in m["timeline"]["trials"]]  # in the order our trials started
-    wall = sweep_floor(trains, m["concurrency"])
     ideal = ideal_wall(m)
+    wall = sweep_floor(trains, m["concurrency"])
     print(f"[floor] the same {len(trains)} training times, {m['concurrency']} at a time, in trial functions "
           f"that only import torch, torchvision, open_clip and mlflow, open and end an MLflow run and keep "
           f"a core busy for the time (a fresh store, a local Ray, Tune, actors reused): sweep wall "
           f"{wall:.1f}s  ideal wall: {ideal:.1f}s  overhead ratio: {wall / ideal:.2f}  "
           f"(ours {m['wall'] / ideal:.2f}: ours / floor {m['wall'] / wall:.2f} in wall time)")
+    need = sweep_floor(trains, m["concurrency"], space)
+    print(f"[floor + required] the same, each trial also building the task and the model with its "
+          f"zero-shot head before its training time and evaluating test and every shift after it: "
+          f"sweep wall {need:.1f}s  overhead ratio: {need / ideal:.2f}  "
+          f"(ours / this {m['wall'] / need:.2f} in wall time)")
 
 
 def print_floor(start: float, stages: list[tuple[str, float, float]]) -> None:
@@ -344,7 +381,7 @@ def main() -> None:
     if args.floor:
         print_floors(args.workers or 1, m)
         if (args.workers or 1) == 1:
-            print_sweep_floor(m)
+            print_sweep_floor(m, space)
     if args.before:
         print(f"overhead ratio before / now: {before['wall'] / ideal_wall(before):.2f}"
               f" / {m['wall'] / ideal_wall(m):.2f}")
