@@ -22,14 +22,23 @@ local Ray like ours: what a Tune + MLflow + open_clip sweep pays here whatever i
 ours / floor is what our own code adds; and that floor once more with the work any trial of the
 space must do besides training (build the task and the model with its zero-shot head, evaluate
 test and every shift once), so that ours / (floor + required) is what our code adds beyond it.
+
+``--running-ray`` first starts a private Ray head (``ray start --head`` on loopback, its own
+ports and temp dir: the tests' `RayHead`), untimed, and runs every sweep measured (ours, the
+floors, and with ``--before`` the older code through this script) on it, as ``soup sweep`` runs
+under ``ray job submit`` on a cluster that is already up; without it each sweep starts and stops
+its own local Ray inside its timed wall, as ``soup sweep`` does on a laptop.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,20 +50,63 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("worker_start", "data", "model", "heldout_per_epoch", "final_evaluation", "log_result")
 
 
-_TOKEN = Path(tempfile.mkdtemp(prefix="soup-bench-token-")) / "auth_token"  # Ray reads it once a process
+_TOKEN_DIR = tempfile.mkdtemp(prefix="soup-bench-token-")
+atexit.register(shutil.rmtree, _TOKEN_DIR, True)
+_TOKEN = Path(_TOKEN_DIR) / "auth_token"  # Ray reads it once a process
+_ADDRESS: str | None = None  # with --running-ray: the head every sweep runs on
 
 
 def _hermetic(tmp: str) -> None:
-    home = Path(tmp) / "home"
-    (home / ".ray").mkdir(parents=True)
+    """A fresh MLflow store in `tmp`, and a fresh home for the drivers and trials, except on a
+    running head (``--running-ray``), whose home, already in ``HOME``, every sweep on it shares."""
+    if not _ADDRESS:
+        home = Path(tmp) / "home"
+        (home / ".ray").mkdir(parents=True)
+        os.environ["HOME"] = str(home)
     if not _TOKEN.exists():
         _TOKEN.write_text(uuid.uuid4().hex)
-    os.environ.update({"HOME": str(home), "RAY_AUTH_MODE": "token",
-                       "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
                        "RAY_USAGE_STATS_ENABLED": "0",
                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # a local Ray on loopback only
-    os.environ.pop("RAY_ADDRESS", None)
+    if _ADDRESS:
+        os.environ["RAY_ADDRESS"] = _ADDRESS
+    else:
+        os.environ.pop("RAY_ADDRESS", None)
+
+
+@contextlib.contextmanager
+def running_head(space: Path):
+    """A private Ray head on loopback for the whole benchmark (``--running-ray``), with the data
+    of `space` already built in its home (a cluster that has run the space's world before),
+    ready before anything is timed and stopped at the end without touching any other Ray. It
+    takes as many CPUs as the machine, as ``ray start`` does."""
+    global _ADDRESS
+    sys.path.insert(0, str(REPO / "tests"))
+    # the tests' head; their conftest, imported with it, sets a HOME and token that _hermetic replaces
+    from servers import RayHead
+
+    with tempfile.TemporaryDirectory(prefix="soup-bench-head-") as tmp:
+        _hermetic(tmp)
+        from orchestrator import data
+        from orchestrator.config import SearchSpace
+        from orchestrator.config.loading import load_yaml
+
+        data.load_task(load_yaml(SearchSpace, space).base.data)
+        head = RayHead(Path(tmp) / "ray-head.log", env=dict(os.environ), num_cpus=os.cpu_count() or 1)
+        head.start()
+        try:
+            _ADDRESS = head.address
+            yield head.address
+        finally:
+            _ADDRESS = None
+            head.stop()
+
+
+def _on(address: str, token: str) -> None:
+    """In a child run (``--on``): measure on its parent's head, with its token (and home)."""
+    global _ADDRESS, _TOKEN
+    _ADDRESS, _TOKEN = address, Path(token)
 
 
 def measure(space: Path, workers: int | None) -> dict:
@@ -211,7 +263,7 @@ def tune_floor(trials: int) -> tuple[float, float]:
 
 def sweep_floor(trains: list[float], concurrency: int, space: Path | None = None) -> float:
     """Wall seconds of the sweep that any Tune + MLflow + open_clip trial would pay for, on the
-    same path as ours: a fresh MLflow store's first client, the local Ray ours starts, and Tune
+    same path as ours: a fresh MLflow store's first client, the Ray ours starts (or joins), and Tune
     running one trial per entry of `trains` (in that order, `concurrency` at a time, actors
     reused), each importing torch, torchvision, open_clip and mlflow, opening an MLflow run in the
     store, keeping one core busy for that many seconds (as a one-thread training does), ending
@@ -290,7 +342,8 @@ def print_sweep_floor(m: dict, space: Path) -> None:
     wall = sweep_floor(trains, m["concurrency"])
     print(f"[floor] the same {len(trains)} training times, {m['concurrency']} at a time, in trial functions "
           f"that only import torch, torchvision, open_clip and mlflow, open and end an MLflow run and keep "
-          f"a core busy for the time (a fresh store, a local Ray, Tune, actors reused): sweep wall "
+          f"a core busy for the time (a fresh store, {'the running head' if _ADDRESS else 'a local Ray'}, "
+          f"Tune, actors reused): sweep wall "
           f"{wall:.1f}s  ideal wall: {ideal:.1f}s  overhead ratio: {wall / ideal:.2f}  "
           f"(ours {m['wall'] / ideal:.2f}: ours / floor {m['wall'] / wall:.2f} in wall time)")
     need = sweep_floor(trains, m["concurrency"], space)
@@ -351,26 +404,48 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also measure Ray Train's start-up alone")
     ap.add_argument("--timeline", action="store_true",
                     help="also print when Ray started and each trial's MLflow run began and ended")
+    ap.add_argument("--running-ray", action="store_true",
+                    help="run every sweep on a Ray head started (untimed) before them, as under ray job submit")
     ap.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: a child run writes its figures
+    ap.add_argument("--on", nargs=2, metavar=("ADDRESS", "TOKEN"), help=argparse.SUPPRESS)  # internal: its head
     args = ap.parse_args()
     space = Path(args.space).resolve()
     if args.floor_only:
         print_floors(args.workers or 1, None)
         return
     if args.json:
+        if args.on:
+            _on(*args.on)
         Path(args.json).write_text(json.dumps(measure(space, args.workers)))
         return
+    with running_head(space) if args.running_ray else contextlib.nullcontext() as address:
+        if address:
+            print(f"every sweep below runs on a Ray head at {address}, started before them (not timed), "
+                  f"the space's data already built in its home")
+        run_all(args, space)
+
+
+def run_all(args, space: Path) -> None:
+    """Ours (after the code of ``--before``, when given), then the floors asked for."""
     if args.before:
         with tempfile.TemporaryDirectory(prefix="soup-before-") as old:
             archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before], check=True,
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
             env = {**os.environ, "PYTHONPATH": old, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-            cmd = [sys.executable, str(Path(old) / "benchmarks" / "sweep_overhead.py"), str(space),
-                   *(["--workers", str(args.workers)] if args.workers else [])]
+            workers = ["--workers", str(args.workers)] if args.workers else []
+            if _ADDRESS:  # this script's measure, on the head, with the older code on the path
+                figures = Path(old) / "figures.json"
+                cmd = [sys.executable, __file__, str(space), *workers, "--json", str(figures),
+                       "--on", _ADDRESS, str(_TOKEN)]
+            else:  # that revision's own benchmark, as it measured itself
+                cmd = [sys.executable, str(Path(old) / "benchmarks" / "sweep_overhead.py"), str(space), *workers]
             run = subprocess.run(cmd, env=env, cwd=old, capture_output=True, text=True)
-            before = _parse_old(run.stdout) if run.returncode == 0 else None
+            if run.returncode != 0:
+                before = None
+            else:
+                before = json.loads(figures.read_text()) if _ADDRESS else _parse_old(run.stdout)
             if before is None:
                 sys.exit(f"the {args.before} run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
         report(f"before {args.before}" + (f", {args.workers} workers per trial" if args.workers else ""), before)
